@@ -1,0 +1,323 @@
+"""Configuration: dataclasses, YAML loading and the one place where a config is validated.
+
+A config file is YAML with up to four sections (``model``, ``train``, ``data``, ``parallel``). Unknown keys,
+wrong types and impossible values raise :class:`ConfigError` (a ``ValueError``) naming the key, the value and
+what is allowed, before any process group or model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message names the key, the value and what is allowed."""
+
+
+ROUTERS = ("topk", "null", "adak")
+FAMILIES = ("mixtral", "qwen2_moe")
+DROP_POLICIES = ("weight", "position")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class MoEConfig:
+    """Routing and experts of every MoE layer.
+
+    router: ``topk`` (baseline), ``null`` (AdaMoE null experts), ``adak`` (Ada-K allocator over a frozen top-k
+    router). ``top_k`` is the number of picks over the n true (+ m null) experts; for ``adak`` it is the base
+    model's own k, used as the FLOPs baseline, while the allocator picks k in [k_min, k_max].
+    """
+
+    router: str = "topk"
+    num_experts: int = 8
+    top_k: int = 2
+    num_null_experts: int = 0
+    # Gate convention: renormalise the picked (true) weights to sum to one. Mixtral: True; Qwen1.5-MoE: False.
+    norm_topk_prob: bool = True
+    # Ada-K action space: k in [k_min, k_max]; k_max defaults to num_experts. k_min=0 allows tokens with no expert.
+    k_min: int = 1
+    k_max: Optional[int] = None
+    # Top-k of the model that FLOPs are reported against (e.g. 2 for Mixtral converted to AdaMoE k=4).
+    # Defaults to top_k.
+    baseline_top_k: Optional[int] = None
+    # Balancing: Switch-style aux loss (null-averaged with null experts), router z-loss, aux-loss-free bias.
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    expert_bias_rate: float = 0.0
+    # Capacity per expert, ceil(cf * true assignments / E); None = dropless.
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "weight"
+    # Expert GEMM backend: auto | grouped_mm | loop (see moe_train.kernels.grouped_gemm).
+    gemm_backend: str = "auto"
+    # Permutation kernels: auto (Triton on CUDA, torch reference on CPU) | torch | triton.
+    permute_backend: str = "auto"
+
+    @property
+    def resolved_k_max(self) -> int:
+        return self.num_experts if self.k_max is None else self.k_max
+
+    @property
+    def resolved_baseline_top_k(self) -> int:
+        return self.top_k if self.baseline_top_k is None else self.baseline_top_k
+
+    @property
+    def max_slots(self) -> int:
+        """Kmax: slots per token in a routing plan."""
+        return self.resolved_k_max if self.router == "adak" else self.top_k
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mixtral"
+    vocab_size: int = 64
+    hidden_size: int = 64
+    intermediate_size: int = 128  # per-expert FFN width
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # defaults to hidden_size // num_heads
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2-MoE: q/k/v projections carry a bias
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert (with a sigmoid gate); 0 = none
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step (global)
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    out_dir: str = "runs/tiny"
+    init_from: Optional[str] = None  # a moe_train checkpoint or Hugging Face folder to start from
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    num_sequences: int = 2048
+    val_sequences: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree (borrowed from data parallel)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (int, float, str, bool, Optional, dataclass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """Loads a YAML config, applies ``key.sub=value`` overrides, validates, returns a :class:`Config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections model/train/data/parallel")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.steps=10")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation: the one place
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    p = prefix
+    if m.family not in FAMILIES:
+        _fail(f"{p}.family", m.family, f"one of {FAMILIES}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "max_seq_len"):
+        if getattr(m, key) < 1:
+            _fail(f"{p}.{key}", getattr(m, key), "must be >= 1")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        _fail(f"{p}.hidden_size", m.hidden_size,
+              f"must be divisible by num_heads={m.num_heads} (or set model.head_dim explicitly)")
+    if m.head_dim is not None and (m.head_dim < 2 or m.head_dim % 2):
+        _fail(f"{p}.head_dim", m.head_dim, "must be an even number >= 2 (rotary embeddings rotate pairs)")
+    if m.resolved_head_dim % 2:
+        _fail(f"{p}.hidden_size", m.hidden_size, "hidden_size / num_heads must be even for rotary embeddings")
+    if m.num_heads % m.num_kv_heads:
+        _fail(f"{p}.num_kv_heads", m.num_kv_heads, f"must divide num_heads={m.num_heads} (grouped-query attention)")
+    if m.shared_expert_intermediate_size < 0:
+        _fail(f"{p}.shared_expert_intermediate_size", m.shared_expert_intermediate_size, "must be >= 0")
+    if m.rms_norm_eps <= 0:
+        _fail(f"{p}.rms_norm_eps", m.rms_norm_eps, "must be > 0")
+    if m.init_std <= 0:
+        _fail(f"{p}.init_std", m.init_std, "must be > 0")
+    validate_moe(m.moe, f"{p}.moe")
+
+
+def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
+    if e.router not in ROUTERS:
+        _fail(f"{p}.router", e.router, f"one of {ROUTERS}")
+    if e.num_experts < 1:
+        _fail(f"{p}.num_experts", e.num_experts, "must be >= 1")
+    if e.num_null_experts < 0:
+        _fail(f"{p}.num_null_experts", e.num_null_experts, "must be >= 0")
+    if e.num_null_experts > 0 and e.router != "null":
+        _fail(f"{p}.num_null_experts", e.num_null_experts,
+              f"null experts need router: null (router is {e.router!r}); set num_null_experts: 0 or router: null")
+    pickable = e.num_experts + (e.num_null_experts if e.router == "null" else 0)
+    if not 1 <= e.top_k <= pickable:
+        what = "true + null experts" if e.router == "null" else "experts"
+        _fail(f"{p}.top_k", e.top_k, f"must be in [1, {pickable}] (k cannot exceed the {pickable} {what})")
+    if e.router == "adak":
+        if e.k_min < 0:
+            _fail(f"{p}.k_min", e.k_min, "must be >= 0")
+        if not 1 <= e.resolved_k_max <= e.num_experts:
+            _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}]")
+        if e.k_min > e.resolved_k_max:
+            _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
+    if e.baseline_top_k is not None and not 1 <= e.baseline_top_k <= e.num_experts:
+        _fail(f"{p}.baseline_top_k", e.baseline_top_k, f"must be in [1, num_experts={e.num_experts}]")
+    for key in ("aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
+        if getattr(e, key) < 0 or not math.isfinite(getattr(e, key)):
+            _fail(f"{p}.{key}", getattr(e, key), "must be a finite number >= 0")
+    if e.capacity_factor is not None and not e.capacity_factor > 0:
+        _fail(f"{p}.capacity_factor", e.capacity_factor, "must be > 0, or null for dropless routing")
+    if e.drop_policy not in DROP_POLICIES:
+        _fail(f"{p}.drop_policy", e.drop_policy, f"one of {DROP_POLICIES}")
+    if e.gemm_backend not in ("auto", "grouped_mm", "loop"):
+        _fail(f"{p}.gemm_backend", e.gemm_backend, "one of ('auto', 'grouped_mm', 'loop')")
+    if e.permute_backend not in ("auto", "torch", "triton"):
+        _fail(f"{p}.permute_backend", e.permute_backend, "one of ('auto', 'torch', 'triton')")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    t = cfg.train
+    for key in ("steps", "batch_size", "seq_len", "log_every"):
+        if getattr(t, key) < 1:
+            _fail(f"train.{key}", getattr(t, key), "must be >= 1")
+    if t.seq_len > cfg.model.max_seq_len:
+        _fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    if not t.lr > 0:
+        _fail("train.lr", t.lr, "must be > 0")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", t.weight_decay, "must be >= 0")
+    if t.warmup_steps < 0:
+        _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
+    if t.schedule not in SCHEDULES:
+        _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    if t.grad_clip < 0:
+        _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    if cfg.data.kind != "synthetic":
+        _fail("data.kind", cfg.data.kind, "'synthetic' (file corpora come with the data pipeline)")
+    if cfg.data.num_sequences < 1:
+        _fail("data.num_sequences", cfg.data.num_sequences, "must be >= 1")
+    if cfg.data.val_sequences < 0:
+        _fail("data.val_sequences", cfg.data.val_sequences, "must be >= 0")
+    e = cfg.parallel.ep
+    if e < 1:
+        _fail("parallel.ep", e, "must be >= 1")
+    if e > cfg.model.moe.num_experts or cfg.model.moe.num_experts % e:
+        _fail("parallel.ep", e, f"must divide model.moe.num_experts={cfg.model.moe.num_experts}")

@@ -1,0 +1,146 @@
+"""A decoder-only MoE language model in the Mixtral family (and the Qwen2-MoE variant), in one sitting.
+
+    tokens -> embed -> L x [ x + Attn(RMSNorm(x)) ; x + MoE(RMSNorm(x)) ] -> RMSNorm -> lm_head -> logits
+
+Attention: RoPE (rotate-half convention, as in Hugging Face), grouped-query heads, causal
+scaled_dot_product_attention. MoE: see moe_layer.py; the Qwen2-MoE variant adds q/k/v biases and a shared expert
+with a sigmoid gate and uses norm_topk_prob from its config.
+Parameter names follow Hugging Face's where a layer has one (q_proj, input_layernorm, ...) so the interchange
+in moe_train.io is a rename plus the expert stacking.
+Shape legend: B batch, S sequence, D hidden, H heads, G kv heads, Hd head dim, V vocab, T = B*S.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.config import ModelConfig
+from moe_train.model.moe_layer import MoELayer
+from moe_train.routing import RoutingPlan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Mixtral does), scale in the input dtype.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_SH = positions_S.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs_SH, freqs_SH], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    return (x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd).to(x_BHSHd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        D, Hd = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * Hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * Hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * Hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * Hd, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = MoELayer(cfg)
+
+    def forward(self, x_BSD, cos, sin) -> tuple[torch.Tensor, RoutingPlan]:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
+        y_BSD, plan = self.moe(self.post_attention_layernorm(x_BSD))
+        return x_BSD + y_BSD, plan
+
+
+class MoETransformer(nn.Module):
+    """``model(input_ids_BS)`` -> logits_BSV; ``model(input_ids_BS, return_plans=True)`` -> (logits, plans)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for layer in self.layers:
+            for w in (layer.moe.experts.w_gate, layer.moe.experts.w_up, layer.moe.experts.w_down):
+                nn.init.normal_(w, std=std)
+
+    def forward(self, input_ids_BS: torch.Tensor, *, return_plans: bool = False):
+        if input_ids_BS.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids_BS.shape)}")
+        S = input_ids_BS.shape[1]
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rotary(torch.arange(S, device=input_ids_BS.device))
+        x_BSD = self.embed_tokens(input_ids_BS)
+        plans: list[RoutingPlan] = []
+        for layer in self.layers:
+            x_BSD, plan = layer(x_BSD, cos, sin)
+            plans.append(plan)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        return (logits_BSV, plans) if return_plans else logits_BSV
+
+    def routers(self) -> list[nn.Module]:
+        return [layer.moe.router for layer in self.layers]
+
+
+def build_model(cfg: ModelConfig, device: Optional[torch.device] = None) -> MoETransformer:
+    from moe_train.config import validate_model
+
+    validate_model(cfg)
+    model = MoETransformer(cfg)
+    return model.to(device) if device is not None else model

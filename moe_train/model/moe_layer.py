@@ -1,0 +1,50 @@
+"""One MoE layer: router -> routing plan -> dispatcher (permute, experts, combine) [+ Qwen2 shared expert].
+
+The dispatcher is swappable: LocalDispatcher computes every expert in this process; the expert-parallel
+dispatcher (moe_train.parallel) sends rows to the ranks that hold their experts. Both take the same plan and
+never touch a null slot.
+Shape legend: B batch, S sequence, T = B*S tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_train.config import ModelConfig
+from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
+from moe_train.model.experts import GroupedExperts, SwiGLU
+from moe_train.routing import RoutingPlan, build_router
+
+
+class LocalDispatcher:
+    """All experts in this process: permute the true slots, grouped experts, weighted combine."""
+
+    def __init__(self, permute_backend: str = "auto"):
+        self.permute_backend = permute_backend
+
+    def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> torch.Tensor:
+        b = self.permute_backend
+        perm = build_permutation(plan.expert_idx_TK, experts.num_experts, backend=b)
+        y_ND = experts(permute(x_TD, perm, backend=b), perm.counts_E)
+        return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0], backend=b)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.router = build_router(D, cfg.moe)
+        self.experts = GroupedExperts(cfg.moe.num_experts, D, cfg.intermediate_size, cfg.moe.gemm_backend)
+        self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False) if self.shared_expert is not None else None
+        self.dispatcher = LocalDispatcher(cfg.moe.permute_backend)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RoutingPlan]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        plan = self.router(x_TD)
+        y_TD = self.dispatcher(x_TD, plan, self.experts)
+        if self.shared_expert is not None:
+            y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return y_TD.reshape(B, S, D), plan

@@ -1,0 +1,75 @@
+"""Ada-K routing (arXiv 2410.10456): a per-layer allocator picks k for every token over a frozen top-k router.
+
+    P(k | x) = softmax(x W_p),  W_p in R^{D x A},  actions a = 0..A-1  <->  k = k_min + a,  A = k_max - k_min + 1
+    inference: k = k_min + argmax_a P;   training (PPO): a ~ P, with log P(a | x) returned for the ratio
+    the frozen router's experts: idx = topk(softmax(W_g x), k_max)[:, :k], gates renormalised over those k
+    when the base model does (norm_topk_prob), else its raw probabilities
+
+The allocator is one bias-free linear map per layer (Qwen1.5-MoE: 2048 * 60 * 24 layers = 2.95M parameters).
+Modes: ``greedy`` (argmax), ``sample`` (a ~ P), ``forced`` (use ``forced_action_T``, to recompute log-probs of
+stored actions in PPO epochs).
+Shape legend: T tokens, D hidden, E true experts, K = k_max slots, A actions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss
+from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.topk import renormalize, select_topk
+
+MODES = ("greedy", "sample", "forced")
+
+
+class AdaKRouter(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.k_min = cfg.k_min
+        self.k_max = cfg.resolved_k_max
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+        self.allocator = nn.Linear(hidden_size, self.k_max - self.k_min + 1, bias=False)
+        self.mode = "greedy"
+        self.forced_action_T: Optional[torch.Tensor] = None
+
+    def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Ada-K mode {mode!r}: expected one of {MODES}")
+        if (mode == "forced") != (forced_action_T is not None):
+            raise ValueError("Ada-K mode 'forced' needs forced_action_T, and only that mode takes it")
+        self.mode, self.forced_action_T = mode, forced_action_T
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        logits_TE = self.gate(x_TD)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        log_pi_TA = torch.log_softmax(self.allocator(x_TD).float(), dim=-1)
+        if self.mode == "greedy":
+            action_T = log_pi_TA.argmax(dim=-1)
+        elif self.mode == "sample":
+            action_T = torch.multinomial(log_pi_TA.detach().exp(), 1).squeeze(-1)
+        else:
+            assert self.forced_action_T is not None and self.forced_action_T.shape == log_pi_TA.shape[:1]
+            action_T = self.forced_action_T
+        k_T = self.k_min + action_T
+        weight_TK, idx_TK = select_topk(probs_TE, self.k_max)
+        keep_TK = torch.arange(self.k_max, device=x_TD.device) < k_T[:, None]
+        weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
+        expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
+        counts_E = counts_from_idx(expert_idx_TK, self.num_experts)
+        return RoutingPlan(
+            expert_idx_TK=expert_idx_TK,
+            weight_TK=weight_TK,
+            counts_E=counts_E,
+            aux_loss=load_balancing_loss(probs_TE, counts_E),
+            z_loss=router_z_loss(logits_TE),
+            probs_TN=probs_TE,
+            action_T=action_T,
+            log_prob_T=log_pi_TA.gather(-1, action_T[:, None]).squeeze(-1),
+            entropy_T=-(log_pi_TA.exp() * log_pi_TA).sum(dim=-1),
+        )

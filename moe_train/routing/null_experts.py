@@ -1,0 +1,71 @@
+"""AdaMoE null experts (arXiv 2406.13233): m zero-cost experts join the n true experts.
+
+    z = [W_g x ; W_null x]            (n true logits, then m null logits from a separate linear map)
+    p = softmax(z) in fp32,  (w, idx) = topk(p + [b; 0], k)     over n + m experts
+    w'_i = w_i / sum_{picked true j} w_j   for true picks (norm_topk_prob), null picks -> slot -1, weight 0
+    a token whose picks are all null divides by 1 and outputs 0 (only the residual passes)
+    y = sum_{picked true i} w'_i E_i(x)
+
+Balancing: load_balancing_loss with the m null counts averaged into one shared bucket, so it steers the total null
+usage toward m/(n+m) of the selections (about k*n/(n+m) true experts per token). With m = 0 this router is the
+top-k router exactly. With norm_topk_prob=False (Qwen1.5-MoE convention) the true picks keep their raw p.
+Shape legend: T tokens, D hidden, E = n true experts, Z = m null experts, N = E + Z, K slots per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.topk import renormalize, select_topk
+
+
+class NullExpertRouter(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.num_null = cfg.num_null_experts
+        self.top_k = cfg.top_k
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.expert_bias_rate = cfg.expert_bias_rate
+        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+        self.null_gate = nn.Linear(hidden_size, cfg.num_null_experts, bias=False) if cfg.num_null_experts else None
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.expert_bias_rate > 0 else None)
+
+    @torch.no_grad()
+    def init_null_gate_from_true(self) -> None:
+        """W_null = W_g repeated m/n times: every true expert starts with m/n null twins of equal logit."""
+        if self.num_null % self.num_experts:
+            raise ValueError(f"null-gate initialisation from the true gate needs num_null_experts (={self.num_null}) "
+                             f"to be a multiple of num_experts (={self.num_experts})")
+        self.null_gate.weight.copy_(self.gate.weight.repeat(self.num_null // self.num_experts, 1))
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        E = self.num_experts
+        logits_TN = self.gate(x_TD)
+        if self.null_gate is not None:
+            logits_TN = torch.cat([logits_TN, self.null_gate(x_TD)], dim=-1)
+        probs_TN = torch.softmax(logits_TN.float(), dim=-1)
+        bias_N = None
+        if self.expert_bias is not None:
+            bias_N = torch.cat([self.expert_bias, self.expert_bias.new_zeros(self.num_null)])
+        weight_TK, idx_TK = select_topk(probs_TN, self.top_k, bias_N)
+        true_TK = idx_TK < E
+        weight_TK = renormalize(weight_TK, true_TK) if self.norm_topk_prob else weight_TK * true_TK
+        counts_N = torch.bincount(idx_TK.reshape(-1), minlength=E + self.num_null)
+        expert_idx_TK = torch.where(true_TK, idx_TK, torch.full_like(idx_TK, -1))
+        return RoutingPlan(
+            expert_idx_TK=expert_idx_TK,
+            weight_TK=weight_TK,
+            counts_E=counts_from_idx(expert_idx_TK, E),
+            aux_loss=load_balancing_loss(probs_TN, counts_N, self.num_null),
+            z_loss=router_z_loss(logits_TN),
+            probs_TN=probs_TN,
+        )
+
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        if self.expert_bias is not None:
+            update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)

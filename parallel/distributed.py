@@ -1,18 +1,36 @@
-"""Process-group setup from the launch environment.
+"""Process groups from the launch environment: one DeviceMesh with named dims (dp, ep), a rendezvous that fails fast.
 
-ParallelContext is what the rest of the system sees: sizes, ranks, device and the process groups.
-Single process (no WORLD_SIZE, or WORLD_SIZE=1 and ep=1): no process group is created.
+Layout (ranks row-major on the mesh, rank = dp_idx * ep + ep_idx):
+
+    mesh dim "ep"  ep consecutive ranks; between them they hold all E experts (E/ep each, contiguous) and exchange
+                   tokens with all-to-all.                                                  -> ctx.ep_group
+    mesh dim "dp"  the world/ep ranks with the same ep coordinate, i.e. holding the same expert shard: the
+                   expert-data-parallel group that expert gradients are reduced over.       -> ctx.edp_group
+    world_mesh     every rank (a 1-D mesh over the default group). Expert parallelism borrows from data
+                   parallelism: every rank runs its own micro-batch (dp_size = world), and the non-expert
+                   gradients are reduced over all ranks.
+    tp             reserved (attention is not sharded yet; it would become the innermost mesh dim).
+
+The rank and world come only from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT: torchrun sets them,
+Slurm and MPI launch scripts export them (launch/). Single process (WORLD_SIZE unset or 1, ep=1): no process group.
+Backend: NCCL with one GPU per rank (cuda:LOCAL_RANK) when CUDA is available, gloo on CPU otherwise.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 from moe_train.config import ParallelConfig
+
+
+class RendezvousError(RuntimeError):
+    """The ranks could not meet at MASTER_ADDR:MASTER_PORT within parallel.rendezvous_timeout_s."""
 
 
 @dataclass
@@ -25,9 +43,15 @@ class ParallelContext:
     ep_size: int = 1
     ep_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: Optional[Any] = None  # torch.distributed DeviceMesh when distributed
+    mesh: Optional[Any] = None  # torch.distributed DeviceMesh when distributed, dims ("dp", "ep")
     ep_group: Optional[Any] = None
     edp_group: Optional[Any] = None  # expert-data-parallel group: ranks holding the same expert shard
+    # Added by the expert-parallel runtime:
+    edp_size: int = 1
+    edp_rank: int = 0
+    world_mesh: Optional[Any] = None  # 1-D mesh over all ranks (non-expert parameters)
+    backend: Optional[str] = None  # "gloo" | "nccl" | None (single process)
+    global_aux_loss: bool = False  # balancing loss from counts summed over all ranks
 
     @property
     def is_main(self) -> bool:
@@ -38,10 +62,114 @@ class ParallelContext:
         return self.world_size > 1
 
 
-def init_distributed(cfg: ParallelConfig, num_experts: int) -> ParallelContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    if world == 1 and cfg.ep == 1:
-        return ParallelContext(device=device)
-    raise ValueError(f"parallel.ep={cfg.ep} with WORLD_SIZE={world}: multi-process runs need the expert-parallel "
-                     "runtime (moe_train.parallel), which is not built yet")
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def validate_layout(world_size: int, ep: int, num_experts: int) -> None:
+    """Every layout mistake, as a ValueError, before any process group exists."""
+    if ep < 1:
+        raise ValueError(f"parallel.ep={ep} must be >= 1")
+    if ep > num_experts:
+        raise ValueError(f"parallel.ep={ep} exceeds model.moe.num_experts={num_experts}: every expert-parallel rank "
+                         f"must hold at least one expert; use ep <= {num_experts}")
+    if num_experts % ep:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ValueError(f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={ep}: each rank holds "
+                         f"num_experts/ep experts; use ep in {divisors}")
+    if world_size % ep:
+        raise ValueError(f"WORLD_SIZE={world_size} is not divisible by parallel.ep={ep}: the world is dp x ep ranks; "
+                         f"launch a multiple of {ep} processes (e.g. torchrun --nproc_per_node {ep}) or change "
+                         f"parallel.ep")
+
+
+def _pick_device(local_rank: int) -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible: "
+                             "launch at most one process per GPU on each node")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def _rendezvous(env: Mapping[str, str], rank: int, world: int, timeout_s: float):
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if not addr or not port:
+        raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR / MASTER_PORT are not set: launch with torchrun, or "
+                         "export MASTER_ADDR (host of rank 0) and MASTER_PORT (a free port) together with RANK, "
+                         "WORLD_SIZE and LOCAL_RANK")
+    try:
+        port_i = int(port)
+    except ValueError:
+        raise ValueError(f"MASTER_PORT={port!r} must be an integer port") from None
+    host = f"[{addr}]" if ":" in addr else addr
+    where = f"MASTER_ADDR:MASTER_PORT={addr}:{port_i}"
+    try:
+        # tcp:// with an explicit rank/world (not env://) so only the values validated here are used; torch
+        # reuses torchrun's agent store itself when TORCHELASTIC_USE_AGENT_STORE is set.
+        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{port_i}", rank=rank, world_size=world,
+                                           timeout=timedelta(seconds=timeout_s)))
+    except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        raise RendezvousError(
+            f"rank {rank} of {world}: no rendezvous at {where} within {timeout_s:g} s "
+            f"(parallel.rendezvous_timeout_s). Check that rank 0 was started, that {addr} is reachable from this "
+            f"host and port {port_i} is open, and that every rank has the same MASTER_ADDR/MASTER_PORT and "
+            f"WORLD_SIZE. Cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return store
+
+
+def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Mapping[str, str]] = None
+                     ) -> ParallelContext:
+    """Reads the launch environment, validates the layout, creates the process groups and the device mesh."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    env = os.environ if env is None else env
+    world = _env_int(env, "WORLD_SIZE", 1)
+    rank = _env_int(env, "RANK", 0)
+    local_rank = _env_int(env, "LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    validate_layout(world, cfg.ep, num_experts)
+    device, backend = _pick_device(local_rank)
+    if world == 1:
+        return ParallelContext(local_rank=local_rank, device=device, global_aux_loss=cfg.global_aux_loss)
+
+    if dist.is_initialized():
+        # Someone (a host framework) already made the default group: use it if it matches the environment.
+        if dist.get_world_size() != world or dist.get_rank() != rank:
+            raise ValueError(f"a default process group already exists with rank {dist.get_rank()} of "
+                             f"{dist.get_world_size()}, but the environment says RANK={rank} WORLD_SIZE={world}")
+        backend = dist.get_backend()
+    else:
+        store = _rendezvous(env, rank, world, cfg.rendezvous_timeout_s)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=cfg.collective_timeout_s), **kwargs)
+    ep = cfg.ep
+    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    world_mesh = DeviceMesh.from_group(dist.group.WORLD, device.type, mesh_dim_names=("world",))
+    dp_idx, ep_idx = mesh.get_coordinate()
+    assert rank == dp_idx * ep + ep_idx, (rank, dp_idx, ep_idx)  # ep groups are consecutive ranks
+    return ParallelContext(
+        world_size=world, rank=rank, local_rank=local_rank, dp_size=world, dp_rank=rank, ep_size=ep, ep_rank=ep_idx,
+        device=device, mesh=mesh, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),
+        edp_size=world // ep, edp_rank=dp_idx, world_mesh=world_mesh, backend=backend,
+        global_aux_loss=cfg.global_aux_loss)
+
+
+def destroy_distributed(ctx: ParallelContext) -> None:
+    """Tears the process groups down (call once at the end of a run, on every rank)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: ParallelContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

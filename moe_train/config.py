@@ -26,6 +26,8 @@ ROUTERS = ("topk", "null", "adak")
 FAMILIES = ("mixtral", "qwen2_moe")
 DROP_POLICIES = ("weight", "position")
 SCHEDULES = ("cosine", "constant")
+DATA_KINDS = ("synthetic", "files")
+DATA_FORMATS = ("auto", "text", "json", "parquet")
 
 
 @dataclass
@@ -120,10 +122,22 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    """``kind: synthetic`` generates the difficulty-labelled corpus in memory; ``kind: files`` reads local files."""
+
     kind: str = "synthetic"
+    # synthetic: sequences to generate; files: ignored
     num_sequences: int = 2048
+    # held-out sequences: synthetic generates them; files take them from val_path, else from the end of the corpus
     val_sequences: int = 64
     seed: int = 1234
+    path: Optional[str] = None  # files: a file, a folder or a glob of .txt / .jsonl / .parquet
+    val_path: Optional[str] = None
+    format: str = "auto"  # auto (from suffixes) | text | json | parquet
+    text_field: str = "text"
+    token_field: Optional[str] = None  # pre-tokenised ids instead of text (e.g. `moe-train generate-data` output)
+    tokenizer: str = "byte"  # "byte" or a local folder holding a Hugging Face tokenizer
+    streaming: bool = False
+    shuffle: bool = True
 
 
 @dataclass
@@ -136,12 +150,47 @@ class ParallelConfig:
     global_aux_loss: bool = False
 
 
+ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
+
+
+@dataclass
+class AdaKConfig:
+    """Ada-K training (``moe-train adak``): allocator warm start, then PPO, on a frozen base model.
+
+    The base model comes from ``train.init_from`` (a moe_train checkpoint or a Hugging Face folder); a top-k model is
+    converted (routers become AdaKRouter with the same gate, k in [k_min, k_max], FLOPs baseline = its top_k).
+    ``train.batch_size``, ``train.seq_len``, ``train.seed``, ``train.beta1/beta2``, ``train.grad_clip``,
+    ``train.log_every`` and ``train.out_dir`` apply; ``train.steps`` / ``train.lr`` do not (see below).
+    Defaults are the paper's (REFERENCE.md section 2); items marked unverified there are configurable here.
+    """
+
+    k_min: int = 1  # whether the paper allows k=0 is unverified
+    k_max: Optional[int] = None  # None = num_experts
+    lr: float = 1e-3  # AdamW, constant (paper Table 11), both stages
+    weight_decay: float = 0.1
+    # Warm start: cross-entropy on k* = smallest k whose cumulative sorted router probability reaches the threshold.
+    warm_start_steps: int = 50
+    warm_start_threshold: float = 0.3
+    # PPO: reward_t = log P(x_t | x_<t) - penalty * (true experts summed over layers for token t).
+    ppo_steps: int = 200
+    penalty: float = 3e-3  # lambda
+    ppo_epochs: int = 2
+    ppo_minibatches: int = 1  # gradient steps per PPO epoch (the batch split into this many parts)
+    clip_eps: float = 0.2
+    baseline: str = "batch_mean"  # batch_mean | running_mean | greedy | none (see moe_train/train/adak.py)
+    running_mean_decay: float = 0.9
+    normalize_advantages: bool = True
+    entropy_coef: float = 0.0
+    val_every: int = 0  # validation loss / mean k every n PPO steps (0 = only at the end)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    adak: AdaKConfig = field(default_factory=AdaKConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,8 +365,15 @@ def validate(cfg: Config) -> None:
         _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     if t.grad_clip < 0:
         _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
-    if cfg.data.kind != "synthetic":
-        _fail("data.kind", cfg.data.kind, "'synthetic' (file corpora come with the data pipeline)")
+    d = cfg.data
+    if d.kind not in DATA_KINDS:
+        _fail("data.kind", d.kind, f"one of {DATA_KINDS}")
+    if d.kind == "files" and not d.path:
+        _fail("data.path", d.path, "data.kind: files needs data.path (a file, a folder or a glob)")
+    if d.format not in DATA_FORMATS:
+        _fail("data.format", d.format, f"one of {DATA_FORMATS}")
+    if d.streaming and d.kind != "files":
+        _fail("data.streaming", d.streaming, "streaming reads files: set data.kind: files")
     if cfg.data.num_sequences < 1:
         _fail("data.num_sequences", cfg.data.num_sequences, "must be >= 1")
     if cfg.data.val_sequences < 0:
@@ -330,3 +386,32 @@ def validate(cfg: Config) -> None:
         _fail("parallel.ep", e, "must be >= 1")
     if e > cfg.model.moe.num_experts or cfg.model.moe.num_experts % e:
         _fail("parallel.ep", e, f"must divide model.moe.num_experts={cfg.model.moe.num_experts}")
+    validate_adak(cfg.adak, cfg.model.moe)
+
+
+def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
+    if a.k_min < 0:
+        _fail(f"{p}.k_min", a.k_min, "must be >= 0 (0 lets a token skip the layer's experts)")
+    if a.k_max is not None and not 1 <= a.k_max <= moe.num_experts:
+        _fail(f"{p}.k_max", a.k_max, f"must be in [1, model.moe.num_experts={moe.num_experts}] or null")
+    k_max = moe.num_experts if a.k_max is None else a.k_max
+    if a.k_min > k_max:
+        _fail(f"{p}.k_min", a.k_min, f"must be <= k_max={k_max}")
+    for key in ("lr", "clip_eps"):
+        if not (getattr(a, key) > 0 and math.isfinite(getattr(a, key))):
+            _fail(f"{p}.{key}", getattr(a, key), "must be a finite number > 0")
+    for key in ("weight_decay", "penalty", "entropy_coef"):
+        if not (getattr(a, key) >= 0 and math.isfinite(getattr(a, key))):
+            _fail(f"{p}.{key}", getattr(a, key), "must be a finite number >= 0")
+    for key in ("warm_start_steps", "ppo_steps", "val_every"):
+        if getattr(a, key) < 0:
+            _fail(f"{p}.{key}", getattr(a, key), "must be >= 0")
+    for key in ("ppo_epochs", "ppo_minibatches"):
+        if getattr(a, key) < 1:
+            _fail(f"{p}.{key}", getattr(a, key), "must be >= 1")
+    if not 0 < a.warm_start_threshold <= 1:
+        _fail(f"{p}.warm_start_threshold", a.warm_start_threshold, "must be in (0, 1]")
+    if a.baseline not in ADAK_BASELINES:
+        _fail(f"{p}.baseline", a.baseline, f"one of {ADAK_BASELINES}")
+    if not 0 <= a.running_mean_decay < 1:
+        _fail(f"{p}.running_mean_decay", a.running_mean_decay, "must be in [0, 1)")

@@ -6,7 +6,6 @@ The reference is transformers 5.x run with attn_implementation="eager" (its plai
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -309,6 +308,10 @@ _DELETE = object()
     ("qwen2_moe", dict(num_experts=0), "expert"),
     ("mixtral", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type='yarn'"),
     ("mixtral", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("mixtral", dict(rope_parameters={"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e6}}),
+     "rope_parameters differ per layer type"),
+    ("mixtral", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor=0.5"),
     ("mixtral", dict(router_jitter_noise=0.1), "router_jitter_noise=0.1"),
     ("mixtral", dict(num_attention_heads=5), "num_heads"),
     ("mixtral", dict(moe_train={"router": "null", "num_experts": 4, "num_null_experts": 3, "top_k": 9}), "top_k"),
@@ -320,6 +323,18 @@ def test_unsupported_configs_are_rejected(saved, family, changes, match):
     edit_config(path, **changes)
     with pytest.raises(ValueError, match=match):
         from_hf(path)
+
+
+def test_legacy_config_fields_are_read_as_transformers_reads_them(tmp_path):
+    """transformers 4.x style: top-level rope_theta, null num_key_value_heads (= MHA), torch_dtype."""
+    ref = hf_model("mixtral", seed=9, num_key_value_heads=4)
+    want = hf_logits(ref, IDS)
+    ref.save_pretrained(tmp_path / "old")
+    edit_config(tmp_path / "old", rope_parameters=_DELETE, rope_theta=500.0, num_key_value_heads=None,
+                dtype=_DELETE, torch_dtype="float32")
+    model = from_hf(tmp_path / "old")
+    assert (model.config.rope_theta, model.config.num_kv_heads) == (500.0, 4)
+    assert (ours_logits(model, IDS) - want).abs().max().item() <= TOL
 
 
 def test_sliding_window_not_shorter_than_context_is_accepted(saved):

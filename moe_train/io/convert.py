@@ -32,7 +32,8 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline_top_k: Optional[int] = None) -> MoEConfig:
+def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int,
+                     baseline_top_k: Optional[int] = None) -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
     n = moe.num_experts
     if moe.router != "topk":

@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_train.config import ConfigError, ModelConfig, MoEConfig, from_dict, validate_model
+from moe_train.config import ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
 from moe_train.model.decoder import MoETransformer, RotaryEmbedding
 
 CONFIG_NAME = "config.json"
@@ -80,7 +80,7 @@ _WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", 
 # Tensors older checkpoints carry that hold no learned state (recomputed from the config).
 _IGNORED_TENSORS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,13 +115,20 @@ def _rope_theta(hf: dict, family: str, where: str) -> float:
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{where}: rope_parameters={params!r} must be a mapping")
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    if nested:  # one dict per layer type: fine only when every layer type uses the same RoPE
+        if any(v != nested[0] for v in nested) or len(nested) != len(params):
+            raise ValueError(f"{where}: rope_parameters differ per layer type ({params!r}); moe_train uses one "
+                             f"RoPE for every layer")
+        params = nested[0]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"{where}: rope_type={rope_type!r} is not supported; only plain RoPE ('default') is "
                          f"implemented (no scaled / yarn / llama3 variants)")
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if factor is not None and factor != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor={factor!r} is not supported (only 1.0: every head dim rotates)")
+        raise ValueError(f"{where}: partial_rotary_factor={factor!r} is not supported (only 1.0: every head dim "
+                         f"rotates)")
     theta = params.get("rope_theta", hf.get("rope_theta"))
     return float(HF_DEFAULTS[family]["rope_theta"] if theta is None else theta)
 
@@ -177,7 +184,8 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
     if not num_experts or num_experts < 1:
         raise ValueError(f"{where}: {num_experts!r} experts; moe_train needs an MoE model with >= 1 expert per layer")
     heads = _get(hf, "num_attention_heads", family)
-    kv_heads = hf.get("num_key_value_heads") or heads  # null means multi-head attention, as in transformers
+    kv_heads = _get(hf, "num_key_value_heads", family)
+    kv_heads = heads if kv_heads is None else kv_heads  # null means multi-head attention, as in transformers
     moe = MoEConfig(router="topk", num_experts=num_experts, top_k=_get(hf, "num_experts_per_tok", family),
                     norm_topk_prob=bool(norm_topk))
     cfg = ModelConfig(
@@ -206,6 +214,7 @@ def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str)
         raise ValueError(f"{where}: '{MOE_TRAIN_KEY}' must be a mapping of MoEConfig fields, got {extra!r}")
     try:
         moe = from_dict(MoEConfig, extra, f"{where}:{MOE_TRAIN_KEY}")
+        validate_moe(moe, f"{where}:{MOE_TRAIN_KEY}")
     except ConfigError as e:
         raise ValueError(str(e)) from None
     k_key = "num_experts_per_tok"
@@ -315,6 +324,9 @@ class _SafetensorsFolder:
     def shape(self, name: str) -> list[int]:
         return list(self._where[name].get_slice(name).get_shape())
 
+    def dtype_name(self, name: str) -> str:
+        return self._where[name].get_slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
 
@@ -324,9 +336,7 @@ def stored_dtype(path: Union[str, Path]) -> torch.dtype:
     with ExitStack() as stack:
         src = _SafetensorsFolder(Path(path), stack)
         for name in sorted(src.names()):
-            t = src._where[name].get_slice(name)
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
-                t.get_dtype())
+            dtype = _SAFETENSORS_FLOATS.get(src.dtype_name(name))
             if dtype is not None:
                 return dtype
     return torch.float32
@@ -422,7 +432,7 @@ def from_hf(path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32
     """Builds a MoETransformer from a Hugging Face Mixtral / Qwen2-MoE folder.
 
     ``dtype``: every floating tensor is cast to it; None keeps the stored dtype. The model is built on the meta
-    device and the loaded tensors are assigned into it, so peak memory is one copy of the weights.
+    device and the loaded tensors are assigned into it (no random init, no second full copy of the weights).
     """
     folder = Path(path)
     hf = read_hf_config(folder)

@@ -15,6 +15,7 @@ from moe_train.config import ModelConfig
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.model.experts import GroupedExperts, SwiGLU
 from moe_train.routing import RoutingPlan, build_router
+from moe_train.routing.capacity import apply_capacity_from_config
 
 
 class LocalDispatcher:
@@ -39,11 +40,14 @@ class MoELayer(nn.Module):
         self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if self.shared_expert is not None else None
         self.dispatcher = LocalDispatcher(cfg.moe.permute_backend)
+        self.moe_cfg = cfg.moe  # capacity_factor / drop_policy for apply_capacity
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RoutingPlan]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         plan = self.router(x_TD)
+        if self.moe_cfg.capacity_factor is not None:  # per-expert capacity on this (rank-local) batch
+            plan = apply_capacity_from_config(plan, self.moe_cfg)
         y_TD = self.dispatcher(x_TD, plan, self.experts)
         if self.shared_expert is not None:
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)

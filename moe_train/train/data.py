@@ -1,0 +1,295 @@
+"""Data pipeline: local files through Hugging Face `datasets`, tokenised, packed, sharded over data-parallel ranks,
+resumable from the exact sequence.
+
+    files (text / jsonl / parquet; a file, a folder or a glob)
+      -> documents -> token ids (+ EOS after each document)           byte-level tokenizer or a local HF tokenizer
+      -> packed sequences of S+1 tokens with stride S                  every token is a target exactly once
+      -> global batch of B sequences per step; rank r of n takes the r-th contiguous B/n of it
+Map-style (default): all sequences packed in memory, shuffled per epoch with a seeded permutation. Streaming
+(``data.streaming: true``): documents are read lazily in file order (no shuffle); every rank reads the stream and
+keeps its share, and a resume skips the consumed sequences by re-reading them. The loader state is one number,
+the count of global sequences consumed, so it is the same on every rank and after a change of world size.
+Pre-tokenised data (``token_field``, e.g. the generated corpus written by ``moe-train generate-data``) skips the
+tokenizer. Nothing is downloaded: tokenizers load from local folders only.
+Shape legend: B sequences per rank, S sequence length, N sequences.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from moe_train.config import Config, DataConfig
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, BOS = 256, EOS = 257: needs model.vocab_size >= 258."""
+
+    vocab_size = 258
+    bos_id, eos_id = 256, 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A tokenizer from a local folder (tokenizer.json or transformers files); never downloads."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"data.tokenizer={path!r}: cannot load a tokenizer from this local folder "
+                             f"({type(e).__name__}: {e}); use 'byte' or a folder with tokenizer.json") from e
+        self.vocab_size = len(self.tok)
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"data.tokenizer={path!r} has no EOS token to separate packed documents")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def build_tokenizer(spec: str):
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files -> documents
+
+
+def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
+    """(datasets builder name, sorted file list) for a file, a folder or a glob."""
+    if any(c in path for c in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    elif os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix in FORMATS)
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise ValueError(f"data.path={path!r} does not exist (expected a file, a folder or a glob)")
+    if not files:
+        raise ValueError(f"data.path={path!r} matches no data files ({', '.join(sorted(FORMATS))})")
+    if fmt == "auto":
+        kinds = {FORMATS.get(Path(f).suffix) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(f"data.path={path!r}: cannot infer one format from the file suffixes "
+                             f"{sorted({Path(f).suffix for f in files})}; set data.format to text, json or parquet")
+        fmt = kinds.pop()
+    return fmt, files
+
+
+def document_ids(cfg: DataConfig, path: str, tokenizer, streaming: bool) -> Iterator[list[int]]:
+    """Token ids of every document in file order, each followed by the tokenizer's EOS (pre-tokenised data as is)."""
+    import datasets
+    from datasets import load_dataset
+
+    datasets.disable_progress_bars()
+    fmt, files = resolve_files(path, cfg.format)
+    ds = load_dataset(fmt, data_files=files, split="train", streaming=streaming)
+    field = cfg.token_field or cfg.text_field
+    columns = ds.column_names if not streaming else None
+    if columns is not None and field not in columns:
+        raise ValueError(f"data: the files under {path!r} have no column {field!r} (columns: {columns}); "
+                         f"set data.{'token_field' if cfg.token_field else 'text_field'}")
+    for row in ds:
+        if field not in row:
+            raise ValueError(f"data: a record in {path!r} has no field {field!r}")
+        if cfg.token_field:
+            yield list(row[field])
+        else:
+            yield tokenizer.encode(row[field]) + [tokenizer.eos_id]
+
+
+def pack(docs: Iterator[list[int]], seq_len: int) -> Iterator[list[int]]:
+    """Sequences of seq_len + 1 tokens; consecutive sequences share one token, so each token is a target once."""
+    buf: list[int] = []
+    for ids in docs:
+        buf.extend(ids)
+        while len(buf) >= seq_len + 1:
+            yield buf[: seq_len + 1]
+            buf = buf[seq_len:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader
+
+
+class DataLoader:
+    """This rank's share of each global batch, in a deterministic order; state = global sequences consumed.
+
+    Global sequence g of a map-style source is sequences[perm_e[g % N]] with e = g // N (epoch), perm_e a seeded
+    permutation (identity when shuffle is off). A stream is read in order and restarted at its end; global indices
+    keep counting across epochs.
+    """
+
+    def __init__(self, sequences: Optional[torch.Tensor], global_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, stream_factory=None):
+        assert (sequences is None) != (stream_factory is None)
+        if global_batch % dp_size:
+            raise ValueError(f"train.batch_size={global_batch} must be divisible by the data-parallel size {dp_size}")
+        self.sequences, self.stream_factory = sequences, stream_factory
+        self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.consumed = 0
+        self._stream: Optional[Iterator[list[int]]] = None
+        self._stream_pos = 0  # global index of the next sequence the open stream yields
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_BS, targets_BS) of this rank for the next global batch."""
+        per_rank = self.global_batch // self.dp_size
+        start = self.consumed + self.dp_rank * per_rank
+        rows = self._map_rows(start, per_rank) if self.sequences is not None else self._stream_rows(start, per_rank)
+        self.consumed += self.global_batch
+        return rows[:, :-1], rows[:, 1:]
+
+    def _map_rows(self, start: int, count: int) -> torch.Tensor:
+        n = self.sequences.shape[0]
+        perms: dict[int, torch.Tensor] = {}
+        idx = []
+        for g in range(start, start + count):
+            epoch, pos = divmod(g, n)
+            if self.shuffle and epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            idx.append(int(perms[epoch][pos]) if self.shuffle else pos)
+        return self.sequences[torch.tensor(idx, dtype=torch.long)]
+
+    def _stream_rows(self, start: int, count: int) -> torch.Tensor:
+        """Reads the stream forward to global sequences [start, start + count), skipping other ranks' rows."""
+        if self._stream is None or start < self._stream_pos:
+            self._stream, self._stream_pos = iter(self.stream_factory()), 0
+        rows: list[list[int]] = []
+        read_this_epoch = 0
+        while len(rows) < count:
+            try:
+                seq = next(self._stream)
+            except StopIteration:
+                if read_this_epoch == 0 and self._stream_pos == 0:
+                    raise ValueError("data: the corpus is shorter than one sequence of train.seq_len + 1 tokens")
+                self._stream, read_this_epoch = iter(self.stream_factory()), 0
+                continue
+            read_this_epoch += 1
+            if self._stream_pos >= start:
+                rows.append(seq)
+            self._stream_pos += 1
+        return torch.tensor(rows, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# assembly
+
+
+class Data:
+    """The training loader of this rank and the held-out split (the same on every rank)."""
+
+    def __init__(self, train: DataLoader, val_tokens: Optional[torch.Tensor], val_labels: Optional[torch.Tensor]):
+        self.train, self.val_tokens, self.val_labels = train, val_tokens, val_labels
+
+    def val_batches(self, batch_size: int):
+        """(inputs_BS, targets_BS, labels_BS or None) over the held-out sequences."""
+        if self.val_tokens is None:
+            return
+        for i in range(0, self.val_tokens.shape[0], batch_size):
+            seq = self.val_tokens[i:i + batch_size]
+            labels = None if self.val_labels is None else self.val_labels[i:i + batch_size, 1:]
+            yield seq[:, :-1], seq[:, 1:], labels
+
+
+def _packed(cfg: DataConfig, path: str, tokenizer, seq_len: int) -> torch.Tensor:
+    rows = list(pack(document_ids(cfg, path, tokenizer, streaming=False), seq_len))
+    if not rows:
+        raise ValueError(f"data.path={path!r}: the corpus is shorter than one sequence of train.seq_len + 1 = "
+                         f"{seq_len + 1} tokens (empty dataset?)")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _check_vocab(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
+    top = int(tokens.max()) if tokens.numel() else -1
+    if top >= vocab_size or (tokens.numel() and int(tokens.min()) < 0):
+        raise ValueError(f"{where}: token id {top} is outside the model's vocabulary (model.vocab_size="
+                         f"{vocab_size}); the data was tokenised for another vocabulary")
+
+
+def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1) -> Data:
+    """Everything about the data is checked here, before any model is built: paths, formats, emptiness, vocab."""
+    d, t = cfg.data, cfg.train
+    if d.kind == "synthetic":
+        from moe_train.train.synthetic import generate
+
+        tokens, labels = generate(d.num_sequences + d.val_sequences, t.seq_len, vocab_size, d.seed)
+        loader = DataLoader(tokens[: d.num_sequences], t.batch_size, dp_rank, dp_size, d.seed, shuffle=False)
+        return Data(loader, tokens[d.num_sequences:] if d.val_sequences else None,
+                    labels[d.num_sequences:] if d.val_sequences else None)
+
+    tokenizer = None if d.token_field else build_tokenizer(d.tokenizer)
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                         f"{vocab_size}: use a model with a vocabulary at least that large or another tokenizer")
+    resolve_files(d.path, d.format)  # fail now on a bad path, not in the middle of a stream
+    val = None
+    if d.val_path:
+        resolve_files(d.val_path, d.format)
+        val = _packed(d, d.val_path, tokenizer, t.seq_len)[: d.val_sequences or None]
+        _check_vocab(val, vocab_size, f"data.val_path={d.val_path!r}")
+    if d.streaming:
+        first = next(pack(document_ids(d, d.path, tokenizer, streaming=True), t.seq_len), None)
+        if first is None:
+            raise ValueError(f"data.path={d.path!r}: the corpus is shorter than one sequence of "
+                             f"train.seq_len + 1 = {t.seq_len + 1} tokens (empty dataset?)")
+        _check_vocab(torch.tensor(first), vocab_size, f"data.path={d.path!r}")
+        factory = lambda: pack(document_ids(d, d.path, tokenizer, streaming=True), t.seq_len)  # noqa: E731
+        return Data(DataLoader(None, t.batch_size, dp_rank, dp_size, d.seed, stream_factory=factory), val, None)
+    seqs = _packed(d, d.path, tokenizer, t.seq_len)
+    _check_vocab(seqs, vocab_size, f"data.path={d.path!r}")
+    if val is None and d.val_sequences:
+        if seqs.shape[0] <= d.val_sequences:
+            raise ValueError(f"data.path={d.path!r} packs into {seqs.shape[0]} sequences, not more than "
+                             f"data.val_sequences={d.val_sequences}: lower it or give data.val_path")
+        seqs, val = seqs[: -d.val_sequences], seqs[-d.val_sequences:]
+    return Data(DataLoader(seqs, t.batch_size, dp_rank, dp_size, d.seed, d.shuffle), val, None)
+
+
+def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
+                           vocab_size: int, seed: int) -> Path:
+    """Writes the generated corpus as train.jsonl / val.jsonl, one sequence per line: {"tokens", "labels"}.
+
+    Train it with data: {kind: files, path: <out>/train.jsonl, val_path: <out>/val.jsonl, token_field: tokens}.
+    """
+    from moe_train.train.synthetic import LABELS, generate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens, labels = generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
+    for name, lo, hi in (("train", 0, num_sequences), ("val", num_sequences, num_sequences + val_sequences)):
+        tmp = out / f".{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            for i in range(lo, hi):
+                f.write(json.dumps({"tokens": tokens[i].tolist(), "labels": labels[i].tolist()}) + "\n")
+        os.replace(tmp, out / f"{name}.jsonl")
+    (out / "labels.json").write_text(json.dumps({str(k): v for k, v in LABELS.items()}))
+    return out

@@ -1,0 +1,246 @@
+"""Applies expert + data parallelism to a plain model, and the helpers a distributed training loop needs.
+
+parallelize_model(model, ctx), on every rank, with the same full model on every rank (same seed or checkpoint):
+  1. each MoE layer keeps only its expert shard: experts [ep_rank*L, (ep_rank+1)*L) of the stacked weights, and
+     gets an AllToAllDispatcher over the ep group (ep > 1);
+  2. optional global aux loss: a forward hook on every router replaces plan.aux_loss by the loss computed from
+     the per-expert counts summed over all ranks (the probabilities stay local);
+  3. gradient reduction by FSDP2 ``fully_shard`` with two meshes (the torchtitan layout):
+       experts of each layer   over the "dp" mesh dim (the expert-data-parallel group, ranks with the same shard)
+       everything else          over all ranks (world_mesh), one unit at the root
+     Scale. The loss on each rank is the mean over its own tokens; the objective is the mean over ranks. A
+     non-expert gradient is averaged over the world (FSDP's default). An expert weight's local gradient already
+     SUMS the contributions of the ep ranks whose tokens it served (the all-to-all backward brings them home), so
+     averaging it over the edp group alone would leave it ep times too large; its divide factor is therefore the
+     world size: grad = (1/world) * sum over all ranks of d loss_r / dW, the same as for every other parameter.
+     On gloo (no PREMUL_SUM) the expert reduction is a plain sum followed by the division.
+
+Under FSDP2 every parameter is a DTensor shard; each element of every parameter lives on exactly one rank (non-
+expert parameters: Shard(0) over the world; experts: Shard(0) over edp x disjoint over ep). clip_grad_norm_ uses
+that to get the global norm with one all-reduce. full_state_dict gathers plain full tensors (stacked experts in
+global order) for saving; sharded DCP checkpoints (optimizer state, resume at another world size) are a later
+issue. Buffers (e.g. the aux-loss-free expert_bias) are not sharded: keep them identical on every rank by
+updating them with counts summed over all ranks (all_reduce_sum).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_train.model.experts import GroupedExperts
+from moe_train.model.moe_layer import MoELayer
+from moe_train.parallel.dispatcher import AllToAllDispatcher
+from moe_train.parallel.distributed import ParallelContext, validate_layout
+from moe_train.routing.balancing import load_balancing_loss
+
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small collectives for the loop (no-ops in a single process)
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: ParallelContext, group=None) -> torch.Tensor:
+    """Sum over all ranks (or ``group``); returns a new tensor, the input is untouched."""
+    out = t.detach().clone()
+    if ctx.distributed:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    out = all_reduce_sum(t.to(torch.float64) if not t.is_floating_point() else t, ctx)
+    return out / ctx.world_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parallelize
+
+
+@torch.no_grad()
+def _check_replicas_identical(model: nn.Module, ctx: ParallelContext) -> None:
+    """FSDP2 keeps each rank's own slice of its own full tensor: the full models must agree before sharding."""
+    s = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for i, p in enumerate(model.parameters()):
+        s += (i + 1) * p.detach().to(torch.float64).sum()
+    both = torch.stack([s, -s])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[0], -both[1]):
+        raise ValueError("the model's parameters differ across ranks before parallelize_model: build it with the "
+                         "same seed (torch.manual_seed) or load the same checkpoint on every rank")
+
+
+@torch.no_grad()
+def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
+    """Keeps experts [ep_rank*L, (ep_rank+1)*L) of the stacked weights (L = E/ep) as new parameters."""
+    E = experts.num_experts
+    L = E // ep_size
+    lo = ep_rank * L
+    for name in EXPERT_WEIGHTS:
+        p = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(p.detach()[lo:lo + L].clone(), requires_grad=p.requires_grad))
+    experts.num_experts = L
+    experts.num_global_experts = E  # read by full_state_dict
+    experts.expert_offset = lo
+
+
+def _global_aux_hook(ctx: ParallelContext):
+    """Router forward hook: aux loss with f from the counts of ALL ranks (Megatron's global aux loss).
+
+    With the per-rank losses averaged (as the gradient reduction does), mean_r N sum_i f_i^global P_i^(r) equals
+    the loss of the global batch, so its gradients match a single process on the whole batch."""
+
+    def hook(router: nn.Module, args, plan):
+        probs_TN = plan.probs_TN
+        if probs_TN is None:
+            return plan
+        E = plan.counts_E.numel()
+        num_null = probs_TN.shape[-1] - E
+        counts_N = plan.counts_E.to(torch.float64)
+        if num_null:
+            # Every slot of the null router is a pick, true or null; only the total null count enters the loss
+            # (null counts share one averaged bucket), so the total spread evenly is exact.
+            null_total = plan.expert_idx_TK.numel() - counts_N.sum()
+            counts_N = torch.cat([counts_N, (null_total / num_null).expand(num_null)])
+        dist.all_reduce(counts_N, op=dist.ReduceOp.SUM)
+        plan.aux_loss = load_balancing_loss(probs_TN, counts_N, num_null)
+        return plan
+
+    return hook
+
+
+def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer]) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    edp_mesh = ctx.mesh["dp"]
+    for layer in layers:
+        fully_shard(layer.experts, mesh=edp_mesh)
+        layer.experts.set_gradient_divide_factor(float(ctx.world_size))  # see the module docstring: scale
+        if ctx.backend == "gloo":
+            layer.experts.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    fully_shard(model, mesh=ctx.world_mesh)
+
+
+def parallelize_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    """Expert shards + all-to-all dispatchers + FSDP2 gradient reduction (see the module docstring). In place;
+    returns the model. A single-process context returns it unchanged."""
+    if not ctx.distributed:
+        return model
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("parallelize_model found no MoELayer in the model")
+    num_experts = {layer.experts.num_experts for layer in layers}
+    if len(num_experts) != 1:
+        raise ValueError(f"MoE layers with different expert counts {sorted(num_experts)} are not supported")
+    E = num_experts.pop()
+    validate_layout(ctx.world_size, ctx.ep_size, E)
+    model.to(ctx.device)
+    _check_replicas_identical(model, ctx)
+    for layer in layers:
+        if ctx.ep_size > 1:
+            shard_experts(layer.experts, ctx.ep_rank, ctx.ep_size)
+            layer.dispatcher = AllToAllDispatcher(ctx.ep_group, E, layer.dispatcher.permute_backend)
+        if ctx.global_aux_loss:
+            layer.router.register_forward_hook(_global_aux_hook(ctx))
+    _apply_fsdp(model, ctx, layers)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# after backward / for saving
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for the parallelized model: the global L2 norm over all ranks' shards (one
+    all-reduce; every element lives on exactly one rank), then every local grad scaled by
+    min(1, max_norm / (norm + 1e-6)), as torch does. Returns the total norm (the same on every rank)."""
+    params = [p for p in parameters if p.grad is not None]
+    if not ctx.distributed:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [_local(p.grad) for p in params]
+    sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
+    for g in grads:
+        sq += g.float().square().sum()
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    total = sq.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _expert_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts) and hasattr(mod, "num_global_experts"):
+            names.update(f"{mod_name}.{w}" if mod_name else w for w in EXPERT_WEIGHTS)
+    return names
+
+
+def _gather_full(named: Iterable[tuple[str, Optional[torch.Tensor]]], expert_names: set[str],
+                 ctx: ParallelContext) -> dict[str, Optional[torch.Tensor]]:
+    out = {}
+    for name, t in named:  # the same order on every rank: every collective below is matched
+        if t is None:
+            out[name] = None
+            continue
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        if name in expert_names and ctx.ep_size > 1:
+            parts = [torch.empty_like(t) for _ in range(ctx.ep_size)]
+            dist.all_gather(parts, t.contiguous(), group=ctx.ep_group)
+            t = torch.cat(parts, 0)  # ep ranks hold consecutive expert blocks
+        out[name] = t.detach()
+    return out
+
+
+def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """Plain full tensors, keys and shapes as in the unparallelized model (collective: call on every rank)."""
+    sd = model.state_dict()
+    if not ctx.distributed:
+        return {k: v.detach() for k, v in sd.items()}
+    return _gather_full(sd.items(), _expert_param_names(model), ctx)
+
+
+def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[torch.Tensor]]:
+    """Full gradients by parameter name (None where a parameter has none); collective, for tests and debugging."""
+    named = [(n, p.grad) for n, p in model.named_parameters()]
+    if not ctx.distributed:
+        return {n: None if g is None else g.detach() for n, g in named}
+    return _gather_full(named, _expert_param_names(model), ctx)
+
+
+def routing_stats(plans: list, ctx: ParallelContext) -> dict:
+    """Per-step routing statistics over ALL ranks (collective): true experts per token, per-expert load summed
+    over ranks, drop rate (capacity), expert and EP-rank load imbalance (max/mean)."""
+    from moe_train.routing.capacity import load_imbalance
+
+    counts_LE = torch.stack([p.counts_E for p in plans]).to(torch.float64)
+    tokens = torch.tensor([float(p.num_tokens) for p in plans], dtype=torch.float64, device=counts_LE.device)
+    dropped = torch.stack([p.extras["capacity"]["num_dropped"].to(torch.float64) if "capacity" in p.extras
+                           else torch.zeros((), dtype=torch.float64, device=counts_LE.device) for p in plans])
+    packed = all_reduce_sum(torch.cat([counts_LE.reshape(-1), tokens, dropped]), ctx)
+    L, E = counts_LE.shape
+    counts_LE, tokens, dropped = packed[:L * E].view(L, E), packed[L * E:L * E + L], packed[L * E + L:]
+    assigned = counts_LE.sum(1)
+    imb = [load_imbalance(c, ctx.ep_size) for c in counts_LE]
+    return {
+        "true_experts_per_layer": (assigned / tokens.clamp_min(1)).tolist(),
+        "load_per_layer": counts_LE.tolist(),
+        "drop_rate_per_layer": (dropped / (assigned + dropped).clamp_min(1)).tolist(),
+        "expert_imbalance_per_layer": [float(i["expert_max_over_mean"]) for i in imb],
+        "rank_imbalance_per_layer": [float(i["rank_max_over_mean"]) for i in imb],
+    }

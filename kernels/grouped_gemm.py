@@ -26,6 +26,9 @@ BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_te
 
 
 def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm can take these operands: a supported dtype and 16-byte aligned strides."""
+    if x_NI.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False  # e.g. float64 references: the loop computes the same products
     align = 16 // x_NI.element_size()
     return x_NI.shape[1] % align == 0 and w_EIO.shape[2] % align == 0
 

@@ -55,6 +55,11 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     expert_bias_rate: float = 0.0
+    # Compute budget (null router): a PI controller on the null experts' selection bias holds this many true
+    # experts per token (per layer); None = off. See moe_train/routing/budget.py.
+    target_true_experts: Optional[float] = None
+    budget_kp: float = 0.01
+    budget_ki: float = 0.002
     # Capacity per expert, ceil(cf * true assignments / E); None = dropless.
     capacity_factor: Optional[float] = None
     drop_policy: str = "weight"
@@ -329,6 +334,16 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
             _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}]")
         if e.k_min > e.resolved_k_max:
             _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
+    if e.target_true_experts is not None:
+        if e.router != "null":
+            _fail(f"{p}.target_true_experts", e.target_true_experts,
+                  f"a compute budget steers null experts: needs router: null (router is {e.router!r})")
+        hi = min(e.top_k, e.num_experts)
+        if not 0 < e.target_true_experts <= hi:
+            _fail(f"{p}.target_true_experts", e.target_true_experts, f"must be in (0, min(top_k, num_experts)={hi}]")
+    for key in ("budget_kp", "budget_ki"):
+        if getattr(e, key) < 0:
+            _fail(f"{p}.{key}", getattr(e, key), "must be >= 0")
     if e.baseline_top_k is not None and not 1 <= e.baseline_top_k <= e.num_experts:
         _fail(f"{p}.baseline_top_k", e.baseline_top_k, f"must be in [1, num_experts={e.num_experts}]")
     for key in ("aux_loss_coef", "z_loss_coef", "expert_bias_rate"):

@@ -124,8 +124,10 @@ def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer]) 
     for layer in layers:
         fully_shard(layer.experts, mesh=edp_mesh)
         layer.experts.set_gradient_divide_factor(float(ctx.world_size))  # see the module docstring: scale
-        if ctx.backend == "gloo":
-            layer.experts.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        if ctx.backend == "gloo" and ctx.edp_size > 1:
+            # gloo has no PREMUL_SUM: sum, then divide. (Not on a 1-rank mesh: torch 2.13 would divide twice there,
+            # once in its no-communication copy and once more as the post-division.)
+            layer.experts.set_force_sum_reduction_for_comms(True)
     fully_shard(model, mesh=ctx.world_mesh)
 
 

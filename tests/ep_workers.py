@@ -107,6 +107,7 @@ def _layer_case(ctx, case: str, num_experts: int) -> dict:
     from moe_train.parallel.parallelize import shard_experts
 
     world, rank, ep = ctx.world_size, ctx.rank, ctx.ep_size
+    assert ep == world, "the layer reference covers every rank's tokens: one ep group over the world"
     ref = _make_layer(case, num_experts, ep)
     x_full = _make_x(case, world)
     proj = torch.randn(x_full.shape, generator=torch.Generator().manual_seed(2))
@@ -200,13 +201,21 @@ def _rows_and_capacity(ctx, num_experts: int) -> dict:
     return res
 
 
-def layer_checks(ep: int, num_experts: int, cases: list[str]) -> dict:
-    ctx = _ctx(ep, num_experts)
-    out = {"cases": {c: _layer_case(ctx, c, num_experts) for c in cases}}
-    out["rows"] = _rows_and_capacity(ctx, num_experts)
-    out["layout"] = {"rank": ctx.rank, "ep_rank": ctx.ep_rank, "edp_rank": ctx.edp_rank,
-                     "ep_ranks": dist.get_process_group_ranks(ctx.ep_group),
-                     "edp_ranks": dist.get_process_group_ranks(ctx.edp_group)}
+def _ep_view(ctx, ep: int):
+    """The context's ep groups, or (ep == world) one ep group over every rank."""
+    from types import SimpleNamespace
+
+    if ep == ctx.ep_size:
+        return ctx
+    assert ep == ctx.world_size, (ep, ctx.world_size)
+    return SimpleNamespace(world_size=ctx.world_size, rank=ctx.rank, ep_size=ep, ep_rank=ctx.rank,
+                           ep_group=dist.group.WORLD)
+
+
+def layer_checks(ctx, ep: int, num_experts: int, cases: list[str]) -> dict:
+    view = _ep_view(ctx, ep)
+    out = {"cases": {c: _layer_case(view, c, num_experts) for c in cases}}
+    out["rows"] = _rows_and_capacity(view, num_experts)
     return out
 
 
@@ -227,13 +236,11 @@ def _global_batch(world: int, per_rank: int = 2, seq: int = 8):
     return ids[:, :-1], ids[:, 1:]
 
 
-def model_checks(ep: int, global_aux: bool = True) -> dict:
+def model_checks(ctx, mcfg: ModelConfig) -> dict:
     from moe_train.model import build_model
     from moe_train.model.loss import lm_loss, routing_losses
     from moe_train.parallel.parallelize import clip_grad_norm_, full_grads, full_state_dict, parallelize_model
 
-    mcfg = tiny_model_config()
-    ctx = _ctx(ep, mcfg.moe.num_experts, global_aux_loss=global_aux)
     torch.manual_seed(0)
     ref = build_model(mcfg)
     model = copy.deepcopy(ref)
@@ -264,10 +271,27 @@ def model_checks(ep: int, global_aux: bool = True) -> dict:
         "loss_err": abs(loss_mean.item() / ctx.world_size - loss_ref.item()),
         "norm_err": abs(norm.item() - ref_norm.item()),
         "grad_err": {n: _maxerr(grads[n], ref_grads[n]) for n in ref_grads},
+        "grad_ratio": {n: ((grads[n].double() * ref_grads[n].double()).sum()
+                           / ref_grads[n].double().square().sum().clamp_min(1e-300)).item()
+                       for n in ref_grads if ref_grads[n].abs().max() > 1e-8},
         "state_err": {n: _maxerr(sd[n], v) for n, v in ref.state_dict().items()},
         "state_keys_equal": list(sd) == list(ref.state_dict()),
         "types": sorted({type(p).__name__ for p in model.parameters()}),
     }
+
+
+def suite(ep: int, layer_runs: list[dict]) -> dict:
+    """One spawn, several checks: the layer runs (ep, num_experts, cases), then the model check with the
+    context's own layout (ep, dp = world/ep, global aux loss on)."""
+    mcfg = tiny_model_config()
+    ctx = _ctx(ep, mcfg.moe.num_experts, global_aux_loss=True)
+    out = {"layout": {"rank": ctx.rank, "ep_rank": ctx.ep_rank, "edp_rank": ctx.edp_rank,
+                      "ep_ranks": dist.get_process_group_ranks(ctx.ep_group),
+                      "edp_ranks": dist.get_process_group_ranks(ctx.edp_group),
+                      "mesh_shape": tuple(ctx.mesh.shape), "mesh_dims": ctx.mesh.mesh_dim_names}}
+    out["layers"] = [dict(run, **layer_checks(ctx, **run)) for run in layer_runs]
+    out["model"] = model_checks(ctx, mcfg)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

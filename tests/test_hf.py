@@ -196,14 +196,17 @@ def assert_same_tensors(a, b):
 def test_null_and_adak_models_round_trip_exactly(tmp_path, family, router):
     if router == "null":
         moe = MoEConfig(router="null", num_experts=4, num_null_experts=8, top_k=3, baseline_top_k=2,
-                        norm_topk_prob=family == "mixtral", expert_bias_rate=1e-3, aux_loss_coef=1e-2)
+                        norm_topk_prob=family == "mixtral", expert_bias_rate=1e-3, aux_loss_coef=1e-2,
+                        target_true_experts=1.5)
     else:
         moe = MoEConfig(router="adak", num_experts=4, top_k=2, k_min=0, k_max=3, norm_topk_prob=family == "mixtral")
     model = our_model(family, seed=4, moe=moe)
     if router == "null":
         with torch.no_grad():
-            for r in model.routers():
+            for r in model.routers():  # selection biases that change the routing: must survive the trip
                 r.expert_bias.copy_(torch.randn(4))
+                r.null_bias.fill_(0.3)
+                r.null_bias_integral.fill_(-0.7)
     with pytest.warns(UserWarning, match="expert bias") if router == "null" else _nullcontext():
         to_hf(model, tmp_path / "x")
     hf = json.loads((tmp_path / "x" / "config.json").read_text())

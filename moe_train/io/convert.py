@@ -71,9 +71,8 @@ def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
     for layer in model.layers:
         old = layer.moe.router
         gate = old.gate.weight
-        with torch.device("meta"):
-            new = NullExpertRouter(D, new_moe)
-        new = new.to_empty(device=gate.device).to(gate.dtype)
+        # Built for real (it is small), so every buffer a NullExpertRouter has starts at its own initial value.
+        new = NullExpertRouter(D, new_moe).to(device=gate.device, dtype=gate.dtype)
         new.gate.weight.copy_(gate)
         new.init_null_gate_from_true()
         if old.expert_bias is not None:  # aux-loss-free balancing state carries over to the true experts

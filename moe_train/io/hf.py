@@ -16,7 +16,8 @@ x @ W: w_gate / w_up [E, D, F], w_down [E, F, D] (an HF Linear weight is [out, i
 
 Extras that transformers does not know, stored under the same layer prefix and ignored by transformers:
     {prefix}null_gate.weight [Z, D] (AdaMoE), {prefix}allocator.weight [A, D] (Ada-K), {prefix}expert_bias [E]
-(aux-loss-free balancing state); the full MoEConfig goes under the "moe_train" key of config.json, so from_hf
+(aux-loss-free balancing state) and any other router buffer (e.g. the compute-budget {prefix}null_bias), i.e.
+the router's state dict beside gate.weight; the full MoEConfig goes under the "moe_train" key of config.json, so from_hf
 rebuilds exactly the router that was saved. `num_experts_per_tok` is what transformers routes with: top_k for
 top-k and Ada-K models (Ada-K's base model is the frozen top-k model), the FLOPs-baseline k for null-expert
 models (transformers ignores the null gate, so it loads the top-k model the conversion started from).
@@ -77,6 +78,10 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 # Files that describe weights or the model config: never carried over from an old folder into a new export.
 _WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
                     "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", ".*")
+# Router state beyond gate.weight, for error messages.
+_ROUTER_EXTRAS = {"null_gate.weight": "null experts", "allocator.weight": "an Ada-K allocator",
+                  "expert_bias": "expert-bias balancing", "null_bias": "a compute budget",
+                  "null_bias_integral": "a compute budget"}
 # Tensors older checkpoints carry that hold no learned state (recomputed from the config).
 _IGNORED_TENSORS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
 
@@ -405,12 +410,11 @@ def _import_state_dict(imp: _Importer, cfg: ModelConfig, expected: dict[str, tor
         prefixes = [h + pre for pre in MOE_PREFIXES[family]]
         p = next((q for q in prefixes if imp.has(q + "gate.weight")), prefixes[0])
         r = f"{o}moe.router."
-        plain(r + "gate.weight", p + "gate.weight")
-        for extra, why in (("null_gate.weight", "null experts"), ("allocator.weight", "an Ada-K allocator"),
-                           ("expert_bias", "expert-bias balancing")):
-            if r + extra in expected:
-                sd[r + extra] = imp.take(p + extra, expected[r + extra].shape,
-                                         f" (config.json '{MOE_TRAIN_KEY}' describes a router with {why})")
+        for ours in [k for k in expected if k.startswith(r)]:
+            rel = ours[len(r):]  # gate.weight, and the extras of null / Ada-K / bias-balanced routers
+            why = "" if rel == "gate.weight" else (f" (config.json '{MOE_TRAIN_KEY}' describes a router with "
+                                                   f"{_ROUTER_EXTRAS.get(rel, 'this state')})")
+            sd[ours] = imp.take(p + rel, expected[ours].shape, why)
         sd[f"{o}moe.experts.w_gate"], sd[f"{o}moe.experts.w_up"], sd[f"{o}moe.experts.w_down"] = _import_experts(
             imp, family, p, E, D, F)
         S = cfg.shared_expert_intermediate_size
@@ -504,18 +508,13 @@ def export_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
             if lin.bias is not None:
                 out[f"{h}self_attn.{proj}.bias"] = _cpu(lin.bias)
         out[h + "post_attention_layernorm.weight"] = _cpu(layer.post_attention_layernorm.weight)
-        router = layer.moe.router
-        out[p + "gate.weight"] = _cpu(router.gate.weight)
-        if getattr(router, "null_gate", None) is not None:
-            out[p + "null_gate.weight"] = _cpu(router.null_gate.weight)
-        if getattr(router, "allocator", None) is not None:
-            out[p + "allocator.weight"] = _cpu(router.allocator.weight)
-        bias = getattr(router, "expert_bias", None)
-        if bias is not None:
-            if bias.abs().sum() > 0:
+        # The router's whole state under the layer prefix: gate.weight is what transformers reads; the rest
+        # (null_gate.weight, allocator.weight, expert_bias, null-budget buffers) only from_hf reads.
+        for rel, t in layer.moe.router.state_dict().items():
+            if rel == "expert_bias" and t.abs().sum() > 0:
                 warnings.warn(f"layer {i}: the aux-loss-free expert bias is nonzero; it is saved as "
                               f"{p}expert_bias, which transformers ignores, so transformers will route without it")
-            out[p + "expert_bias"] = _cpu(bias)
+            out[p + rel] = _cpu(t)
         ex = layer.moe.experts
         for e in range(ex.num_experts):
             out[f"{p}experts.{e}.{g_name}.weight"] = _cpu(ex.w_gate[e].t())

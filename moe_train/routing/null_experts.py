@@ -1,7 +1,8 @@
 """AdaMoE null experts (arXiv 2406.13233): m zero-cost experts join the n true experts.
 
     z = [W_g x ; W_null x]            (n true logits, then m null logits from a separate linear map)
-    p = softmax(z) in fp32,  (w, idx) = topk(p + [b; 0], k)     over n + m experts
+    p = softmax(z) in fp32,  (w, idx) = topk(p + [b; c], k)     over n + m experts
+    (b: optional aux-loss-free expert bias; c: optional compute-budget bias shared by the nulls, budget.py)
     w'_i = w_i / sum_{picked true j} w_j   for true picks (norm_topk_prob), null picks -> slot -1, weight 0
     a token whose picks are all null divides by 1 and outputs 0 (only the residual passes)
     y = sum_{picked true i} w'_i E_i(x)
@@ -19,6 +20,7 @@ from torch import nn
 
 from moe_train.config import MoEConfig
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.routing.budget import update_null_bias
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.topk import renormalize, select_topk
 
@@ -34,6 +36,12 @@ class NullExpertRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         self.null_gate = nn.Linear(hidden_size, cfg.num_null_experts, bias=False) if cfg.num_null_experts else None
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.expert_bias_rate > 0 else None)
+        # Compute budget (routing/budget.py): one selection bias shared by the null experts, and its PI integral.
+        self.target_true_experts = cfg.target_true_experts
+        self.budget_kp, self.budget_ki = cfg.budget_kp, cfg.budget_ki
+        budget = cfg.target_true_experts is not None
+        self.register_buffer("null_bias", torch.zeros(()) if budget else None)
+        self.register_buffer("null_bias_integral", torch.zeros(()) if budget else None)
 
     @torch.no_grad()
     def init_null_gate_from_true(self) -> None:
@@ -50,8 +58,10 @@ class NullExpertRouter(nn.Module):
             logits_TN = torch.cat([logits_TN, self.null_gate(x_TD)], dim=-1)
         probs_TN = torch.softmax(logits_TN.float(), dim=-1)
         bias_N = None
-        if self.expert_bias is not None:
-            bias_N = torch.cat([self.expert_bias, self.expert_bias.new_zeros(self.num_null)])
+        if self.expert_bias is not None or self.null_bias is not None:
+            true_b = self.expert_bias if self.expert_bias is not None else probs_TN.new_zeros(E)
+            null_b = (self.null_bias if self.null_bias is not None else probs_TN.new_zeros(())).expand(self.num_null)
+            bias_N = torch.cat([true_b, null_b])
         weight_TK, idx_TK = select_topk(probs_TN, self.top_k, bias_N)
         true_TK = idx_TK < E
         weight_TK = renormalize(weight_TK, true_TK) if self.norm_topk_prob else weight_TK * true_TK
@@ -69,3 +79,9 @@ class NullExpertRouter(nn.Module):
     def update_bias(self, counts_E: torch.Tensor) -> None:
         if self.expert_bias is not None:
             update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
+
+    def update_budget(self, true_experts_per_token: float) -> None:
+        """After an optimizer step: one PI step toward target_true_experts with the step's measured mean."""
+        if self.null_bias is not None:
+            update_null_bias(self.null_bias, self.null_bias_integral, true_experts_per_token,
+                             self.target_true_experts, self.budget_kp, self.budget_ki)

@@ -18,11 +18,13 @@ from moe_train.model import MoETransformer, build_model
 FORMAT = 1
 
 
-def save_model(model: MoETransformer, path: str | Path, step: int = 0) -> Path:
+def save_model(model: MoETransformer, path: str | Path, step: int = 0, state_dict: dict | None = None) -> Path:
+    """``state_dict``: the full tensors when the model is parallelized (moe_train.parallel.full_state_dict)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state_dict is None else state_dict
     payload = {"format": FORMAT, "model_config": to_dict(model.config), "step": step,
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+               "model": {k: v.detach().cpu() for k, v in state.items()}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

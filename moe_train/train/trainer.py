@@ -18,7 +18,8 @@ from moe_train.config import Config, to_dict
 from moe_train.eval.flops import flops_vs_topk
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.loss import lm_loss, routing_losses
-from moe_train.parallel.distributed import ParallelContext, init_distributed
+from moe_train.parallel.distributed import ParallelContext, destroy_distributed, init_distributed
+from moe_train.parallel.parallelize import all_reduce_mean, all_reduce_sum, clip_grad_norm_, full_state_dict
 from moe_train.train.checkpoint import load_model, save_model
 from moe_train.train.metrics import MetricsWriter
 from moe_train.train.synthetic import SyntheticData
@@ -78,9 +79,19 @@ def evaluate(model: torch.nn.Module, data: SyntheticData, batch_size: int, devic
 
 
 def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
-    """Trains as configured; returns the last step's metrics (plus validation figures)."""
+    """Trains as configured; returns the last step's metrics (plus validation figures). Without a ``ctx`` the
+    process groups are created from the launch environment and torn down at the end."""
+    if ctx is not None:
+        return _train(cfg, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        destroy_distributed(ctx)
+
+
+def _train(cfg: Config, ctx: ParallelContext) -> dict:
     t = cfg.train
-    ctx = ctx or init_distributed(cfg.parallel, cfg.model.moe.num_experts)
     if t.batch_size % ctx.dp_size:
         raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the data-parallel size {ctx.dp_size}")
     torch.manual_seed(t.seed)
@@ -114,20 +125,25 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
         loss = lm + terms["aux_loss"] + terms["z_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+        # The global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process).
+        grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip, ctx) if t.grad_clip > 0 else None
         opt.step()
         sched.step()
         for router, plan in zip(routers, plans):
-            if hasattr(router, "update_bias"):
-                router.update_bias(plan.counts_E)
-        per_layer = [p.true_experts_per_token_T.mean().item() for p in plans]
+            if getattr(router, "expert_bias", None) is not None:  # counts of all ranks: the same bias everywhere
+                router.update_bias(all_reduce_sum(plan.counts_E, ctx))
+        # Logged figures are means over the ranks (equal token counts per rank: the global-batch means).
+        per_layer_L = torch.stack([p.true_experts_per_token_T.mean() for p in plans])
+        scalars = all_reduce_mean(torch.cat([torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"]]).detach()
+                                             .float(), per_layer_L]), ctx).tolist()
+        per_layer = scalars[4:]
         elapsed = time.perf_counter() - start
         record = {
             "step": step + 1,
-            "loss": loss.item(),
-            "lm_loss": lm.item(),
-            "aux_loss": terms["aux_loss"].item(),
-            "z_loss": terms["z_loss"].item(),
+            "loss": scalars[0],
+            "lm_loss": scalars[1],
+            "aux_loss": scalars[2],
+            "z_loss": scalars[3],
             "true_experts_per_token": sum(per_layer) / len(per_layer),
             "true_experts_per_layer": per_layer,
             "flops_vs_topk": flops_vs_topk(cfg.model, per_layer, t.seq_len),
@@ -145,7 +161,8 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
         if ctx.is_main:
             print(f"validation loss {record['val_loss']:.4f} true experts/token "
                   f"{record['val_true_experts_per_token']:.2f}", flush=True)
+    state = full_state_dict(model, ctx) if ctx.distributed else None  # collective: gathers every shard
     if ctx.is_main:
-        save_model(model, out_dir / "final" / "model.pt", step=t.steps)
+        save_model(model, out_dir / "final" / "model.pt", step=t.steps, state_dict=state)
         print(f"saved {out_dir / 'final' / 'model.pt'}", flush=True)
     return record

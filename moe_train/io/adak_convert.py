@@ -1,0 +1,68 @@
+"""Ada-K conversion: turn a pretrained top-k MoE into an Ada-K model (arXiv 2410.10456).
+
+Every layer's top-k router becomes an AdaKRouter holding the SAME gate W_g and a new bias-free allocator
+W_p [A, D] over k in [k_min, k_max] (A = k_max - k_min + 1). The allocator starts at zero (a uniform policy over
+k) and is trained by the warm start and PPO (moe_train.train.adak); everything else is untouched. The base
+model's top_k stays in the config as the FLOPs baseline (``baseline_top_k``).
+
+    add_allocators(model, k_min, k_max)    in place on a loaded model (returns it)
+
+With the allocator forced to k = top_k the converted model computes exactly what the base model computes (the
+Ada-K router keeps the base gate convention: renormalised over the picked experts when norm_topk_prob).
+Shape legend: E experts, D hidden, A allocator actions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from moe_train.config import ConfigError, MoEConfig, validate_moe
+from moe_train.model.decoder import MoETransformer
+from moe_train.routing.adak import AdaKRouter
+
+
+def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> MoEConfig:
+    """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
+    if moe.router != "topk":
+        raise ValueError(f"Ada-K conversion starts from a top-k model; this model's router is {moe.router!r}")
+    if moe.expert_bias_rate > 0:
+        raise ValueError(f"this model selects experts with an aux-loss-free expert bias (expert_bias_rate="
+                         f"{moe.expert_bias_rate}); the Ada-K router selects by the gate probabilities only, so the "
+                         "converted model would route differently. Convert a model trained without expert bias.")
+    if moe.capacity_factor is not None:
+        raise ValueError(f"capacity_factor={moe.capacity_factor}: Ada-K evaluates the frozen model dropless; "
+                         "set model.moe.capacity_factor to null")
+    n = moe.num_experts
+    k_max_ = n if k_max is None else k_max
+    if not 0 <= k_min <= k_max_ <= n or k_max_ < 1:
+        raise ValueError(f"Ada-K action range k_min={k_min}, k_max={k_max}: need 0 <= k_min <= k_max <= {n} "
+                         f"(the model's experts) and k_max >= 1")
+    new = dataclasses.replace(moe, router="adak", k_min=k_min, k_max=k_max_,
+                              baseline_top_k=moe.resolved_baseline_top_k)
+    try:
+        validate_moe(new)
+    except ConfigError as e:
+        raise ValueError(f"the converted MoE config is invalid: {e}") from None
+    return new
+
+
+@torch.no_grad()
+def add_allocators(model: MoETransformer, k_min: int = 1, k_max: Optional[int] = None) -> MoETransformer:
+    """Replaces every top-k router with an AdaKRouter (same gate weights, zero allocator), updates
+    ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
+    new_moe = check_adak_conversion(model.config.moe, k_min, k_max)
+    D = model.config.hidden_size
+    for layer in model.layers:
+        old = layer.moe.router
+        gate = old.gate.weight
+        new = AdaKRouter(D, new_moe).to(device=gate.device, dtype=gate.dtype)
+        new.gate.weight.copy_(gate)
+        new.allocator.weight.zero_()
+        new.gate.weight.requires_grad_(gate.requires_grad)
+        new.train(old.training)
+        layer.moe.router = new
+    model.config = dataclasses.replace(model.config, moe=new_moe)
+    return model

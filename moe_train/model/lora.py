@@ -1,0 +1,106 @@
+"""LoRA on attention projections and on the stacked expert projections.
+
+    W x  ->  W x + (alpha / r) * B (A x),   A: r x in (small random), B: out x r (zeros): the start equals the base
+For experts every projection gets a stacked pair per expert, A [E, in, r] and B [E, r, out], computed with the same
+grouped GEMM over the rows each expert received, so null picks still cost nothing. ``merge_lora`` folds the
+deltas into the base weights (for export) and restores plain modules.
+Shape legend: N rows grouped by expert, D hidden, F expert FFN width, E experts, r rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.kernels.grouped_gemm import grouped_mm
+from moe_train.model.experts import GroupedExperts
+
+TARGETS = ("attention", "experts")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+        return self.base
+
+
+class LoRAGroupedExperts(GroupedExperts):
+    """GroupedExperts plus a low-rank delta per expert and projection; base parameters shared with the original."""
+
+    def __init__(self, base: GroupedExperts, rank: int, alpha: float):
+        nn.Module.__init__(self)
+        self.num_experts, self.backend = base.num_experts, base.backend
+        self.w_gate, self.w_up, self.w_down = base.w_gate, base.w_up, base.w_down
+        self.scale = alpha / rank
+        E, D, Fw = base.w_gate.shape
+        dev = base.w_gate.device
+        for name, (i, o) in {"gate": (D, Fw), "up": (D, Fw), "down": (Fw, D)}.items():
+            a = nn.Parameter(torch.empty(E, i, rank, device=dev))
+            nn.init.normal_(a, std=1.0 / math.sqrt(i))
+            setattr(self, f"lora_{name}_A", a)  # [E, in, r]
+            setattr(self, f"lora_{name}_B", nn.Parameter(torch.zeros(E, rank, o, device=dev)))  # [E, r, out]
+
+    def _proj(self, x: torch.Tensor, name: str, counts_E: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, f"w_{name}")
+        a, b = getattr(self, f"lora_{name}_A"), getattr(self, f"lora_{name}_B")
+        # rank r is usually not 16-byte aligned for _grouped_mm: the low-rank products use the loop reference
+        low = grouped_mm(grouped_mm(x, a, counts_E, "auto"), b, counts_E, "auto")
+        return grouped_mm(x, w, counts_E, self.backend) + low * self.scale
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self._proj(x_ND, "gate", counts_E)) * self._proj(x_ND, "up", counts_E)
+        return self._proj(h, "down", counts_E)
+
+    @torch.no_grad()
+    def merged(self) -> GroupedExperts:
+        plain = GroupedExperts.__new__(GroupedExperts)
+        nn.Module.__init__(plain)
+        plain.num_experts, plain.backend = self.num_experts, self.backend
+        for name in ("gate", "up", "down"):
+            w = getattr(self, f"w_{name}")
+            w += torch.bmm(getattr(self, f"lora_{name}_A"), getattr(self, f"lora_{name}_B")) * self.scale
+            setattr(plain, f"w_{name}", w)
+        return plain
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = TARGETS) -> nn.Module:
+    """Adds LoRA in place to the chosen targets of every decoder layer; returns the model."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown or rank < 1:
+        raise ValueError(f"LoRA targets {sorted(unknown)} / rank {rank}: targets must be among {TARGETS}, rank >= 1")
+    for layer in model.layers:
+        if "attention" in targets:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha))
+        if "experts" in targets:
+            layer.moe.experts = LoRAGroupedExperts(layer.moe.experts, rank, alpha)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every LoRA delta into its base weight and restores plain modules (in place)."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mod = getattr(attn, name)
+            if isinstance(mod, LoRALinear):
+                setattr(attn, name, mod.merged())
+        if isinstance(layer.moe.experts, LoRAGroupedExperts):
+            layer.moe.experts = layer.moe.experts.merged()
+    return model

@@ -1,0 +1,419 @@
+"""Ada-K training (arXiv 2410.10456): allocator warm start, then PPO, on a frozen MoE model.
+
+Frozen base: every base parameter (gates included) has requires_grad False and the optimizer holds only the
+per-layer allocators W_p [A, D]. Because no base tensor needs a gradient, a forward with gradients enabled only
+records the allocators' small graphs (the hidden states never require grad).
+
+Warm start (paper Table 11 "Threshold p 0.3"; this reading is unverified, see REFERENCE.md section 2):
+    the model runs with every layer forced to the base top-k (the base model's own hidden states); at each layer
+    k*_t = the smallest k whose cumulative sorted frozen-router probability reaches p, clipped to [k_min, k_max];
+    loss = mean over layers of CE(softmax(x_t W_p), k*_t - k_min).
+
+PPO, one step per batch:
+    rollout   (no grad) every allocator samples a_{l,t} ~ pi_l(. | x_{l,t}); k_{l,t} = k_min + a_{l,t}
+    reward    r_t = log P(x_{t+1} | x_<=t) under the adapted model - penalty * sum_l k_{l,t}
+              (k = true experts actually used; lambda = penalty, 3e-3 in the paper)
+    credit    every layer's action at position t gets token t's reward: A_{l,t} = A_t. The action also changes
+              later positions through attention; that effect is not credited (a per-token bandit reading of the
+              paper's per-token reward).
+    baseline  A_t = r_t - b: b = batch mean (default) | running mean over steps | r_t of the greedy policy on the
+              same batch ("greedy": a self-critical, per-token baseline, one extra forward) | 0 ("none").
+              normalize_advantages divides A by its batch standard deviation (population std + 1e-8), without
+              re-centring, so the baseline keeps its meaning.
+    update    ppo_epochs passes over the stored actions; each pass re-runs the model with every allocator in
+              "forced" mode (the stored actions, so the same hidden states) to get log pi_new(a | x), and takes
+              ppo_minibatches AdamW steps on
+                  L = -mean_{l,t} min(rho A, clip(rho, 1 - eps, 1 + eps) A) - entropy_coef * mean H,
+                  rho = exp(log pi_new - log pi_old)
+Metrics per step (metrics.jsonl): reward, log-likelihood, mean k overall / per layer, flops_vs_topk (whole model),
+expert_flops_vs_topk (mean k / base k), clip fraction, approx KL (mean (rho - 1) - log rho), entropy.
+Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A allocator actions, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.config import AdaKConfig, Config, TrainConfig, to_dict
+from moe_train.eval.flops import flops_vs_topk
+from moe_train.model import MoETransformer
+from moe_train.routing.adak import AdaKRouter
+
+# ----------------------------------------------------------------------------------------------------------
+# model preparation
+
+
+def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
+    routers = [layer.moe.router for layer in model.layers]
+    if not all(isinstance(r, AdaKRouter) for r in routers):
+        raise ValueError(f"the model's router is {model.config.moe.router!r}, not an Ada-K router: convert a top-k "
+                         "model with moe_train.io.adak_convert.add_allocators (moe-train adak does it)")
+    return routers
+
+
+def freeze_base(model: MoETransformer) -> list[nn.Parameter]:
+    """requires_grad False on every parameter except the allocators; returns the allocator weights."""
+    routers = adak_routers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [r.allocator.weight for r in routers]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def build_allocator_optimizer(params: Sequence[nn.Parameter], a: AdaKConfig, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the allocator weights only (paper: lr 1e-3 constant, weight decay 0.1)."""
+    return torch.optim.AdamW(list(params), lr=a.lr, weight_decay=a.weight_decay, betas=(t.beta1, t.beta2))
+
+
+def load_adak_model(cfg: Config) -> MoETransformer:
+    """The base model of ``train.init_from``, converted to Ada-K with adak.k_min / adak.k_max when it is top-k."""
+    from moe_train.io.adak_convert import add_allocators
+
+    src = cfg.train.init_from
+    if src is None:
+        raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
+                         "checkpoint (model.pt) or a Hugging Face folder")
+    path = Path(src)
+    if path.is_dir():
+        from moe_train.io.hf import from_hf
+
+        model = from_hf(path)
+    else:
+        from moe_train.train.checkpoint import load_model
+
+        model = load_model(path)
+    moe = model.config.moe
+    if moe.router == "topk":
+        return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)
+    if moe.router == "adak":
+        k_max = moe.num_experts if cfg.adak.k_max is None else cfg.adak.k_max
+        if (moe.k_min, moe.resolved_k_max) != (cfg.adak.k_min, k_max):
+            raise ValueError(f"train.init_from={src!r} is an Ada-K model with k in [{moe.k_min}, {moe.resolved_k_max}]"
+                             f" but adak.k_min/k_max ask for [{cfg.adak.k_min}, {k_max}]; make them agree")
+        return model
+    raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k model")
+
+
+def set_forced_k(routers: Sequence[AdaKRouter], k: int, num_tokens: int, device: torch.device) -> None:
+    """Forces every token of every layer to k experts (clipped to the action range) for the next forward."""
+    for r in routers:
+        a = min(max(k, r.k_min), r.k_max) - r.k_min
+        r.set_mode("forced", torch.full((num_tokens,), a, dtype=torch.long, device=device))
+
+
+def set_mode(routers: Sequence[AdaKRouter], mode: str) -> None:
+    for r in routers:
+        r.set_mode(mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# warm start
+
+
+def warm_start_labels(probs_TE: torch.Tensor, threshold: float, k_min: int, k_max: int) -> torch.Tensor:
+    """k*_t: the smallest k with sum of the k largest probabilities >= threshold, clipped to [k_min, k_max]."""
+    sorted_TE = probs_TE.sort(dim=-1, descending=True).values
+    cum_TE = sorted_TE.cumsum(dim=-1)
+    k_T = (cum_TE < threshold).sum(dim=-1) + 1  # cum is increasing: the entries below p come first
+    return k_T.clamp(min=k_min, max=k_max)
+
+
+def warm_start_loss(model: MoETransformer, inputs_BS: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
+    """Mean over layers of the allocator cross-entropy on the pseudo labels, with the base top-k forward."""
+    routers = adak_routers(model)
+    T = inputs_BS.numel()
+    set_forced_k(routers, model.config.moe.top_k, T, inputs_BS.device)
+    losses, label_k, agree = [], [], []
+
+    def hook(router: AdaKRouter, args, plan):
+        x_TD = args[0].detach()
+        k_T = warm_start_labels(plan.probs_TN.detach(), threshold, router.k_min, router.k_max)
+        with torch.enable_grad():
+            logits_TA = router.allocator(x_TD).float()
+            losses.append(F.cross_entropy(logits_TA, k_T - router.k_min))
+        label_k.append(k_T.float().mean())
+        agree.append((logits_TA.detach().argmax(-1) == k_T - router.k_min).float().mean())
+
+    handles = [r.register_forward_hook(hook) for r in routers]
+    try:
+        with torch.no_grad():
+            model(inputs_BS)
+    finally:
+        for h in handles:
+            h.remove()
+        set_mode(routers, "greedy")
+    loss = torch.stack(losses).mean()
+    return loss, {"label_k": torch.stack(label_k).mean().item(), "label_k_per_layer": [x.item() for x in label_k],
+                  "label_acc": torch.stack(agree).mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO pieces (pure functions; tested against hand computations)
+
+
+def token_rewards(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, k_LT: torch.Tensor,
+                  penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward_T, loglik_T): r_t = log P(target_t) - penalty * sum_l k_{l,t}."""
+    logp_TV = torch.log_softmax(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), dim=-1)
+    loglik_T = logp_TV.gather(-1, targets_BS.reshape(-1, 1)).squeeze(-1)
+    return loglik_T - penalty * k_LT.float().sum(dim=0), loglik_T
+
+
+class RewardBaseline:
+    """b for A = r - b: 'batch_mean', 'running_mean' (EMA of past batch means; the first batch uses its own mean),
+    'greedy' (the greedy policy's per-token reward, passed in), 'none'."""
+
+    def __init__(self, kind: str, decay: float = 0.9):
+        self.kind, self.decay = kind, decay
+        self.value: Optional[float] = None
+
+    def __call__(self, reward_T: torch.Tensor, greedy_reward_T: Optional[torch.Tensor] = None):
+        if self.kind == "batch_mean":
+            return reward_T.mean()
+        if self.kind == "none":
+            return torch.zeros((), dtype=reward_T.dtype, device=reward_T.device)
+        if self.kind == "greedy":
+            assert greedy_reward_T is not None and greedy_reward_T.shape == reward_T.shape
+            return greedy_reward_T
+        assert self.kind == "running_mean", self.kind
+        mean = reward_T.mean().item()
+        b = mean if self.value is None else self.value
+        self.value = mean if self.value is None else self.decay * self.value + (1 - self.decay) * mean
+        return torch.tensor(b, dtype=reward_T.dtype, device=reward_T.device)
+
+
+def compute_advantages(reward_T: torch.Tensor, baseline, normalize: bool, eps: float = 1e-8) -> torch.Tensor:
+    adv_T = reward_T - baseline
+    if normalize:
+        adv_T = adv_T / (adv_T.std(unbiased=False) + eps)
+    return adv_T
+
+
+def ppo_objective(new_log_prob_LT: torch.Tensor, old_log_prob_LT: torch.Tensor, adv_T: torch.Tensor,
+                  clip_eps: float, entropy_LT: Optional[torch.Tensor] = None,
+                  entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Clipped-ratio PPO loss (to minimise) over every (layer, token) action; A_t broadcast over layers."""
+    log_ratio = new_log_prob_LT - old_log_prob_LT
+    ratio = log_ratio.exp()
+    adv = adv_T[None, :].expand_as(ratio)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = -surrogate.mean()
+    entropy = entropy_LT.mean() if entropy_LT is not None else torch.zeros(())
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy
+    with torch.no_grad():
+        stats = {"clip_frac": ((ratio - 1).abs() > clip_eps).float().mean().item(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                 "entropy": entropy.item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rollout and update
+
+
+@dataclass
+class Rollout:
+    inputs_BS: torch.Tensor
+    targets_BS: torch.Tensor
+    action_LT: torch.Tensor
+    old_log_prob_LT: torch.Tensor
+    k_LT: torch.Tensor  # true experts used (the action's k: the router never drops)
+    reward_T: torch.Tensor
+    loglik_T: torch.Tensor
+
+
+@torch.no_grad()
+def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Tensor, penalty: float,
+            mode: str = "sample") -> Rollout:
+    """One forward with the allocators in ``mode`` (sample: a ~ pi; greedy: argmax); actions and rewards."""
+    routers = adak_routers(model)
+    set_mode(routers, mode)
+    logits, plans = model(inputs_BS, return_plans=True)
+    set_mode(routers, "greedy")
+    action_LT = torch.stack([p.action_T for p in plans])
+    k_LT = torch.stack([p.true_mask_TK.sum(dim=-1) for p in plans])
+    reward_T, loglik_T = token_rewards(logits, targets_BS, k_LT, penalty)
+    return Rollout(inputs_BS, targets_BS, action_LT, torch.stack([p.log_prob_T for p in plans]), k_LT, reward_T,
+                   loglik_T)
+
+
+def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor,
+                     action_LT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_new(a | x)_LT, entropy_LT) with every layer forced to the stored actions; differentiable in W_p."""
+    routers = adak_routers(model)
+    for r, a_T in zip(routers, action_LT):
+        r.set_mode("forced", a_T)
+    try:
+        _, plans = model(inputs_BS, return_plans=True)
+    finally:
+        set_mode(routers, "greedy")
+    return torch.stack([p.log_prob_T for p in plans]), torch.stack([p.entropy_T for p in plans])
+
+
+def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
+    """Token indices (into T = B*S) of the sequences ``seqs``."""
+    return (seqs[:, None] * S + torch.arange(S, device=seqs.device)[None, :]).reshape(-1)
+
+
+def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter],
+             inputs_BS: torch.Tensor, targets_BS: torch.Tensor, a: AdaKConfig, baseline: RewardBaseline,
+             grad_clip: float, generator: torch.Generator) -> dict:
+    """Rollout (in ppo_minibatches chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates."""
+    B, S = inputs_BS.shape
+    chunks = [c for c in torch.arange(B).chunk(a.ppo_minibatches) if c.numel()]
+    outs = [rollout(model, inputs_BS[c], targets_BS[c], a.penalty) for c in chunks]
+    action_LT = torch.cat([o.action_LT for o in outs], dim=1)
+    old_LT = torch.cat([o.old_log_prob_LT for o in outs], dim=1)
+    k_LT = torch.cat([o.k_LT for o in outs], dim=1)
+    reward_T = torch.cat([o.reward_T for o in outs])
+    loglik_T = torch.cat([o.loglik_T for o in outs])
+    greedy_T = None
+    if a.baseline == "greedy":
+        greedy_T = torch.cat([rollout(model, inputs_BS[c], targets_BS[c], a.penalty, mode="greedy").reward_T
+                              for c in chunks])
+    b = baseline(reward_T, greedy_T)
+    adv_T = compute_advantages(reward_T, b, a.normalize_advantages)
+    stats: dict[str, list] = {"clip_frac": [], "approx_kl": [], "entropy": [], "policy_loss": []}
+    grad_norm = None
+    for _ in range(a.ppo_epochs):
+        perm = torch.randperm(B, generator=generator)
+        for seqs in perm.chunk(a.ppo_minibatches):
+            if not seqs.numel():
+                continue
+            idx = _rows(B, S, seqs.to(inputs_BS.device))
+            new_LT, ent_LT = forced_log_probs(model, inputs_BS[seqs], action_LT[:, idx])
+            loss, st = ppo_objective(new_LT, old_LT[:, idx], adv_T[idx], a.clip_eps, ent_LT, a.entropy_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+            opt.step()
+            for key in ("clip_frac", "approx_kl", "entropy"):
+                stats[key].append(st[key])
+            stats["policy_loss"].append(loss.item())
+    per_layer = k_LT.float().mean(dim=1).tolist()
+    record = {key: sum(v) / len(v) for key, v in stats.items()}
+    record.update({
+        "reward": reward_T.mean().item(),
+        "loglik": loglik_T.mean().item(),
+        "mean_k": sum(per_layer) / len(per_layer),
+        "mean_k_per_layer": per_layer,
+        "flops_vs_topk": flops_vs_topk(model.config, per_layer, S),
+        "expert_flops_vs_topk": sum(per_layer) / len(per_layer) / model.config.moe.resolved_baseline_top_k,
+        "advantage_std": (reward_T - b).std(unbiased=False).item(),  # before normalisation
+        "grad_norm": grad_norm,
+    })
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _validate(model: MoETransformer, data, cfg: Config, device: torch.device) -> dict:
+    from moe_train.eval.evaluate import corpus_report
+
+    if data.val_tokens is None:
+        return {}
+    rep = corpus_report(model, data.val_batches(cfg.train.batch_size), device)
+    base = corpus_report(model, data.val_batches(cfg.train.batch_size), device, force_k=model.config.moe.top_k)
+    rep["base_val_loss"] = base["val_loss"]
+    rep["val_loss_increase"] = rep["val_loss"] / base["val_loss"] - 1
+    return rep
+
+
+def train_adak(cfg: Config, model: Optional[MoETransformer] = None) -> dict:
+    """Warm start then PPO as configured; writes metrics.jsonl, validation.json and final/model.pt to train.out_dir.
+
+    ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted)."""
+    import json
+
+    from moe_train.parallel.distributed import init_distributed
+    from moe_train.train.checkpoint import save_model
+    from moe_train.train.data import build_data
+    from moe_train.train.metrics import MetricsWriter
+
+    t, a = cfg.train, cfg.adak
+    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
+    if ctx.distributed:
+        raise ValueError(f"moe-train adak runs in one process for now (WORLD_SIZE={ctx.world_size}): expert-parallel "
+                         "Ada-K needs moe_train.parallel.parallelize_model; launch a single process")
+    torch.manual_seed(t.seed)
+    model = load_adak_model(cfg) if model is None else model
+    cfg.model = model.config
+    model = model.to(ctx.device)
+    params = freeze_base(model)
+    data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
+    out_dir = Path(t.out_dir)
+    metrics = MetricsWriter(out_dir, enabled=ctx.is_main)
+    if ctx.is_main:
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model.eval()  # no dropout anywhere; mode flags only
+    validation: dict = {"before": _validate(model, data, cfg, ctx.device)}
+
+    # Stage 1: warm start (one optimizer, re-created for PPO: the paper lists the stages separately).
+    opt = build_allocator_optimizer(params, a, t)
+    for step in range(a.warm_start_steps):
+        start = time.perf_counter()
+        inputs, _ = data.train.next_batch()
+        loss, st = warm_start_loss(model, inputs.to(ctx.device), a.warm_start_threshold)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        record = {"stage": "warm_start", "step": step + 1, "ce_loss": loss.item(), **st,
+                  "seconds": time.perf_counter() - start}
+        metrics.write(record)
+        if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.warm_start_steps):
+            print(f"warm start {step + 1}/{a.warm_start_steps} ce {loss.item():.4f} label k {st['label_k']:.2f} "
+                  f"acc {st['label_acc']:.3f}", flush=True)
+    if a.warm_start_steps:
+        validation["warm_start"] = _validate(model, data, cfg, ctx.device)
+        if ctx.is_main:
+            save_model(model, out_dir / "warm_start" / "model.pt", step=a.warm_start_steps)
+
+    # Stage 2: PPO over the same data from its start (each stage is one pass in the paper).
+    data.train.load_state_dict({"consumed": 0})
+    opt = build_allocator_optimizer(params, a, t)
+    baseline = RewardBaseline(a.baseline, a.running_mean_decay)
+    gen = torch.Generator().manual_seed(t.seed)
+    record = {}
+    for step in range(a.ppo_steps):
+        start = time.perf_counter()
+        inputs, targets = data.train.next_batch()
+        record = ppo_step(model, opt, params, inputs.to(ctx.device), targets.to(ctx.device), a, baseline,
+                          t.grad_clip, gen)
+        record = {"stage": "ppo", "step": step + 1, **record, "seconds": time.perf_counter() - start}
+        if a.val_every and (step + 1) % a.val_every == 0 and step + 1 < a.ppo_steps:
+            record["validation"] = _validate(model, data, cfg, ctx.device)
+        metrics.write(record)
+        if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.ppo_steps):
+            print(f"ppo {step + 1}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
+                  f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} kl {record['approx_kl']:.4f} "
+                  f"clip {record['clip_frac']:.3f} H {record['entropy']:.3f}", flush=True)
+    validation["final"] = _validate(model, data, cfg, ctx.device)
+    if ctx.is_main:
+        (out_dir / "validation.json").write_text(json.dumps(validation, indent=1))
+        save_model(model, out_dir / "final" / "model.pt", step=a.ppo_steps)
+        fin = validation["final"]
+        if fin:
+            print(f"validation: loss {fin['val_loss']:.4f} (top-{cfg.model.moe.top_k} base {fin['base_val_loss']:.4f},"
+                  f" {100 * fin['val_loss_increase']:+.2f}%) mean k {fin['mean_k']:.3f} expert FLOPs vs top-k "
+                  f"{fin['expert_flops_vs_topk']:.3f} whole-model FLOPs vs top-k {fin['flops_vs_topk']:.3f}",
+                  flush=True)
+        print(f"saved {out_dir / 'final' / 'model.pt'}", flush=True)
+    return {"last_step": record, "validation": validation}

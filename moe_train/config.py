@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,7 +123,21 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     out_dir: str = "runs/tiny"
-    init_from: Optional[str] = None  # a moe_train checkpoint or Hugging Face folder to start from
+    # Start from a moe_train checkpoint (.pt) or a Hugging Face folder. Its architecture wins; when it is top-k
+    # and model.moe.router is null, null experts are added (AdaMoE conversion with model.moe's num_null_experts,
+    # top_k, baseline_top_k); model.moe's loss coefficients, budget and capacity settings always apply.
+    init_from: Optional[str] = None
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size = dp * accum * micro-batch)
+    # Train only parameters whose name matches one of these regular expressions (re.search); empty = all.
+    # e.g. ["router\\.", "lora_"] for routers + LoRA. Frozen parameters get no gradient and no optimizer state.
+    trainable: list[str] = field(default_factory=list)
+    lora_rank: int = 0  # 0 = no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    max_bad_steps: int = 10  # NaN/inf losses: the step is skipped and counted; stop after this many
+    eval_every: int = 0  # 0 = only at the end
+    peak_tflops: float = 0.0  # per device, for model FLOPs utilisation (0 = not reported)
+    tensorboard: bool = True  # event files in out_dir/tb when tensorboard is installed
 
 
 @dataclass
@@ -214,6 +229,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -380,6 +400,23 @@ def validate(cfg: Config) -> None:
         _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     if t.grad_clip < 0:
         _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+        _fail("train.grad_accum_steps", t.grad_accum_steps, f"must be >= 1 and divide train.batch_size={t.batch_size}")
+    for i, pattern in enumerate(t.trainable):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            _fail(f"train.trainable[{i}]", pattern, f"a valid regular expression ({err})")
+    if t.lora_rank < 0:
+        _fail("train.lora_rank", t.lora_rank, "must be >= 0 (0 = no LoRA)")
+    bad = sorted(set(t.lora_targets) - {"attention", "experts"})
+    if bad:
+        _fail("train.lora_targets", t.lora_targets, "a list drawn from ['attention', 'experts']")
+    if t.max_bad_steps < 0:
+        _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
+    if t.eval_every < 0 or t.peak_tflops < 0:
+        _fail("train.eval_every" if t.eval_every < 0 else "train.peak_tflops",
+              t.eval_every if t.eval_every < 0 else t.peak_tflops, "must be >= 0")
     d = cfg.data
     if d.kind not in DATA_KINDS:
         _fail("data.kind", d.kind, f"one of {DATA_KINDS}")

@@ -35,7 +35,8 @@ def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
 
 def grouped_mm_loop(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per expert over its contiguous block of rows (host sync on counts)."""
-    outs = [xe @ w_EIO[e] for e, xe in enumerate(torch.split(x_NI, counts_E.tolist()))]
+    # unbind, not w_EIO[e]: each select's backward would write a full-size zero [E, I, O] gradient per expert.
+    outs = [xe @ we for xe, we in zip(torch.split(x_NI, counts_E.tolist()), w_EIO.unbind(0))]
     return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[2])
 
 

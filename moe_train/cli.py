@@ -24,6 +24,20 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote AdaMoE model to {dst}")
 
 
+def _adak(args: argparse.Namespace) -> None:
+    from moe_train.config import load_config
+    from moe_train.train.adak import train_adak
+
+    cfg = load_config(args.config, args.set)
+    train_adak(cfg)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from moe_train.eval.evaluate import run_eval
+
+    run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, required=True, help="new k over true + null experts (AdaMoE Mixtral: 4)")
     p.add_argument("--baseline-top-k", type=int, default=None, help="FLOPs baseline k (default: the model's k)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("adak", help="Ada-K: warm-start then PPO-train per-layer k allocators on a frozen MoE model")
+    p.add_argument("--config", required=True, help="YAML config with an adak section, e.g. configs/tiny_adak.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set adak.penalty=0.01 (repeatable)")
+    p.set_defaults(func=_adak)
+
+    p = sub.add_parser("eval", help="evaluate a model: multiple choice / perplexity tasks, experts per token, FLOPs")
+    p.add_argument("--checkpoint", required=True, help="model.pt (moe_train checkpoint) or a Hugging Face folder")
+    p.add_argument("--task", action="append", default=[], metavar="JSONL",
+                   help="task file: {context, choices, gold} lines (multiple choice) or {text} lines (perplexity)")
+    p.add_argument("--tokenizer", default="ids",
+                   help="ids (space-separated token ids, the tiny models) | byte | a local HF tokenizer folder")
+    p.add_argument("--difficulty", action="store_true",
+                   help="mean k by difficulty label on held-out sequences of the generated corpus")
+    p.add_argument("--corpus-sequences", type=int, default=64)
+    p.add_argument("--corpus-seq-len", type=int, default=128)
+    p.add_argument("--corpus-seed", type=int, default=4321, help="differs from training data seeds: held out")
+    p.add_argument("--generate", default=None, metavar="TEXT", help="prompt for a greedy generation")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--force-k", type=int, default=None, help="run every token with this k (Ada-K models)")
+    p.add_argument("--compare-topk", action="store_true",
+                   help="Ada-K models: also evaluate with k forced to the base top-k, side by side")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="also run the --task files through lm-evaluation-harness (offline) and report its metrics")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write every result to this JSON file")
+    p.set_defaults(func=_eval)
     return parser
 
 

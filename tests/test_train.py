@@ -21,8 +21,10 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path, config):
     rc = main(["train", "--config", config, "--set", "train.steps=25", "--set", f"train.out_dir={out}",
                "--set", "data.num_sequences=256"])
     assert rc == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, final = [r for r in lines if "val_loss" not in r], [r for r in lines if "val_loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 26))
+    assert len(final) == 1 and math.isfinite(final[0]["val_loss"])
     assert FIELDS <= set(rows[0])
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.5  # it learns
     assert all(math.isfinite(r["loss"]) for r in rows)

@@ -361,3 +361,78 @@ def evaluate_task(model: MoETransformer, path: str | Path, codec, batch_size: in
     kind, docs = load_task(path)
     fn = evaluate_multiple_choice if kind == "multiple_choice" else evaluate_perplexity
     return fn(model, docs, codec, batch_size, device, force_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `moe-train eval`
+
+
+def run_lm_eval(model: MoETransformer, task_files: Sequence[str], tokenizer: str, batch_size: int,
+                device: str, force_k: Optional[int] = None) -> dict:
+    """The task files through lm-evaluation-harness, offline (task YAMLs written to a temporary folder)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moe_train.eval.lm_eval_adapter import MoETrainLM, write_task_yaml
+
+    lm = MoETrainLM(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device, force_k=force_k)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for i, f in enumerate(task_files):
+            name = f"moe_train_{i}_{Path(f).stem}".replace("-", "_").replace(".", "_")
+            write_task_yaml(name, f, tmp)
+            names.append(name)
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=tmp),
+                                      bootstrap_iters=0, log_samples=False)
+    out = {f: {k: v for k, v in res["results"][n].items() if isinstance(v, (int, float))}
+           for f, n in zip(task_files, names)}
+    return {"tasks": out, **lm.report()}
+
+
+def run_eval(args) -> dict:
+    """The `moe-train eval` job: one JSON line per result on stdout, all of them in --out."""
+    from moe_train.eval.generate import greedy_generate
+    from moe_train.train.synthetic import generate
+
+    device = torch.device(args.device)
+    model = load_for_eval(args.checkpoint).to(device)
+    codec = build_codec(args.tokenizer, model.config.vocab_size)
+    variants = [("adak" if model.config.moe.router == "adak" and args.force_k is None else "model", args.force_k)]
+    if args.compare_topk:
+        if model.config.moe.router != "adak":
+            raise ValueError("--compare-topk needs an Ada-K model (router adak); this one is "
+                             f"{model.config.moe.router!r}")
+        variants.append((f"top{model.config.moe.top_k}", model.config.moe.top_k))
+    results: dict = {"checkpoint": str(args.checkpoint), "router": model.config.moe.router}
+
+    def emit(name: str, rep: dict) -> None:
+        results[name] = rep
+        print(json.dumps({"result": name, **{k: v for k, v in rep.items() if k != "predictions"}}), flush=True)
+
+    for tag, k in variants:
+        for f in args.task:
+            emit(f"{tag}:{f}", evaluate_task(model, f, codec, args.batch_size, device, k))
+        if args.difficulty:
+            if args.corpus_seq_len > model.config.max_seq_len:
+                raise ValueError(f"--corpus-seq-len={args.corpus_seq_len} exceeds model.max_seq_len="
+                                 f"{model.config.max_seq_len}")
+            tokens, labels = generate(args.corpus_sequences, args.corpus_seq_len, model.config.vocab_size,
+                                      args.corpus_seed)
+            batches = ((tokens[i:i + args.batch_size, :-1], tokens[i:i + args.batch_size, 1:],
+                        labels[i:i + args.batch_size, 1:]) for i in range(0, tokens.shape[0], args.batch_size))
+            emit(f"{tag}:difficulty", corpus_report(model, batches, device, force_k=k))
+        if args.lm_eval and args.task:
+            emit(f"{tag}:lm_eval", run_lm_eval(model, args.task, args.tokenizer, args.batch_size, args.device, k))
+        if args.generate is not None:
+            prompt = codec.encode(args.generate) or [prefix_id(codec)]
+            new, k_steps = greedy_generate(model, prompt, args.max_new_tokens, device=device, force_k=k)
+            emit(f"{tag}:generate", {"prompt": args.generate, "completion": codec.decode(new), "k_per_token": k_steps})
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results

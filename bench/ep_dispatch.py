@@ -37,15 +37,16 @@ def _slowest(seconds: float) -> float:
     return t.item()
 
 
-def _null_mask(plan, frac: float, seed: int) -> torch.Tensor:
-    S = plan.expert_idx_TK.numel()
+def _null_mask(idx_TK: torch.Tensor, frac: float, seed: int) -> torch.Tensor:
+    S = idx_TK.numel()
     g = torch.Generator().manual_seed(seed)
     null_S = torch.zeros(S, dtype=torch.bool)
     null_S[torch.randperm(S, generator=g)[:round(frac * S)]] = True
-    return ~null_S.view_as(plan.expert_idx_TK)
+    return ~null_S.view_as(idx_TK)
 
 
-def bench_moe_train(args, ctx, frac: float) -> dict:
+def bench_moe_train(args, ctx, fracs: list[float]) -> list[dict]:
+    """One layer; the null fractions are interleaved round by round so drift hits them all alike."""
     from moe_train.config import ModelConfig, MoEConfig
     from moe_train.model.moe_layer import MoELayer
     from moe_train.parallel.dispatcher import AllToAllDispatcher
@@ -63,38 +64,44 @@ def bench_moe_train(args, ctx, frac: float) -> dict:
     disp = AllToAllDispatcher(ctx.ep_group, args.experts)
     g = torch.Generator().manual_seed(100 + ctx.rank)
     x = torch.randn(args.tokens, args.hidden, generator=g)
-    keep = None
+    with torch.no_grad():
+        slots_TK = layer.router(x).expert_idx_TK
+    keeps = {f: _null_mask(slots_TK, f, seed=ctx.rank) for f in fracs}
 
-    def step():
-        nonlocal keep
+    def step(frac: float):
         xi = x.detach().requires_grad_(True)
         plan = layer.router(xi)
-        if keep is None:
-            keep = _null_mask(plan, frac, seed=ctx.rank)
+        keep = keeps[frac]
         plan.expert_idx_TK = torch.where(keep, plan.expert_idx_TK, -1)
         plan.weight_TK = renormalize(plan.weight_TK, keep)
         plan.counts_E = counts_from_idx(plan.expert_idx_TK, args.experts)
         y = disp(xi, plan, layer.experts)
         y.sum().backward()
+        layer.zero_grad(set_to_none=True)
+        return disp.last
 
-    times = []
+    times = {f: [] for f in fracs}
+    last = {}
     for i in range(args.warmup + args.iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        dt = _slowest(time.perf_counter() - t0)
-        if i >= args.warmup:
-            times.append(dt)
-    st = torch.tensor([disp.last.rows_sent, disp.last.rows_received, disp.last.bytes_sent_remote],
-                      dtype=torch.float64)
-    dist.all_reduce(st)
-    slots = args.tokens * args.top_k * ctx.world_size
-    return {"impl": "moe_train", "null_fraction": frac, "true_assignments": int(st[0]),
-            "expected_assignments": ctx.world_size * round(args.tokens * args.top_k * (1 - frac)),
-            "slots": slots, "rows_received": int(st[1]),
-            # every row entering the all-to-all (own rank included) and the part that crosses ranks
-            "bytes_all_rows": int(st[0]) * args.hidden * 4, "bytes_sent_dispatch": int(st[2]),
-            "time_ms": 1e3 * statistics.median(times), "times_ms": [round(1e3 * t, 2) for t in times]}
+        for f in fracs:
+            dist.barrier()
+            t0 = time.perf_counter()
+            last[f] = step(f)
+            dt = _slowest(time.perf_counter() - t0)
+            if i >= args.warmup:
+                times[f].append(dt)
+    rows = []
+    for f in fracs:
+        st = torch.tensor([last[f].rows_sent, last[f].rows_received, last[f].bytes_sent_remote], dtype=torch.float64)
+        dist.all_reduce(st)
+        rows.append({"impl": "moe_train", "null_fraction": f, "true_assignments": int(st[0]),
+                     "expected_assignments": ctx.world_size * round(args.tokens * args.top_k * (1 - f)),
+                     "slots": args.tokens * args.top_k * ctx.world_size, "rows_received": int(st[1]),
+                     # every row entering the all-to-all (own rank included) and the part that crosses ranks
+                     "bytes_all_rows": int(st[0]) * args.hidden * 4, "bytes_sent_dispatch": int(st[2]),
+                     "time_ms": 1e3 * statistics.median(times[f]),
+                     "times_ms": [round(1e3 * t, 2) for t in times[f]]})
+    return rows
 
 
 def bench_deepspeed(args, ctx) -> dict:
@@ -145,7 +152,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--null-fractions", default="0,0.25,0.5")
     ap.add_argument("--no-deepspeed", action="store_true")
@@ -161,10 +168,7 @@ def main() -> None:
     _emit({"bench": "ep_dispatch", "world": ctx.world_size, "ep": ctx.ep_size, "backend": ctx.backend,
            "threads_per_rank": torch.get_num_threads(), "tokens_per_rank": args.tokens, "hidden": args.hidden,
            "ffn": args.ffn, "experts": args.experts, "top_k": args.top_k, "dtype": "float32"})
-    rows = []
-    for frac in (float(f) for f in args.null_fractions.split(",")):
-        r = bench_moe_train(args, ctx, frac)
-        rows.append(r)
+    rows = bench_moe_train(args, ctx, [float(f) for f in args.null_fractions.split(",")])
     base = rows[0]
     assert base["null_fraction"] == 0.0, "the first null fraction must be 0 (the top-k baseline)"
     for r in rows:

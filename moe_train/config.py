@@ -138,6 +138,12 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     peak_tflops: float = 0.0  # per device, for model FLOPs utilisation (0 = not reported)
     tensorboard: bool = True  # event files in out_dir/tb when tensorboard is installed
+    # Resumable DCP checkpoints in out_dir/checkpoints (model, optimizer, scheduler, data position, RNG).
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted); 0 = keep all
+    resume: bool = True  # continue from out_dir's latest complete checkpoint when there is one
+    resume_from: Optional[str] = None  # an explicit checkpoint folder (wins over resume)
+    export_hf: bool = False  # also write a Hugging Face folder (out_dir/hf) at the end
 
 
 @dataclass
@@ -414,6 +420,9 @@ def validate(cfg: Config) -> None:
         _fail("train.lora_targets", t.lora_targets, "a list drawn from ['attention', 'experts']")
     if t.max_bad_steps < 0:
         _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
+    if t.checkpoint_every < 0 or t.keep_last < 0:
+        _fail("train.checkpoint_every" if t.checkpoint_every < 0 else "train.keep_last",
+              t.checkpoint_every if t.checkpoint_every < 0 else t.keep_last, "must be >= 0")
     if t.eval_every < 0 or t.peak_tflops < 0:
         _fail("train.eval_every" if t.eval_every < 0 else "train.peak_tflops",
               t.eval_every if t.eval_every < 0 else t.peak_tflops, "must be >= 0")

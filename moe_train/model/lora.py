@@ -104,3 +104,27 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(layer.moe.experts, LoRAGroupedExperts):
             layer.moe.experts = layer.moe.experts.merged()
     return model
+
+
+@torch.no_grad()
+def merge_lora_state_dict(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A LoRA model's full state dict -> the plain model's, deltas folded in (works on gathered full tensors, so
+    it serves parallelized models too). ``alpha`` is the LoRA alpha; the rank is read off the tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if key.endswith(".base.weight"):  # LoRALinear: W + (alpha / r) B A
+            prefix = key[: -len(".base.weight")]
+            a, b = state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"]
+            out[f"{prefix}.weight"] = value + (b @ a) * (alpha / a.shape[0])
+        elif key.endswith(".base.bias"):
+            out[key[: -len(".base.bias")] + ".bias"] = value
+        elif any(key.endswith(f"experts.w_{n}") for n in ("gate", "up", "down")) and \
+                f"{key.rsplit('.w_', 1)[0]}.lora_{key.rsplit('.w_', 1)[1]}_A" in state:
+            prefix, name = key.rsplit(".w_", 1)
+            a, b = state[f"{prefix}.lora_{name}_A"], state[f"{prefix}.lora_{name}_B"]
+            out[key] = value + torch.bmm(a, b) * (alpha / a.shape[2])
+        else:
+            out[key] = value
+    return out

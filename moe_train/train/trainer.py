@@ -34,6 +34,7 @@ from moe_train.routing.capacity import load_imbalance
 from moe_train.train.checkpoint import load_model, save_model
 from moe_train.train.data import Data, build_data
 from moe_train.train.metrics import MetricsWriter
+from moe_train.train.resume import latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_train.train.synthetic import LABELS
 
 # MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
@@ -231,7 +232,16 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     opt = build_optimizer(model, cfg, ctx.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     out_dir = Path(t.out_dir)
-    metrics = MetricsWriter(out_dir, enabled=ctx.is_main)
+    start_step, bad_steps = 0, 0
+    resume_path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(out_dir) if t.resume else None)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model, opt, ctx)
+        sched.load_state_dict(state["scheduler"])
+        data.train.load_state_dict(state["data"])
+        start_step, bad_steps = state["step"], state["bad_steps"]
+        if ctx.is_main:
+            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    metrics = MetricsWriter(out_dir, enabled=ctx.is_main, resume_step=start_step)
     tb = _tensorboard(out_dir, t.tensorboard and ctx.is_main)
     if ctx.is_main:
         import yaml
@@ -240,10 +250,14 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     routers = [layer.moe.router for layer in model.layers]
     budget = cfg.model.moe.target_true_experts is not None
     record: dict = {}
-    bad_steps = 0
     t0 = time.perf_counter()
     model.train()
-    for step in range(t.steps):
+
+    def checkpoint(step_done: int) -> None:
+        save_checkpoint(out_dir, step_done, model, opt, {"scheduler": sched.state_dict(),
+                        "data": data.train.state_dict(), "bad_steps": bad_steps}, ctx, t.keep_last)
+
+    for step in range(start_step, t.steps):
         start = time.perf_counter()
         inputs_all, targets_all = data.train.next_batch()
         acc = _RoutingAccumulator()
@@ -269,6 +283,8 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
                 raise TrainingError(f"{bad_steps} non-finite losses (train.max_bad_steps={t.max_bad_steps}): "
                                     "lower train.lr, check the data, or raise the limit")
             sched.step()
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                checkpoint(step + 1)
             continue
         # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process)
         grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip, ctx) if t.grad_clip > 0 else None
@@ -311,13 +327,17 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     tb.add_scalar(key, value, step + 1)
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
+            checkpoint(step + 1)
         if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
             done = step + 1
-            eta = (time.perf_counter() - t0) / done * (t.steps - done)
+            eta = (time.perf_counter() - t0) / (done - start_step) * (t.steps - done)
             bar = "#" * int(20 * done / t.steps)
             print(f"[{bar:<20}] step {done}/{t.steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
                   f"experts/token {record['true_experts_per_token']:.2f} flops/topk {record['flops_vs_topk']:.3f} "
                   f"tok/s {record['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+    if start_step < t.steps:
+        checkpoint(t.steps)
     final = evaluate(model, data, cfg, ctx.device)
     record.update(final)
     if final and ctx.is_main:
@@ -329,8 +349,22 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
                 f"{k} {v:.2f}" for k, v in final["val_true_experts_by_label"].items()), flush=True)
     if tb is not None:
         tb.close()
-    state = full_state_dict(model, ctx) if ctx.distributed else None  # collective: gathers every shard
+    state = full_state_dict(model, ctx) if ctx.distributed else model.state_dict()  # collective when distributed
     if ctx.is_main:
+        if t.lora_rank:
+            from moe_train.model.lora import merge_lora_state_dict
+
+            state = merge_lora_state_dict(state, t.lora_alpha)  # the final model is a plain model
         save_model(model, out_dir / "final" / "model.pt", step=t.steps, state_dict=state)
         print(f"saved {out_dir / 'final' / 'model.pt'}", flush=True)
+        if t.export_hf:
+            export_hf(out_dir / "final" / "model.pt", out_dir / "hf")
+            print(f"exported {out_dir / 'hf'}", flush=True)
     return record
+
+
+def export_hf(model_path: Path, hf_dir: Path) -> None:
+    """The final model as a Hugging Face folder."""
+    from moe_train.io.hf import to_hf
+
+    to_hf(load_model(model_path), hf_dir)

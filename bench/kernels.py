@@ -39,18 +39,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, reps: int, device: torch.device) -> float:
-    """Median seconds of fn over reps calls after two warm-ups (the warm-ups also compile Triton kernels)."""
-    fn()
-    fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def timed(fns: dict, reps: int, device: torch.device) -> dict:
+    """Median seconds of every fn over reps calls after two warm-ups (which also compile Triton kernels).
+    Round-robin (one call of each fn per round), so that a change in machine load hits every fn alike."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_plan(T: int, k: int, E: int, null_frac: float, device: torch.device):
@@ -82,27 +85,26 @@ def bench_permute(args, device: torch.device, dtype: torch.dtype, has_triton: bo
         s = x.element_size()
         common = dict(bench="permute", device=device.type, dtype=str(dtype).removeprefix("torch."), T=T, D=D, k=k,
                       null_frac=nf, N=N, threads=torch.get_num_threads())
-        build_ms = {b: 1e3 * timed(lambda b=b: P.build_permutation(idx, E, backend=b), args.reps, device)
-                    for b in backends}
+        build_ms = timed({b: lambda b=b: P.build_permutation(idx, E, backend=b) for b in backends}, args.reps, device)
         perms = {b: P.build_permutation(idx, E, backend=b) for b in backends}
         for op, nbytes in (("permute", 2 * N * D * s), ("unpermute_combine", (N + T) * D * s)):
-            half = max(nbytes // 2 // s, 1)
-            src, dst = torch.empty(half, device=device, dtype=dtype), torch.empty(half, device=device, dtype=dtype)
-            fns = {"memcpy": lambda: dst.copy_(src)}
+            src = torch.randn(max(nbytes // 2 // s, 1), device=device, dtype=dtype)
+            # every implementation allocates its output, so the copy does too (on CPU, first-touch page faults of a
+            # fresh buffer cost about as much as the copy itself)
+            fns = {"memcpy": lambda: src.clone()}
             if op == "permute":
                 fns["index_select"] = lambda: x.index_select(0, perm.token_N)
                 for b in backends:
                     fns[b] = lambda b=b: P.permute(x, perms[b], backend=b)
             else:
-                out = torch.zeros(T, D, device=device, dtype=dtype)
-                fns["index_add_"] = lambda: out.zero_().index_add_(0, perm.token_N, y)
+                fns["index_add_"] = lambda: torch.zeros(T, D, device=device, dtype=dtype).index_add_(0, perm.token_N, y)
                 for b in backends:
                     fns[b] = lambda b=b: P.unpermute_combine(y, perms[b], w, T, backend=b)
-            secs = {name: timed(fn, args.reps, device) for name, fn in fns.items()}
+            secs = timed(fns, args.reps, device)
             gbps = {name: nbytes / t / 1e9 for name, t in secs.items()}
             print(json.dumps(dict(common, op=op, bytes=nbytes, GBps={n: round(v, 2) for n, v in gbps.items()},
                                   vs_memcpy={n: round(v / gbps["memcpy"], 3) for n, v in gbps.items() if n != "memcpy"},
-                                  build_ms={b: round(v, 3) for b, v in build_ms.items()})), flush=True)
+                                  build_ms={b: round(1e3 * v, 3) for b, v in build_ms.items()})), flush=True)
 
 
 def bench_gemm(args, device: torch.device) -> None:
@@ -135,15 +137,17 @@ def bench_gemm(args, device: torch.device) -> None:
             for mode in ("fwd", "fwd+bwd"):
                 flops = 2 * N * D * F * (1 if mode == "fwd" else 3)
 
-                def run(fn, weight):
+                def step(fn, weight):
                     if mode == "fwd":
-                        with torch.no_grad():
-                            return timed(fn, args.reps, device)
-                    return timed(lambda: torch.autograd.grad(fn(), (x, weight), gy), args.reps, device)
+                        return lambda: fn().detach()
+                    return lambda: torch.autograd.grad(fn(), (x, weight), gy)
 
-                rate = {"dense": flops / run(lambda: x @ w0, w0) / scale}  # the same FLOPs in one plain matmul
+                fns = {"dense": step(lambda: x @ w0, w0)}  # the same FLOPs in one plain matmul
                 for b in backends:
-                    rate[b] = flops / run(lambda b=b: grouped_mm(x, w, counts, b), w) / scale
+                    fns[b] = step(lambda b=b: grouped_mm(x, w, counts, b), w)
+                with torch.set_grad_enabled(mode != "fwd"):
+                    secs = timed(fns, args.reps, device)
+                rate = {name: flops / t / scale for name, t in secs.items()}
                 print(json.dumps(dict(bench="grouped_gemm", device=device.type, dtype=str(dtype).removeprefix("torch."),
                                       model=model, E=E, D=D, F=F, N=N, routing=routing, counts=counts.tolist(),
                                       mode=mode, threads=torch.get_num_threads(),

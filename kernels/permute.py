@@ -120,4 +120,4 @@ def unpermute_combine(y_ND: torch.Tensor, perm: Permutation, weight_TK: torch.Te
         return _triton_kernels().unpermute_combine(y_ND, weight_TK, row_TK)
     w_N = weight_TK.reshape(-1).index_select(0, perm.slot_N).to(y_ND.dtype)
     out = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-    return out.index_add(0, perm.token_N, y_ND * w_N[:, None])
+    return out.index_add_(0, perm.token_N, y_ND * w_N[:, None])  # in place: no copy of the fresh zeros

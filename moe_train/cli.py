@@ -9,10 +9,20 @@ from moe_train.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
+    import os
+
     from moe_train.config import load_config
-    from moe_train.train.trainer import train
+    from moe_train.parallel.launch import apply_launch_env, topology_from_env
 
     cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        topo = topology_from_env(os.environ, cfg.parallel.ep, cfg.model.moe.num_experts, args.procs_per_node,
+                                 args.nnodes)
+        print(topo.describe())
+        return
+    apply_launch_env()  # mpirun / srun variables -> RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    from moe_train.train.trainer import train
+
     train(cfg)
 
 
@@ -46,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_adamoe.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=10 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved topology (nodes, ranks, dp/ep layout) and exit without training")
+    p.add_argument("--procs-per-node", type=int, default=None,
+                   help="processes (GPUs) per node for --dry-run when the environment does not say")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes for --dry-run when the environment does not say")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("convert", help="add AdaMoE null experts to a Hugging Face Mixtral / Qwen2-MoE checkpoint")

@@ -144,6 +144,8 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest complete checkpoint when there is one
     resume_from: Optional[str] = None  # an explicit checkpoint folder (wins over resume)
     export_hf: bool = False  # also write a Hugging Face folder (out_dir/hf) at the end
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -192,6 +194,9 @@ class AdaKConfig:
 
     k_min: int = 1  # whether the paper allows k=0 is unverified
     k_max: Optional[int] = None  # None = num_experts
+    # dtype of the loaded model, allocators included: float32 (CPU: bf16 matmul is ~100x slower there) | bfloat16
+    # (the paper's precision, GPU) | stored (a Hugging Face folder's own dtype)
+    dtype: str = "float32"
     lr: float = 1e-3  # AdamW, constant (paper Table 11), both stages
     weight_decay: float = 0.1
     # Warm start: cross-entropy on k* = smallest k whose cumulative sorted router probability reaches the threshold.
@@ -420,6 +425,8 @@ def validate(cfg: Config) -> None:
         _fail("train.lora_targets", t.lora_targets, "a list drawn from ['attention', 'experts']")
     if t.max_bad_steps < 0:
         _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        _fail("train.precision", t.precision, "one of ('auto', 'fp32', 'bf16')")
     if t.checkpoint_every < 0 or t.keep_last < 0:
         _fail("train.checkpoint_every" if t.checkpoint_every < 0 else "train.keep_last",
               t.checkpoint_every if t.checkpoint_every < 0 else t.keep_last, "must be >= 0")
@@ -472,6 +479,8 @@ def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
             _fail(f"{p}.{key}", getattr(a, key), "must be >= 1")
     if not 0 < a.warm_start_threshold <= 1:
         _fail(f"{p}.warm_start_threshold", a.warm_start_threshold, "must be in (0, 1]")
+    if a.dtype not in ("float32", "bfloat16", "stored"):
+        _fail(f"{p}.dtype", a.dtype, "one of ('float32', 'bfloat16', 'stored')")
     if a.baseline not in ADAK_BASELINES:
         _fail(f"{p}.baseline", a.baseline, f"one of {ADAK_BASELINES}")
     if not 0 <= a.running_mean_decay < 1:

@@ -4,8 +4,8 @@ from moe_train.parallel.dispatcher import AllToAllDispatcher, DispatchStats
 from moe_train.parallel.distributed import (ParallelContext, RendezvousError, destroy_distributed, init_distributed,
                                             validate_layout)
 from moe_train.parallel.parallelize import (all_reduce_mean, all_reduce_sum, clip_grad_norm_, full_grads,
-                                            full_state_dict, parallelize_model, routing_stats)
+                                            full_state_dict, parallelize_model)
 
 __all__ = ["AllToAllDispatcher", "DispatchStats", "ParallelContext", "RendezvousError", "destroy_distributed",
            "init_distributed", "validate_layout", "all_reduce_mean", "all_reduce_sum", "clip_grad_norm_",
-           "full_grads", "full_state_dict", "parallelize_model", "routing_stats"]
+           "full_grads", "full_state_dict", "parallelize_model"]

@@ -224,25 +224,3 @@ def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[tor
         return {n: None if g is None else g.detach() for n, g in named}
     return _gather_full(named, _expert_param_names(model), ctx)
 
-
-def routing_stats(plans: list, ctx: ParallelContext) -> dict:
-    """Per-step routing statistics over ALL ranks (collective): true experts per token, per-expert load summed
-    over ranks, drop rate (capacity), expert and EP-rank load imbalance (max/mean)."""
-    from moe_train.routing.capacity import load_imbalance
-
-    counts_LE = torch.stack([p.counts_E for p in plans]).to(torch.float64)
-    tokens = torch.tensor([float(p.num_tokens) for p in plans], dtype=torch.float64, device=counts_LE.device)
-    dropped = torch.stack([p.extras["capacity"]["num_dropped"].to(torch.float64) if "capacity" in p.extras
-                           else torch.zeros((), dtype=torch.float64, device=counts_LE.device) for p in plans])
-    packed = all_reduce_sum(torch.cat([counts_LE.reshape(-1), tokens, dropped]), ctx)
-    L, E = counts_LE.shape
-    counts_LE, tokens, dropped = packed[:L * E].view(L, E), packed[L * E:L * E + L], packed[L * E + L:]
-    assigned = counts_LE.sum(1)
-    imb = [load_imbalance(c, ctx.ep_size) for c in counts_LE]
-    return {
-        "true_experts_per_layer": (assigned / tokens.clamp_min(1)).tolist(),
-        "load_per_layer": counts_LE.tolist(),
-        "drop_rate_per_layer": (dropped / (assigned + dropped).clamp_min(1)).tolist(),
-        "expert_imbalance_per_layer": [float(i["expert_max_over_mean"]) for i in imb],
-        "rank_imbalance_per_layer": [float(i["rank_max_over_mean"]) for i in imb],
-    }

@@ -271,6 +271,7 @@ def model_checks(ctx, mcfg: ModelConfig) -> dict:
         "loss_err": abs(loss_mean.item() / ctx.world_size - loss_ref.item()),
         "norm_err": abs(norm.item() - ref_norm.item()),
         "grad_err": {n: _maxerr(grads[n], ref_grads[n]) for n in ref_grads},
+        "grad_scale": {n: ref_grads[n].abs().max().item() for n in ref_grads},
         "grad_ratio": {n: ((grads[n].double() * ref_grads[n].double()).sum()
                            / ref_grads[n].double().square().sum().clamp_min(1e-300)).item()
                        for n in ref_grads if ref_grads[n].abs().max() > 1e-8},

@@ -113,7 +113,8 @@ def test_parallel_model_gradients_scale_and_state_dict(request, world):
         m = r["model"]
         assert m["types"] == ["DTensor"]  # FSDP2 manages every parameter
         assert m["loss_err"] <= TOL
-        bad = {k: v for k, v in m["grad_err"].items() if not v <= TOL * 1e-2}  # gradients here are ~1e-3
+        # relative to each gradient's largest entry (they range from 1e-12 to 0.1 here)
+        bad = {k: v for k, v in m["grad_err"].items() if not v <= TOL * max(m["grad_scale"][k], 1e-6)}
         assert not bad, f"rank {rank}: gradients differ from the single-process model: {bad}"
         ratio_bad = {k: v for k, v in m["grad_ratio"].items() if abs(v - 1) > 1e-5}
         assert not ratio_bad, f"rank {rank}: gradient scale is off (<g, g_ref>/|g_ref|^2): {ratio_bad}"
@@ -139,7 +140,8 @@ def test_training_on_two_ranks_follows_single_process_trajectory(tmp_path):
     cfg.parallel = ParallelConfig(ep=1)
     cfg.train.out_dir = str(tmp_path / "single")
     single = train(cfg)
-    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    rows = {name: [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                   if "lm_loss" in r]  # the training steps (not the final evaluation record)
             for name in ("ep2", "single")}
     assert not (tmp_path / "ep2" / "metrics.jsonl.rank1").exists()
     assert len(rows["ep2"]) == len(rows["single"]) == 5

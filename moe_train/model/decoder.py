@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from moe_train.config import ModelConfig
@@ -100,6 +101,9 @@ class MoETransformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Recompute each decoder layer in backward instead of keeping its activations (train.activation_checkpointing).
+        # A flag, not a wrapper module, so parameter names (and checkpoints) do not depend on it.
+        self.activation_checkpointing = False
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -129,7 +133,11 @@ class MoETransformer(nn.Module):
         x_BSD = self.embed_tokens(input_ids_BS)
         plans: list[RoutingPlan] = []
         for layer in self.layers:
-            x_BSD, plan = layer(x_BSD, cos, sin)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: any output structure; the RNG state is restored, so sampled routing repeats
+                x_BSD, plan = torch.utils.checkpoint.checkpoint(layer, x_BSD, cos, sin, use_reentrant=False)
+            else:
+                x_BSD, plan = layer(x_BSD, cos, sin)
             plans.append(plan)
         logits_BSV = self.lm_head(self.norm(x_BSD))
         return (logits_BSV, plans) if return_plans else logits_BSV

@@ -84,14 +84,17 @@ def load_adak_model(cfg: Config) -> MoETransformer:
         raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
                          "checkpoint (model.pt) or a Hugging Face folder")
     path = Path(src)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "stored": None}[cfg.adak.dtype]
     if path.is_dir():
         from moe_train.io.hf import from_hf
 
-        model = from_hf(path)
+        model = from_hf(path, dtype=dtype)
     else:
         from moe_train.train.checkpoint import load_model
 
         model = load_model(path)
+        if dtype is not None:
+            model = model.to(dtype)
     moe = model.config.moe
     if moe.router == "topk":
         return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)

@@ -224,7 +224,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
     data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
     apply_trainable(model, cfg)
+    model.activation_checkpointing = t.activation_checkpointing
     model = model.to(ctx.device)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and ctx.device.type == "cuda")
     if ctx.distributed:
         from moe_train.parallel.parallelize import parallelize_model
 
@@ -264,7 +266,9 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
         sums = torch.zeros(4, device=ctx.device)  # loss, lm, aux, z (means over micro-batches)
         opt.zero_grad(set_to_none=True)
         for inputs, targets in zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps)):
-            logits, plans = model(inputs.to(ctx.device), return_plans=True)
+            # bf16 autocast (fp32 master weights and optimizer state); routers compute their softmax in fp32
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, plans = model(inputs.to(ctx.device), return_plans=True)
             lm = lm_loss(logits, targets.to(ctx.device))
             terms = routing_losses(plans, cfg.model.moe)
             loss = lm + terms["aux_loss"] + terms["z_loss"]

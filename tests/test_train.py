@@ -120,3 +120,40 @@ def test_data_parallel_batches_partition_the_global_batch():
     full, _ = data.batch(3, 8)
     parts = [data.batch(3, 8, r, 4)[0] for r in range(4)]
     assert torch.equal(torch.cat(parts), full)
+
+
+def test_frozen_parameters_get_no_optimizer_state_and_do_not_change(tmp_path):
+    from moe_train.config import Config, DataConfig, TrainConfig
+    from moe_train.train import trainer as trainer_mod
+
+    cfg = Config(model=ModelConfig(hidden_size=32, intermediate_size=64, max_seq_len=64,
+                                   moe=MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=2)),
+                 train=TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), tensorboard=False,
+                                   trainable=[r"router\.", "lora_"], lora_rank=2, lora_targets=["attention"]),
+                 data=DataConfig(num_sequences=16, val_sequences=0))
+    seen = {}
+    real = trainer_mod.build_optimizer
+
+    def spy(model, cfg_, device):
+        opt = real(model, cfg_, device)
+        seen["model"], seen["opt"] = model, opt
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return opt
+
+    trainer_mod.build_optimizer = spy
+    try:
+        trainer_mod.train(cfg)
+    finally:
+        trainer_mod.build_optimizer = real
+    model, opt = seen["model"], seen["opt"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        trainable = "router." in name or "lora_" in name
+        assert (id(p) in in_opt) == trainable, name
+        assert (p in opt.state) == trainable, name
+        if trainable:
+            assert not torch.equal(p.detach(), seen["before"][name]), name
+        elif not trainable:
+            assert torch.equal(p.detach(), seen["before"][name]), name
+    final = load_model(tmp_path / "final" / "model.pt")  # LoRA merged: a plain model
+    assert not any("lora_" in n for n in final.state_dict())

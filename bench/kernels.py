@@ -39,12 +39,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fns: dict, reps: int, device: torch.device) -> dict:
-    """Median seconds of every fn over reps calls after two warm-ups (which also compile Triton kernels).
+def timed(fns: dict, reps: int, device: torch.device, warmup: int = 2) -> dict:
+    """Median seconds of every fn over reps calls after warm-ups (which also compile Triton kernels).
     Round-robin (one call of each fn per round), so that a change in machine load hits every fn alike."""
     for fn in fns.values():
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     sync(device)
     times = {name: [] for name in fns}
     for _ in range(reps):
@@ -85,7 +85,8 @@ def bench_permute(args, device: torch.device, dtype: torch.dtype, has_triton: bo
         s = x.element_size()
         common = dict(bench="permute", device=device.type, dtype=str(dtype).removeprefix("torch."), T=T, D=D, k=k,
                       null_frac=nf, N=N, threads=torch.get_num_threads())
-        build_ms = timed({b: lambda b=b: P.build_permutation(idx, E, backend=b) for b in backends}, args.reps, device)
+        build_ms = timed({b: lambda b=b: P.build_permutation(idx, E, backend=b) for b in backends},
+                         args.reps or 5, device)
         perms = {b: P.build_permutation(idx, E, backend=b) for b in backends}
         for op, nbytes in (("permute", 2 * N * D * s), ("unpermute_combine", (N + T) * D * s)):
             src = torch.randn(max(nbytes // 2 // s, 1), device=device, dtype=dtype)
@@ -100,7 +101,7 @@ def bench_permute(args, device: torch.device, dtype: torch.dtype, has_triton: bo
                 fns["index_add_"] = lambda: torch.zeros(T, D, device=device, dtype=dtype).index_add_(0, perm.token_N, y)
                 for b in backends:
                     fns[b] = lambda b=b: P.unpermute_combine(y, perms[b], w, T, backend=b)
-            secs = timed(fns, args.reps, device)
+            secs = timed(fns, args.reps or 5, device)
             gbps = {name: nbytes / t / 1e9 for name, t in secs.items()}
             print(json.dumps(dict(common, op=op, bytes=nbytes, GBps={n: round(v, 2) for n, v in gbps.items()},
                                   vs_memcpy={n: round(v / gbps["memcpy"], 3) for n, v in gbps.items() if n != "memcpy"},
@@ -126,6 +127,7 @@ def bench_gemm(args, device: torch.device) -> None:
         x = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_(True)
         w0 = w[0].detach().clone().requires_grad_(True)  # the dense baseline's own [D, F] weight
         for routing in ("balanced", "skewed"):
+            modes = ("fwd", "fwd+bwd") if routing == "balanced" or on_gpu else ("fwd",)  # CPU: keep it ~1-2 min
             if routing == "balanced":
                 counts = torch.full((E,), N // E, dtype=torch.int64)
             else:  # a Zipf-like load with one idle expert: the grouped kernel must not pay for the imbalance
@@ -134,7 +136,7 @@ def bench_gemm(args, device: torch.device) -> None:
                 counts[0] += N - int(counts.sum())
             counts = counts.to(device)
             gy = torch.randn(N, F, generator=g).to(device, dtype)
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in modes:
                 flops = 2 * N * D * F * (1 if mode == "fwd" else 3)
 
                 def step(fn, weight):
@@ -146,7 +148,7 @@ def bench_gemm(args, device: torch.device) -> None:
                 for b in backends:
                     fns[b] = step(lambda b=b: grouped_mm(x, w, counts, b), w)
                 with torch.set_grad_enabled(mode != "fwd"):
-                    secs = timed(fns, args.reps, device)
+                    secs = timed(fns, args.reps or (5 if on_gpu else 3), device, warmup=2 if on_gpu else 1)
                 rate = {name: flops / t / scale for name, t in secs.items()}
                 print(json.dumps(dict(bench="grouped_gemm", device=device.type, dtype=str(dtype).removeprefix("torch."),
                                       model=model, E=E, D=D, F=F, N=N, routing=routing, counts=counts.tolist(),
@@ -161,7 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("permute", "gemm"))
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5, 3 for the CPU grouped GEMM)")
     ap.add_argument("--cpu-gemm-rows", type=int, default=256, help="rows N of the CPU grouped GEMM (scaled down)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

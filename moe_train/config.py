@@ -208,7 +208,9 @@ class AdaKConfig:
     ppo_epochs: int = 2
     ppo_minibatches: int = 1  # gradient steps per PPO epoch (the batch split into this many parts)
     clip_eps: float = 0.2
-    baseline: str = "batch_mean"  # batch_mean | running_mean | greedy | none (see moe_train/train/adak.py)
+    # batch_mean | running_mean | greedy | none (moe_train/train/adak.py). greedy (self-critical, one extra forward)
+    # is the default: on the tiny demo batch_mean's variance raised mean k where greedy lowered it (docs/adak.md).
+    baseline: str = "greedy"
     running_mean_decay: float = 0.9
     normalize_advantages: bool = True
     entropy_coef: float = 0.0

@@ -8,6 +8,7 @@ parallelize_model(model, ctx), on every rank, with the same full model on every 
   3. gradient reduction by FSDP2 ``fully_shard`` with two meshes (the torchtitan layout):
        experts of each layer   over the "dp" mesh dim (the expert-data-parallel group, ranks with the same shard)
        everything else          over all ranks (world_mesh), one unit at the root
+     Expert weights are sharded on dim 1 over the edp group (dim 0 is the ep split).
      Scale. The loss on each rank is the mean over its own tokens; the objective is the mean over ranks. A
      non-expert gradient is averaged over the world (FSDP's default). An expert weight's local gradient already
      SUMS the contributions of the ep ranks whose tokens it served (the all-to-all backward brings them home), so
@@ -120,9 +121,15 @@ def _global_aux_hook(ctx: ParallelContext):
 def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer]) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    from torch.distributed.tensor import Shard
+
     edp_mesh = ctx.mesh["dp"]
     for layer in layers:
-        fully_shard(layer.experts, mesh=edp_mesh)
+        # Experts shard on dim 1 (D or F) over the edp mesh, not dim 0: dim 0 is already split over ep, and keeping
+        # the two splits on different dims makes each expert weight an ordinary 2-D DTensor (Shard(1) over dp,
+        # Shard(0) over ep; moe_train/train/resume.py) that DCP saves and reshards; it also works with fewer local
+        # experts than edp ranks (torchtitan does the same).
+        fully_shard(layer.experts, mesh=edp_mesh, shard_placement_fn=lambda p: Shard(1))
         layer.experts.set_gradient_divide_factor(float(ctx.world_size))  # see the module docstring: scale
         if ctx.backend == "gloo" and ctx.edp_size > 1:
             # gloo has no PREMUL_SUM: sum, then divide. (Not on a 1-rank mesh: torch 2.13 would divide twice there,
@@ -224,3 +231,28 @@ def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[tor
         return {n: None if g is None else g.detach() for n, g in named}
     return _gather_full(named, _expert_param_names(model), ctx)
 
+
+
+def checkpoint_view(model_sd: dict, optim_sd: dict, model: nn.Module, ctx: ParallelContext) -> tuple[dict, dict]:
+    """The state dicts as DCP should see them: every expert tensor (weights and their optimizer moments) as a 2-D
+    DTensor over the (dp, ep) mesh with its GLOBAL shape [E, ...] (Shard(1) over dp from FSDP, Shard(0) over ep
+    from the expert split), aliasing the local shard. Without this, the ep ranks' different expert blocks would
+    share one name and shape and DCP would keep only one of them. Other entries pass through unchanged; a
+    checkpoint saved this way loads at any world size and ep (DCP reshards)."""
+    if not ctx.distributed or ctx.ep_size == 1:
+        return model_sd, optim_sd
+    from torch.distributed.tensor import DTensor, Shard
+
+    names = _expert_param_names(model)
+
+    def lift(t):
+        if not isinstance(t, DTensor) or t.dim() == 0:
+            return t
+        shape = (t.shape[0] * ctx.ep_size, *t.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t.to_local(), ctx.mesh, [Shard(1), Shard(0)], run_check=False, shape=shape,
+                                  stride=stride)
+
+    model_view = {k: lift(v) if k in names else v for k, v in model_sd.items()}
+    state = {k: ({n: lift(v) for n, v in s.items()} if k in names else s) for k, s in optim_sd.get("state", {}).items()}
+    return model_view, {**optim_sd, "state": state}

@@ -87,7 +87,7 @@ def test_base_bit_identical_and_optimizer_holds_only_allocators():
     assert [id(p) for p in params] == [id(p) for p in allocs]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {f"layers.{i}.moe.router.allocator.weight" for i in range(2)}
-    a = AdaKConfig(k_max=4, warm_start_steps=2, ppo_steps=2, lr=0.05)
+    a = AdaKConfig(k_max=4, warm_start_steps=2, ppo_steps=2, lr=0.05, baseline="batch_mean")
     t = TrainConfig()
     opt = build_allocator_optimizer(params, a, t)
     inputs, targets = batch()
@@ -251,12 +251,12 @@ def test_forced_log_probs_match_float64_reference():
 
 @pytest.fixture(scope="module")
 def trained_base():
-    """A tiny top-2 model trained briefly on the generated corpus (more experts help it a little)."""
+    """A tiny top-2 model trained briefly on the generated corpus (with it, more experts lower the loss)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(**TINY, moe=MoEConfig(num_experts=4, top_k=2)))
     tokens, _ = generate(64, 32, TINY["vocab_size"], 11)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(40):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for step in range(60):
         rows = tokens[(step * 8) % 64:(step * 8) % 64 + 8]
         loss = torch.nn.functional.cross_entropy(model(rows[:, :-1]).reshape(-1, TINY["vocab_size"]),
                                                  rows[:, 1:].reshape(-1))
@@ -267,27 +267,30 @@ def trained_base():
 
 
 def run_ppo(base, penalty: float, steps: int = 30) -> float:
+    """Greedy mean k after ``steps`` PPO steps from a uniform allocator (mean sampled k 2.5 over k in 1..4)."""
     model = add_allocators(copy.deepcopy(base), 1, 4)
     params = freeze_base(model)
+    # lr 0.03 instead of the paper's 1e-3: a 32-wide allocator moves ~100x less per step than a 4096-wide one
     a = AdaKConfig(k_max=4, penalty=penalty, lr=0.03, ppo_epochs=2, baseline="batch_mean")
     opt = build_allocator_optimizer(params, a, TrainConfig())
     gen = torch.Generator().manual_seed(0)
     tokens, _ = generate(128, 32, TINY["vocab_size"], 21)
     torch.manual_seed(0)
+    baseline = RewardBaseline(a.baseline)
     for step in range(steps):
         rows = tokens[(step * 8) % 128:(step * 8) % 128 + 8]
-        ppo_step(model, opt, params, rows[:, :-1], rows[:, 1:], a, RewardBaseline(a.baseline), 1.0, gen)
+        ppo_step(model, opt, params, rows[:, :-1], rows[:, 1:], a, baseline, 1.0, gen)
     with torch.no_grad(), eval_routing(model):
         _, plans = model(tokens[:16, :-1], return_plans=True)
     return sum(p.true_experts_per_token_T.mean().item() for p in plans) / len(plans)
 
 
 def test_large_penalty_drives_k_to_k_min(trained_base):
-    assert run_ppo(trained_base, penalty=1.0) < 1.05
+    assert run_ppo(trained_base, penalty=1.0) < 1.1  # measured 1.04
 
 
 def test_zero_penalty_does_not_collapse_k(trained_base):
-    assert run_ppo(trained_base, penalty=0.0) > 1.8
+    assert run_ppo(trained_base, penalty=0.0) > 2.0  # measured 2.97: more experts lower this model's loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,3 +341,96 @@ def test_cli_adak_end_to_end(tmp_path):
         if "router.gate" in k or "router" not in k:
             assert torch.equal(v, sd[k]), k
     assert main(["adak", "--config", "configs/tiny_adak.yaml", "--set", "train.init_from=null"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# expert parallelism: 2 gloo ranks, ep=2, against one process on the global batch
+
+
+def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from moe_train.config import ParallelConfig
+    from moe_train.parallel.distributed import destroy_distributed, init_distributed
+    from moe_train.parallel.parallelize import full_grads, full_state_dict, parallelize_model
+    from moe_train.train.adak import train_adak
+
+    ctx = init_distributed(ParallelConfig(ep=2, rendezvous_timeout_s=60), 4)
+    res = {}
+    model = tiny_adak(alloc_std=0.5)
+    ref = copy.deepcopy(model)
+    freeze_base(model)
+    freeze_base(ref)
+    inputs, targets = batch(n=4, seq=16)  # the global batch; rank r holds sequences [2r, 2r + 2)
+    S = inputs.shape[1]
+    mine = slice(2 * rank, 2 * rank + 2)
+    tok = slice(2 * rank * S, (2 * rank + 2) * S)
+    actions = torch.randint(0, 4, (2, inputs.numel()), generator=torch.Generator().manual_seed(1))
+    want = rollout(ref, inputs, targets, 0.01, mode="forced", forced_action_LT=actions)
+    parallelize_model(model, ctx)
+    got = rollout(model, inputs[mine], targets[mine], 0.01, mode="forced", forced_action_LT=actions[:, tok])
+    res["forced"] = {f: (getattr(got, f).double() - getattr(want, f)[..., tok].double()).abs().max().item()
+                     for f in ("old_log_prob_LT", "reward_T", "loglik_T", "k_LT")}
+    # sampled on the ranks, replayed in one process with the gathered actions
+    torch.manual_seed(10 + rank)
+    sampled = rollout(model, inputs[mine], targets[mine], 0.01)
+    parts = [torch.empty_like(sampled.action_LT) for _ in range(world)]
+    torch.distributed.all_gather(parts, sampled.action_LT)
+    replay = rollout(ref, inputs, targets, 0.01, mode="forced", forced_action_LT=torch.cat(parts, dim=1))
+    res["sampled"] = {f: (getattr(sampled, f).double() - getattr(replay, f)[..., tok].double()).abs().max().item()
+                      for f in ("old_log_prob_LT", "reward_T")}
+    # PPO loss gradient: global baseline + normalisation, gradients averaged over ranks
+    bl = RewardBaseline("batch_mean")
+    adv_ref = compute_advantages(replay.reward_T, bl(replay.reward_T), True)
+    new_ref, _ = forced_log_probs(ref, inputs, replay.action_LT)
+    ppo_objective(new_ref, replay.old_log_prob_LT + 0.1, adv_ref, 0.2)[0].backward()
+    adv = compute_advantages(sampled.reward_T, bl(sampled.reward_T, ctx=ctx), True, ctx=ctx)
+    res["adv"] = (adv - adv_ref[tok]).abs().max().item()
+    new, _ = forced_log_probs(model, inputs[mine], sampled.action_LT)
+    ppo_objective(new, sampled.old_log_prob_LT + 0.1, adv, 0.2)[0].backward()
+    grads = full_grads(model, ctx)
+    res["grad"] = max((grads[f"layers.{i}.moe.router.allocator.weight"] - layer.moe.router.allocator.weight.grad)
+                      .abs().max().item() for i, layer in enumerate(ref.layers))
+    res["grad_norm"] = max(layer.moe.router.allocator.weight.grad.abs().max().item() for layer in ref.layers)
+    res["frozen_grads"] = [n for n, g in grads.items() if g is not None and "allocator" not in n]
+    # the whole job under ep=2: it runs, saves on rank 0, and leaves the base untouched
+    cfg = Config(model=ModelConfig(**TINY, moe=MoEConfig(num_experts=4, top_k=2)),
+                 train=TrainConfig(batch_size=4, seq_len=16, out_dir=f"{out_dir}/run", log_every=100),
+                 adak=AdaKConfig(k_max=4, warm_start_steps=2, ppo_steps=2, lr=0.05))
+    cfg.parallel.ep = 2
+    cfg.data.num_sequences, cfg.data.val_sequences = 16, 4
+    job_model = tiny_adak()
+    base_sd = {k: v.clone() for k, v in job_model.state_dict().items() if "allocator" not in k}
+    out = train_adak(cfg, job_model, ctx)
+    res["job_mean_k"] = out["validation"]["final"]["mean_k"]
+    full = full_state_dict(job_model, ctx)
+    res["job_base_changed"] = [k for k, v in base_sd.items() if not torch.equal(v, full[k])]
+    torch.save(res, f"{out_dir}/rank{rank}.pt")
+    destroy_distributed(ctx)
+
+
+def test_ep2_rollouts_rewards_and_gradients_match_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from moe_train.train.checkpoint import load_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ep_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert max(res["forced"].values()) <= 1e-5, res["forced"]
+        assert max(res["sampled"].values()) <= 1e-5, res["sampled"]
+        assert res["adv"] <= 1e-5
+        assert res["grad_norm"] > 1e-4 and res["grad"] <= 1e-6 + 1e-5 * res["grad_norm"], res
+        assert res["frozen_grads"] == []
+        assert res["job_base_changed"] == [] and 1 <= res["job_mean_k"] <= 4
+    saved = load_model(tmp_path / "run" / "final" / "model.pt")
+    assert saved.config.moe.router == "adak"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"stage": "ppo"') == 2

@@ -45,10 +45,21 @@ from torch import nn
 from moe_train.config import AdaKConfig, Config, TrainConfig, to_dict
 from moe_train.eval.flops import flops_vs_topk
 from moe_train.model import MoETransformer
+from moe_train.parallel.distributed import ParallelContext
 from moe_train.routing.adak import AdaKRouter
 
 # ----------------------------------------------------------------------------------------------------------
 # model preparation
+
+
+def global_mean(x: torch.Tensor, ctx: Optional[ParallelContext] = None) -> torch.Tensor:
+    """Mean over every element on every rank (the local mean in one process)."""
+    if ctx is None or not ctx.distributed:
+        return x.mean()
+    from moe_train.parallel.parallelize import all_reduce_sum
+
+    s = all_reduce_sum(torch.stack([x.detach().double().sum(), x.new_tensor(x.numel(), dtype=torch.float64)]), ctx)
+    return (s[0] / s[1]).to(x.dtype)
 
 
 def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
@@ -180,25 +191,30 @@ class RewardBaseline:
         self.kind, self.decay = kind, decay
         self.value: Optional[float] = None
 
-    def __call__(self, reward_T: torch.Tensor, greedy_reward_T: Optional[torch.Tensor] = None):
+    def __call__(self, reward_T: torch.Tensor, greedy_reward_T: Optional[torch.Tensor] = None,
+                 ctx: Optional[ParallelContext] = None):
+        """The baseline for this batch; means are over the global batch (every rank) when distributed."""
         if self.kind == "batch_mean":
-            return reward_T.mean()
+            return global_mean(reward_T, ctx)
         if self.kind == "none":
             return torch.zeros((), dtype=reward_T.dtype, device=reward_T.device)
         if self.kind == "greedy":
             assert greedy_reward_T is not None and greedy_reward_T.shape == reward_T.shape
             return greedy_reward_T
         assert self.kind == "running_mean", self.kind
-        mean = reward_T.mean().item()
+        mean = global_mean(reward_T, ctx).item()
         b = mean if self.value is None else self.value
         self.value = mean if self.value is None else self.decay * self.value + (1 - self.decay) * mean
         return torch.tensor(b, dtype=reward_T.dtype, device=reward_T.device)
 
 
-def compute_advantages(reward_T: torch.Tensor, baseline, normalize: bool, eps: float = 1e-8) -> torch.Tensor:
+def compute_advantages(reward_T: torch.Tensor, baseline, normalize: bool, eps: float = 1e-8,
+                       ctx: Optional[ParallelContext] = None) -> torch.Tensor:
+    """A = r - b, divided by the (global-batch, population) standard deviation of A when ``normalize``."""
     adv_T = reward_T - baseline
     if normalize:
-        adv_T = adv_T / (adv_T.std(unbiased=False) + eps)
+        centred = adv_T - global_mean(adv_T, ctx)
+        adv_T = adv_T / (global_mean(centred * centred, ctx).sqrt() + eps)
     return adv_T
 
 
@@ -238,12 +254,16 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Tensor, penalty: float,
-            mode: str = "sample") -> Rollout:
-    """One forward with the allocators in ``mode`` (sample: a ~ pi; greedy: argmax); actions and rewards."""
+            mode: str = "sample", forced_action_LT: Optional[torch.Tensor] = None) -> Rollout:
+    """One forward with the allocators in ``mode`` (sample: a ~ pi; greedy: argmax; forced: ``forced_action_LT``);
+    actions, their log-probs and the per-token rewards."""
     routers = adak_routers(model)
-    set_mode(routers, mode)
-    logits, plans = model(inputs_BS, return_plans=True)
-    set_mode(routers, "greedy")
+    for i, r in enumerate(routers):
+        r.set_mode(mode, None if forced_action_LT is None else forced_action_LT[i])
+    try:
+        logits, plans = model(inputs_BS, return_plans=True)
+    finally:
+        set_mode(routers, "greedy")
     action_LT = torch.stack([p.action_T for p in plans])
     k_LT = torch.stack([p.true_mask_TK.sum(dim=-1) for p in plans])
     reward_T, loglik_T = token_rewards(logits, targets_BS, k_LT, penalty)
@@ -264,6 +284,14 @@ def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor,
     return torch.stack([p.log_prob_T for p in plans]), torch.stack([p.entropy_T for p in plans])
 
 
+def _clip(params: Sequence[nn.Parameter], max_norm: float, ctx: Optional[ParallelContext]) -> float:
+    if ctx is not None and ctx.distributed:
+        from moe_train.parallel.parallelize import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm, ctx).item()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+
 def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
     """Token indices (into T = B*S) of the sequences ``seqs``."""
     return (seqs[:, None] * S + torch.arange(S, device=seqs.device)[None, :]).reshape(-1)
@@ -271,7 +299,7 @@ def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
 
 def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter],
              inputs_BS: torch.Tensor, targets_BS: torch.Tensor, a: AdaKConfig, baseline: RewardBaseline,
-             grad_clip: float, generator: torch.Generator) -> dict:
+             grad_clip: float, generator: torch.Generator, ctx: Optional[ParallelContext] = None) -> dict:
     """Rollout (in ppo_minibatches chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates."""
     B, S = inputs_BS.shape
     chunks = [c for c in torch.arange(B).chunk(a.ppo_minibatches) if c.numel()]
@@ -282,11 +310,11 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
     reward_T = torch.cat([o.reward_T for o in outs])
     loglik_T = torch.cat([o.loglik_T for o in outs])
     greedy_T = None
-    if a.baseline == "greedy":
+    if baseline.kind == "greedy":
         greedy_T = torch.cat([rollout(model, inputs_BS[c], targets_BS[c], a.penalty, mode="greedy").reward_T
                               for c in chunks])
-    b = baseline(reward_T, greedy_T)
-    adv_T = compute_advantages(reward_T, b, a.normalize_advantages)
+    b = baseline(reward_T, greedy_T, ctx)
+    adv_T = compute_advantages(reward_T, b, a.normalize_advantages, ctx=ctx)
     stats: dict[str, list] = {"clip_frac": [], "approx_kl": [], "entropy": [], "policy_loss": []}
     grad_norm = None
     for _ in range(a.ppo_epochs):
@@ -300,21 +328,21 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+                grad_norm = _clip(params, grad_clip, ctx)
             opt.step()
             for key in ("clip_frac", "approx_kl", "entropy"):
                 stats[key].append(st[key])
             stats["policy_loss"].append(loss.item())
-    per_layer = k_LT.float().mean(dim=1).tolist()
-    record = {key: sum(v) / len(v) for key, v in stats.items()}
+    per_layer = [global_mean(k_T.float(), ctx).item() for k_T in k_LT]
+    record = {key: global_mean(torch.tensor(v, dtype=torch.float64), ctx).item() for key, v in stats.items()}
     record.update({
-        "reward": reward_T.mean().item(),
-        "loglik": loglik_T.mean().item(),
+        "reward": global_mean(reward_T, ctx).item(),
+        "loglik": global_mean(loglik_T, ctx).item(),
         "mean_k": sum(per_layer) / len(per_layer),
         "mean_k_per_layer": per_layer,
         "flops_vs_topk": flops_vs_topk(model.config, per_layer, S),
         "expert_flops_vs_topk": sum(per_layer) / len(per_layer) / model.config.moe.resolved_baseline_top_k,
-        "advantage_std": (reward_T - b).std(unbiased=False).item(),  # before normalisation
+        "advantage_std": global_mean((reward_T - b - global_mean(reward_T - b, ctx)) ** 2, ctx).sqrt().item(),
         "grad_norm": grad_norm,
     })
     return record
@@ -336,27 +364,52 @@ def _validate(model: MoETransformer, data, cfg: Config, device: torch.device) ->
     return rep
 
 
-def train_adak(cfg: Config, model: Optional[MoETransformer] = None) -> dict:
+def _save(model: MoETransformer, ctx: ParallelContext, path: Path, step: int) -> None:
+    """The whole Ada-K model (frozen base + allocators) as one moe_train checkpoint; collective when distributed."""
+    from moe_train.parallel.parallelize import full_state_dict
+    from moe_train.train.checkpoint import save_model
+
+    state = full_state_dict(model, ctx) if ctx.distributed else None
+    if ctx.is_main:
+        save_model(model, path, step=step, state_dict=state)
+
+
+def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optional[ParallelContext] = None) -> dict:
     """Warm start then PPO as configured; writes metrics.jsonl, validation.json and final/model.pt to train.out_dir.
 
-    ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted)."""
+    ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted). Without a
+    ``ctx`` the process groups come from the launch environment (torchrun, launch/) and are torn down at the end."""
+    from moe_train.parallel.distributed import destroy_distributed, init_distributed
+
+    if ctx is not None:
+        return _train_adak(cfg, model, ctx)
+    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
+    try:
+        return _train_adak(cfg, model, ctx)
+    finally:
+        destroy_distributed(ctx)
+
+
+def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelContext) -> dict:
     import json
 
-    from moe_train.parallel.distributed import init_distributed
-    from moe_train.train.checkpoint import save_model
     from moe_train.train.data import build_data
     from moe_train.train.metrics import MetricsWriter
 
     t, a = cfg.train, cfg.adak
-    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
-    if ctx.distributed:
-        raise ValueError(f"moe-train adak runs in one process for now (WORLD_SIZE={ctx.world_size}): expert-parallel "
-                         "Ada-K needs moe_train.parallel.parallelize_model; launch a single process")
     torch.manual_seed(t.seed)
     model = load_adak_model(cfg) if model is None else model
     cfg.model = model.config
     model = model.to(ctx.device)
     params = freeze_base(model)
+    if ctx.distributed:
+        # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
+        # allocator decides k before dispatch, so each token sends only its k rows.
+        from moe_train.parallel.parallelize import parallelize_model
+
+        model = parallelize_model(model, ctx)
+        params = [r.allocator.weight for r in adak_routers(model)]
+    torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # each rank samples its own actions
     data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
     out_dir = Path(t.out_dir)
     metrics = MetricsWriter(out_dir, enabled=ctx.is_main)
@@ -376,18 +429,19 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            _clip(params, t.grad_clip, ctx)
         opt.step()
-        record = {"stage": "warm_start", "step": step + 1, "ce_loss": loss.item(), **st,
+        st = {k: global_mean(torch.tensor(v, dtype=torch.float64), ctx).item() if k != "label_k_per_layer"
+              else [global_mean(torch.tensor(x, dtype=torch.float64), ctx).item() for x in v] for k, v in st.items()}
+        record = {"stage": "warm_start", "step": step + 1, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
                   "seconds": time.perf_counter() - start}
         metrics.write(record)
         if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.warm_start_steps):
-            print(f"warm start {step + 1}/{a.warm_start_steps} ce {loss.item():.4f} label k {st['label_k']:.2f} "
+            print(f"warm start {step + 1}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k {st['label_k']:.2f} "
                   f"acc {st['label_acc']:.3f}", flush=True)
     if a.warm_start_steps:
         validation["warm_start"] = _validate(model, data, cfg, ctx.device)
-        if ctx.is_main:
-            save_model(model, out_dir / "warm_start" / "model.pt", step=a.warm_start_steps)
+        _save(model, ctx, out_dir / "warm_start" / "model.pt", a.warm_start_steps)
 
     # Stage 2: PPO over the same data from its start (each stage is one pass in the paper).
     data.train.load_state_dict({"consumed": 0})
@@ -399,7 +453,7 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None) -> dict:
         start = time.perf_counter()
         inputs, targets = data.train.next_batch()
         record = ppo_step(model, opt, params, inputs.to(ctx.device), targets.to(ctx.device), a, baseline,
-                          t.grad_clip, gen)
+                          t.grad_clip, gen, ctx)
         record = {"stage": "ppo", "step": step + 1, **record, "seconds": time.perf_counter() - start}
         if a.val_every and (step + 1) % a.val_every == 0 and step + 1 < a.ppo_steps:
             record["validation"] = _validate(model, data, cfg, ctx.device)
@@ -409,9 +463,9 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None) -> dict:
                   f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} kl {record['approx_kl']:.4f} "
                   f"clip {record['clip_frac']:.3f} H {record['entropy']:.3f}", flush=True)
     validation["final"] = _validate(model, data, cfg, ctx.device)
+    _save(model, ctx, out_dir / "final" / "model.pt", a.ppo_steps)
     if ctx.is_main:
         (out_dir / "validation.json").write_text(json.dumps(validation, indent=1))
-        save_model(model, out_dir / "final" / "model.pt", step=a.ppo_steps)
         fin = validation["final"]
         if fin:
             print(f"validation: loss {fin['val_loss']:.4f} (top-{cfg.model.moe.top_k} base {fin['base_val_loss']:.4f},"

@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moe_train.parallel.distributed import ParallelContext
+from moe_train.parallel.parallelize import checkpoint_view
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -103,8 +104,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         tmp.mkdir()
     _barrier(ctx)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # experts with their global shape
     with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_view, "optim": optim_view}, checkpoint_id=str(tmp))
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None},
                tmp / f"rng_rank{ctx.rank}.pt")
@@ -164,10 +166,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     manifest = verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # aliases: loads in place
     with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load({"model": model_view, "optim": optim_view}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if manifest["world_size"] == ctx.world_size:
         rng = torch.load(path / f"rng_rank{ctx.rank}.pt", map_location="cpu", weights_only=False)

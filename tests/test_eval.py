@@ -3,7 +3,6 @@ difficulty label against python loops, greedy generation against a teacher-force
 against our evaluator on the same local task, and the `moe-train eval` CLI."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -95,7 +94,6 @@ def test_multiple_choice_matches_single_sequence_reference(model):
 
 
 def test_scores_are_per_request_and_truncate_left(model):
-    codec = TokenIdCodec(64)
     long_ctx = [int(t) for t in torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(0))]
     reqs = [([0, 18, 19], [20]), ([0, 5], [6, 7, 8]), (long_ctx, [3, 4])]
     got = score_continuations(model, reqs, batch_size=3)

@@ -157,3 +157,41 @@ def test_frozen_parameters_get_no_optimizer_state_and_do_not_change(tmp_path):
             assert torch.equal(p.detach(), seen["before"][name]), name
     final = load_model(tmp_path / "final" / "model.pt")  # LoRA merged: a plain model
     assert not any("lora_" in n for n in final.state_dict())
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["data.kind=files", "data.path=/nonexistent/corpus.jsonl"], "does not exist"),
+    (["train.seq_len=300"], "train.seq_len"),
+    (["data.kind=files", "data.path=EMPTY", "model.vocab_size=260"], "shorter than one sequence"),
+    (["data.kind=files", "data.path=TEXT"], "model.vocab_size=64"),  # the byte tokenizer needs 258 ids
+])
+def test_bad_input_fails_before_training_starts(tmp_path, capsys, sets, needle):
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    (tmp_path / "text.jsonl").write_text('{"text": "hello world"}\n' * 50)
+    sets = [s.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("TEXT", str(tmp_path / "text.jsonl"))
+            for s in sets]
+    out = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny_top2.yaml", "--set", f"train.out_dir={out}"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()  # nothing started
+
+
+def test_tensorboard_events_and_hf_export(tmp_path):
+    pytest.importorskip("tensorboard")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny_adamoe.yaml", "--set", "train.steps=3", "--set",
+                 f"train.out_dir={out}", "--set", "data.num_sequences=64", "--set", "train.export_hf=true"]) == 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    ours = load_model(out / "final" / "model.pt").eval()
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()  # the null experts travel as extras; loads as top-2
+    assert hf.config.num_experts_per_tok == 2
+    ids = torch.randint(0, 64, (1, 12))
+    from moe_train.io.hf import from_hf
+
+    back = from_hf(out / "hf")
+    assert torch.equal(back(ids), ours(ids))

@@ -387,8 +387,9 @@ def run_lm_eval(model: MoETransformer, task_files: Sequence[str], tokenizer: str
             name = f"moe_train_{i}_{Path(f).stem}".replace("-", "_").replace(".", "_")
             write_task_yaml(name, f, tmp)
             names.append(name)
-        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=tmp, include_defaults=False),
-                                      bootstrap_iters=0, log_samples=False)
+        manager = TaskManager(include_path=tmp, include_defaults=False)  # indexing the built-in tasks takes minutes
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
+                                      log_samples=False)
     out = {f: {k: v for k, v in res["results"][n].items() if isinstance(v, (int, float))}
            for f, n in zip(task_files, names)}
     return {"tasks": out, **lm.report()}

@@ -122,7 +122,10 @@ def write_task_yaml(name: str, data_file: Union[str, Path], out_dir: Union[str, 
                 "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     else:
         body = ("output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n"
-                "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+                "metric_list:\n"
+                "  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+                "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+                "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.yaml"

@@ -16,15 +16,19 @@ PPO, one step per batch:
     credit    every layer's action at position t gets token t's reward: A_{l,t} = A_t. The action also changes
               later positions through attention; that effect is not credited (a per-token bandit reading of the
               paper's per-token reward).
-    baseline  A_t = r_t - b: b = batch mean (default) | running mean over steps | r_t of the greedy policy on the
-              same batch ("greedy": a self-critical, per-token baseline, one extra forward) | 0 ("none").
-              normalize_advantages divides A by its batch standard deviation (population std + 1e-8), without
-              re-centring, so the baseline keeps its meaning.
+    baseline  A_t = r_t - b: b = r_t of the greedy (argmax-k) policy on the same batch ("greedy", default: a
+              self-critical per-token baseline, one extra forward) | batch mean | running mean over steps | 0.
+              The paper does not say which it uses; on the tiny demo the batch mean's variance was too high
+              (docs/adak.md). normalize_advantages divides A by the population standard deviation of A over the
+              batch (+ 1e-8) without re-centring it, so the baseline keeps its meaning.
     update    ppo_epochs passes over the stored actions; each pass re-runs the model with every allocator in
               "forced" mode (the stored actions, so the same hidden states) to get log pi_new(a | x), and takes
               ppo_minibatches AdamW steps on
                   L = -mean_{l,t} min(rho A, clip(rho, 1 - eps, 1 + eps) A) - entropy_coef * mean H,
                   rho = exp(log pi_new - log pi_old)
+Distributed (torchrun, parallel.ep): parallelize_model shards the frozen experts and dispatches with all-to-all;
+the allocator decides k before dispatch, so a token sends only its k rows. Batch statistics (means, the advantage
+std, metrics) are over the global batch; allocator gradients are averaged over all ranks (FSDP2).
 Metrics per step (metrics.jsonl): reward, log-likelihood, mean k overall / per layer, flops_vs_topk (whole model),
 expert_flops_vs_topk (mean k / base k), clip fraction, approx KL (mean (rho - 1) - log rho), entropy.
 Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A allocator actions, V vocab.
@@ -32,7 +36,6 @@ Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A al
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

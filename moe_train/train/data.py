@@ -246,11 +246,11 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
         return Data(loader, tokens[d.num_sequences:] if d.val_sequences else None,
                     labels[d.num_sequences:] if d.val_sequences else None)
 
+    resolve_files(d.path, d.format)  # fail now on a bad path, not in the middle of a stream
     tokenizer = None if d.token_field else build_tokenizer(d.tokenizer)
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size="
                          f"{vocab_size}: use a model with a vocabulary at least that large or another tokenizer")
-    resolve_files(d.path, d.format)  # fail now on a bad path, not in the middle of a stream
     val = None
     if d.val_path:
         resolve_files(d.val_path, d.format)

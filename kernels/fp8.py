@@ -116,6 +116,7 @@ def _wgrad(x_NI: torch.Tensor, g_NO: torch.Tensor, counts_E: torch.Tensor) -> to
     E, I, O = counts_E.shape[0], x_NI.shape[1], g_NO.shape[1]
     if x_NI.shape[0] == 0:
         return x_NI.new_zeros(E, I, O)
+    x_NI, g_NO = x_NI.contiguous(), g_NO.contiguous()
     if x_NI.is_cuda and x_NI.dtype == torch.bfloat16:
         # 2d x 2d grouped GEMM: one [I, O] product per group of rows, no host sync.
         return torch._grouped_mm(x_NI.t(), g_NO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))

@@ -110,7 +110,7 @@ def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tenso
         m_splits = counts_pad_E.tolist()  # TE takes python ints: the one host sync
         x_in, _, pos_N = pad_groups(x_NI, counts_E, ALIGN_ROWS, num_rows=sum(m_splits))
     else:
-        m_splits, x_in, pos_N = counts_E.tolist(), x_NI, None
+        m_splits, x_in, pos_N = counts_E.tolist(), x_NI.contiguous(), None  # TE views the input as [-1, I]
     mod = _te_module(te, w_EIO)
     # TE wants weight{e} as [O, I] in the activation dtype (it asserts parameter and input dtypes match outside
     # torch autocast); the transpose copy's backward hands the gradient back to w_EIO.

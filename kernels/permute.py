@@ -52,7 +52,7 @@ def _triton_kernels():
         return importlib.import_module(_TRITON_MODULE)
     except ImportError as e:
         raise ImportError(f"permute backend 'triton' needs the triton package ({e}); install triton or use "
-                          "permute_backend: torch (or auto, which picks triton only on CUDA when it is installed)") from e
+                          "permute_backend: torch (or auto: triton only on CUDA when it is installed)") from e
 
 
 def _triton_installed() -> bool:

@@ -1,0 +1,197 @@
+"""Our variable-k all-to-all as Megatron-Core's token dispatcher, and the MoELayer subclass that installs it.
+
+Megatron's MoELayer calls six dispatcher methods around its experts (MoETokenDispatcher contract):
+
+    dispatch_preprocess(x [S,B,D], routing_map [T,E], probs [T,E]) -> rows x_ND, their gate weights w_N
+    token_dispatch(x_ND, w_N)            -> x_RD, w_R        uneven all_to_all_single over the ep group
+    dispatch_postprocess(x_RD, w_R)      -> rows grouped by local expert, tokens_per_expert (CPU), weights
+    experts(rows, tokens_per_expert, weights)   Megatron's SequentialMLP / TEGroupedMLP: they apply the weights
+    combine_preprocess(y)                -> rows back in arrival order
+    token_combine(y_RD)                  -> y_ND              the reverse all_to_all
+    combine_postprocess(y_ND)            -> y [S,B,D]         sum of each token's rows (weights already applied)
+
+Unlike Megatron's alltoall dispatcher (which sizes its buffers as T * topk when dropless) everything here is sized
+by the REAL number of true assignments N: the routing map becomes a slot view idx [T, K] (-1 = no expert, K =
+the router's most true experts per token), moe_train's build_permutation keeps only the true slots, and a null
+pick is never permuted, sent or computed. A token with no true expert has no row and gets 0. A rank that sends
+or receives nothing takes part in the collectives with zero-length splits.
+
+Host syncs per layer call (as Megatron's alltoall: the splits must be on the host): build_permutation sizes its
+output, and one .tolist() reads both count vectors (sent and received per expert) plus routing_map.sum(), which
+checks that no token had more than K experts. No extra stream is used: the count exchange is tiny and the
+blocking read is the only wait before the token all-to-all. On CUDA the collectives run on NCCL through Megatron's
+ep process group; that path is unverified here (no GPU in development).
+Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E global experts, K slots per token,
+P = ep ranks, L = E/P local experts, N rows this rank sends, R rows it receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
+from moe_train.parallel.dispatcher import DispatchStats, all_to_all_rows, expert_major_order, inverse_order
+from moe_train.parallel.megatron import compat
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+
+def routing_map_to_slots(routing_map_TE: torch.Tensor, max_slots: int) -> torch.Tensor:
+    """idx [T, K]: each token's true experts in ascending order, then -1; K = min(max_slots, E)."""
+    T, E = routing_map_TE.shape
+    K = min(max_slots, E)
+    # Picked experts score E - e > 0 (lower id first), the rest 0: topk puts a token's picks first, in order.
+    key_TE = routing_map_TE.to(torch.float32) * torch.arange(E, 0, -1, device=routing_map_TE.device,
+                                                             dtype=torch.float32)
+    vals_TK, idx_TK = torch.topk(key_TE, K, dim=1)
+    return torch.where(vals_TK > 0, idx_TK, torch.full_like(idx_TK, -1))
+
+
+class VariableKAllToAllDispatcher(MoETokenDispatcher):
+    """Megatron MoETokenDispatcher over ``pg_collection.ep`` that sends only true assignments."""
+
+    def __init__(self, num_local_experts: int, local_expert_indices: list[int], config, pg_collection,
+                 max_slots: Optional[int] = None, permute_backend: str = "auto"):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.tp_size > 1:
+            raise ValueError(f"expert tensor parallelism (expert_tensor_parallel_size={self.tp_size}) is not supported "
+                             "by the variable-k all-to-all dispatcher: use expert_tensor_parallel_size=1")
+        if getattr(config, "moe_router_padding_for_quantization", False):
+            raise ValueError("moe_router_padding_for_quantization pads every expert to a fixed row multiple in the "
+                             "router; with the variable-k dispatcher leave it off (TEGroupedMLP pads FP8 groups "
+                             "itself)")
+        if config.moe_shared_expert_overlap:
+            raise ValueError("moe_shared_expert_overlap is not supported by the variable-k all-to-all dispatcher; "
+                             "shared experts still run, without overlap")
+        self.num_experts = E = config.num_moe_experts
+        self.num_local_experts = L = num_local_experts
+        self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
+        assert E == L * self.ep_size, (E, L, self.ep_size)
+        assert list(local_expert_indices) == list(range(self.ep_rank * L, (self.ep_rank + 1) * L)), \
+            "experts are contiguous per ep rank"
+        self.max_slots = config.moe_router_topk if max_slots is None else max_slots
+        self.permute_backend = permute_backend
+        self.last = DispatchStats()
+        self.totals = {"calls": 0, "rows_sent": 0, "rows_received": 0, "rows_sent_remote": 0, "bytes_sent_remote": 0}
+        self._state = None
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        P, L, E, b = self.ep_size, self.num_local_experts, self.num_experts, self.permute_backend
+        assert routing_map.dtype == torch.bool and routing_map.shape == probs.shape, (routing_map.dtype,
+                                                                                       routing_map.shape, probs.shape)
+        hidden_shape = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, hidden_shape[-1])
+        T = x_TD.shape[0]
+        idx_TK = routing_map_to_slots(routing_map, self.max_slots)
+        true_TK = idx_TK >= 0
+        w_TK = probs.gather(1, idx_TK.clamp(min=0)) * true_TK
+        perm = build_permutation(idx_TK, E, backend=b)
+        send_E = perm.counts_E
+        if P > 1:
+            recv_E = torch.empty_like(send_E)  # [P*L]: from each source rank, per local expert
+            dist.all_to_all_single(recv_E, send_E, group=self.ep_group)
+        else:
+            recv_E = send_E
+        host = torch.cat([send_E, recv_E, routing_map.sum().reshape(1).to(send_E.dtype)]).tolist()  # the sync
+        send_counts, recv_counts, num_map = host[:E], host[E:2 * E], host[-1]
+        if num_map != sum(send_counts):
+            raise ValueError(f"routing_map holds {num_map} assignments but only {sum(send_counts)} fit in "
+                             f"max_slots={self.max_slots} per token: some token has more true experts than the "
+                             "router declared (VariableKMoELayer reads max_slots from router.max_slots)")
+        recv_PL = [recv_counts[p * L:(p + 1) * L] for p in range(P)]
+        send_P = [sum(send_counts[p * L:(p + 1) * L]) for p in range(P)]
+        recv_P = [sum(row) for row in recv_PL]
+        R = sum(recv_P)
+        order_R = None
+        if L > 1 and P > 1:  # rows arrive by (source rank, expert): regroup them by local expert
+            order_R = expert_major_order(recv_E.view(P, L), R)
+        self._state = dict(hidden_shape=hidden_shape, T=T, perm=perm, true_TK=true_TK, send_P=send_P,
+                           recv_P=recv_P, order_R=order_R,
+                           tokens_per_expert=torch.tensor([sum(col) for col in zip(*recv_PL)] if P > 1 else
+                                                          send_counts, dtype=torch.long))
+        self._update_stats(x_TD, send_counts, recv_PL, send_P, recv_P)
+        x_ND = permute(x_TD, perm, backend=b)
+        w_N = w_TK.reshape(-1).index_select(0, perm.slot_N)
+        return x_ND, w_N
+
+    def token_dispatch(self, x_ND: torch.Tensor, w_N: torch.Tensor):
+        s = self._state
+        if self.ep_size == 1:
+            return x_ND, w_N
+        return (all_to_all_rows(x_ND, s["recv_P"], s["send_P"], self.ep_group),
+                all_to_all_rows(w_N, s["recv_P"], s["send_P"], self.ep_group))
+
+    def dispatch_postprocess(self, x_RD: torch.Tensor, w_R: torch.Tensor):
+        order_R = self._state["order_R"]
+        if order_R is not None:
+            x_RD, w_R = x_RD.index_select(0, order_R), w_R.index_select(0, order_R)
+        return x_RD, self._state["tokens_per_expert"], w_R
+
+    def combine_preprocess(self, y_RD: torch.Tensor) -> torch.Tensor:
+        order_R = self._state["order_R"]
+        return y_RD if order_R is None else y_RD.index_select(0, inverse_order(order_R))
+
+    def token_combine(self, y_RD: torch.Tensor) -> torch.Tensor:
+        s = self._state
+        if self.ep_size == 1:
+            return y_RD
+        return all_to_all_rows(y_RD, s["send_P"], s["recv_P"], self.ep_group)
+
+    def combine_postprocess(self, y_ND: torch.Tensor) -> torch.Tensor:
+        s, self._state = self._state, None
+        # Megatron's experts already multiplied each row by its gate weight: combine with weight 1 per true slot.
+        y_TD = unpermute_combine(y_ND, s["perm"], s["true_TK"].to(y_ND.dtype), s["T"], backend=self.permute_backend)
+        return y_TD.view(s["hidden_shape"])
+
+    def _update_stats(self, x_TD, send_counts, recv_PL, send_P, recv_P) -> None:
+        me, N, R = self.ep_rank, sum(send_P), sum(recv_P)
+        self.last = DispatchStats(rows_sent=N, rows_received=R, rows_sent_remote=N - send_P[me],
+                                  rows_received_remote=R - recv_P[me],
+                                  bytes_sent_remote=(N - send_P[me]) * x_TD.shape[1] * x_TD.element_size(),
+                                  send_counts_E=send_counts, recv_counts_PL=recv_PL)
+        t = self.totals
+        t["calls"] += 1
+        for key in ("rows_sent", "rows_received", "rows_sent_remote", "bytes_sent_remote"):
+            t[key] += getattr(self.last, key)
+
+
+@contextlib.contextmanager
+def _megatron_dispatcher_not_built(config):
+    """MoELayer.__init__ always builds the dispatcher its config names; ours replaces it right after. Building
+    the cheap allgather one meanwhile avoids the alltoall one's CUDA stream (absent on CPU) and flex's DeepEP.
+    The config object is shared by the whole model, so it is restored before anything else can read it."""
+    saved = config.moe_token_dispatcher_type
+    config.moe_token_dispatcher_type = "allgather"
+    try:
+        yield
+    finally:
+        config.moe_token_dispatcher_type = saved
+
+
+class VariableKMoELayer(MoELayer):
+    """Megatron MoELayer whose token dispatcher is VariableKAllToAllDispatcher (whatever
+    ``moe_token_dispatcher_type`` says); router, experts, shared experts and recompute are Megatron's.
+
+    Keywords beyond Megatron's (``permute_backend``) come through ModuleSpec.params (spec.py). Megatron 0.16.1's
+    TransformerLayer passes ``pg_collection`` only to the exact MoELayer class, so inside a GPT model this layer
+    takes Megatron's default process groups (parallel_state), as MoELayer itself does when given none.
+    """
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,
+                 permute_backend: str = "auto", **kwargs):
+        if pg_collection is None:
+            pg_collection = compat.default_pg_collection()
+        if config.moe_shared_expert_overlap:
+            raise ValueError("moe_shared_expert_overlap is not supported with the variable-k all-to-all dispatcher")
+        base_kwargs = compat.moe_layer_kwargs(MoELayer.__init__, **kwargs)
+        with _megatron_dispatcher_not_built(config):
+            super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                             pg_collection=pg_collection, **base_kwargs)
+        self.token_dispatcher = VariableKAllToAllDispatcher(
+            self.num_local_experts, self.local_expert_indices, config, pg_collection,
+            max_slots=getattr(self.router, "max_slots", config.moe_router_topk), permute_backend=permute_backend)

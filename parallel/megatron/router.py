@@ -1,0 +1,332 @@
+"""Our routers inside Megatron-Core: ``MoESubmodules(router=VariableKRouter.builder(adamoe(16, top_k=4)))``.
+
+One Megatron module wraps moe_train's three routers (moe_train.routing: TopKRouter, NullExpertRouter, AdaKRouter)
+and returns Megatron's router contract for the TRUE experts only:
+
+    probs [T, E] float32    the gate weight of each picked true expert, 0 elsewhere
+    routing_map [T, E] bool  the picked true experts; a null pick is simply absent, a token whose picks are all
+                             null (or Ada-K k = 0) has an all-False row: it is never dispatched and outputs 0
+
+The routing math is moe_train's own: the router module is built once on the meta device and called with
+torch.func.functional_call on this module's parameters, so Megatron owns the weights (its init, dtype casts,
+sequence-parallel gradient reduction, checkpoints) and moe_train owns the selection. Parameter names:
+
+    weight            [E, D]  the true gate, Megatron's own name: a Megatron top-k checkpoint loads unchanged
+    null_weight       [m, D]  AdaMoE null gate (method "null"); missing from a top-k checkpoint it is initialised
+                              as weight repeated m/E times, the AdaMoE conversion (convert.py does it offline)
+    allocator_weight  [A, D]  Ada-K allocator (method "adak"), A = k_max - k_min + 1 actions
+
+Balancing terms are attached the way Megatron attaches its own: MoEAuxLossAutoScaler on ``probs`` (so Megatron's
+loss scale reaches them) and its per-layer tracker (compat.record_moe_metric: "load_balancing_loss", "z_loss",
+plus "true_experts_per_token"). The load-balancing loss counts the ACTUAL selections (null picks in one shared
+bucket, AdaMoE), not T * topk:
+
+    c_i   selections of expert i (true counts, then the m null counts averaged: c~_null = null picks / m),
+          summed over the tp x cp group like Megatron's counts
+    L     = N * sum_i (c~_i / sum_j c~_j) * (sum_{local t} p_{t,i}) / (valid tokens in the tp x cp group)
+
+which equals Megatron's switch_load_balancing_loss_func exactly when k is fixed and there are no null experts.
+Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E true experts, m null experts, N = E + m,
+K slots per token, A Ada-K actions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.func import functional_call
+
+from moe_train.config import MoEConfig, validate_moe
+from moe_train.parallel.megatron import compat
+from moe_train.routing import ROUTER_CLASSES, RoutingPlan
+from moe_train.routing.plan import counts_from_idx
+
+from megatron.core.transformer.module import MegatronModule
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("topk", "null", "adak")
+DISPATCHERS = ("variable_k", "megatron")
+LOSS_TYPES = ("aux_loss", "none")
+
+
+@dataclass(frozen=True)
+class VariableKRouting:
+    """What Megatron's TransformerConfig cannot say: which moe_train router and its variable-k settings.
+
+    method: ``topk`` (moe_train's top-k: the reference), ``null`` (AdaMoE null experts), ``adak`` (Ada-K).
+    top_k: picks per token over the n true (+ m null) experts; None = config.moe_router_topk.
+    Everything else (E, softmax, aux / z-loss coefficients, router dtype, norm of the top-k weights through
+    ``moe_router_pre_softmax``) comes from the TransformerConfig.
+    """
+
+    method: str = "null"
+    num_null_experts: int = 0
+    top_k: Optional[int] = None
+    k_min: int = 1
+    k_max: Optional[int] = None
+    # "variable_k": our all-to-all (VariableKMoELayer, sized by true assignments); "megatron": keep the dispatcher
+    # the TransformerConfig names, allowed where Megatron's is exact for variable k (allgather; alltoall without
+    # moe_permute_fusion, whose fused kernel sizes its buffer as T * topk).
+    dispatcher: str = "variable_k"
+    permute_backend: str = "auto"  # moe_train.kernels.permute backend of the variable_k dispatcher
+
+    def moe_config(self, config) -> MoEConfig:
+        """moe_train's MoEConfig for this routing under a Megatron TransformerConfig, validated."""
+        if self.method not in METHODS:
+            raise ValueError(f"VariableKRouting.method={self.method!r} is not allowed: one of {METHODS}")
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"VariableKRouting.dispatcher={self.dispatcher!r} is not allowed: one of {DISPATCHERS}")
+        if self.dispatcher == "megatron":
+            kind = config.moe_token_dispatcher_type
+            if kind == "flex" or (kind == "alltoall" and config.moe_permute_fusion):
+                raise ValueError(f"dispatcher='megatron' with moe_token_dispatcher_type={kind!r}"
+                                 f"{' and moe_permute_fusion=True' if kind == 'alltoall' else ''} assumes T * topk "
+                                 "rows; use dispatcher='variable_k' (ours), or Megatron's allgather / unfused alltoall")
+        if config.num_moe_experts is None:
+            raise ValueError("TransformerConfig.num_moe_experts is None: a variable-k router needs an MoE config")
+        moe = MoEConfig(router=self.method, num_experts=config.num_moe_experts,
+                        top_k=config.moe_router_topk if self.top_k is None else self.top_k,
+                        num_null_experts=self.num_null_experts,
+                        # Megatron: pre_softmax=False is softmax over the top-k logits = renormalised (Mixtral);
+                        # pre_softmax=True keeps the raw probabilities (Qwen1.5-MoE norm_topk_prob=False).
+                        norm_topk_prob=not config.moe_router_pre_softmax,
+                        k_min=self.k_min, k_max=self.k_max)
+        validate_moe(moe, p="VariableKRouting")  # ConfigError is a ValueError naming the field
+        if self.method == "null" and self.num_null_experts < 1:
+            raise ValueError(f"VariableKRouting(method='null') needs num_null_experts >= 1, got "
+                             f"{self.num_null_experts}; use method='topk' for plain top-k")
+        return moe
+
+
+def adamoe(num_null_experts: int, top_k: Optional[int] = None, **kwargs) -> VariableKRouting:
+    """AdaMoE: ``num_null_experts`` zero-cost experts, ``top_k`` picks over true + null (Mixtral: 16, 4)."""
+    return VariableKRouting(method="null", num_null_experts=num_null_experts, top_k=top_k, **kwargs)
+
+
+def adak(k_min: int = 1, k_max: Optional[int] = None, **kwargs) -> VariableKRouting:
+    """Ada-K: an allocator picks k in [k_min, k_max] per token over the (frozen) top-k router."""
+    return VariableKRouting(method="adak", k_min=k_min, k_max=k_max, **kwargs)
+
+
+def topk(top_k: Optional[int] = None, **kwargs) -> VariableKRouting:
+    """moe_train's plain top-k (the reference: equals Megatron's TopKRouter at the same weights)."""
+    return VariableKRouting(method="topk", top_k=top_k, **kwargs)
+
+
+def _loss_coefficients(config) -> dict[str, float]:
+    types = config.moe_router_load_balancing_type
+    coeffs = config.moe_aux_loss_coeff
+    if isinstance(types, str):
+        types, coeffs = [types], [coeffs]
+    elif not isinstance(coeffs, (list, tuple)):
+        coeffs = [coeffs] * len(types)
+    out = {}
+    for t, c in zip(types, coeffs):
+        if t not in LOSS_TYPES:
+            raise ValueError(f"moe_router_load_balancing_type={t!r} is not supported by the variable-k router: one "
+                             f"of {LOSS_TYPES} (seq_aux_loss / global_aux_loss / sinkhorn assume a fixed top-k)")
+        if t == "aux_loss":
+            out[t] = float(c)
+    return out
+
+
+def _check_config(config) -> None:
+    """Megatron router features that assume fixed-k top-k routing and have no variable-k meaning here."""
+    def off(v):
+        return not v
+    checks = {  # name: (predicate on the value, what is allowed and why)
+        "moe_router_score_function": (lambda v: v == "softmax", "'softmax': our gates are softmax gates"),
+        "moe_router_num_groups": (off, "None: group-limited routing is not implemented for variable k"),
+        "moe_router_group_topk": (off, "None: group-limited routing is not implemented for variable k"),
+        "moe_router_enable_expert_bias": (off, "False: Megatron's expert bias needs sigmoid scores"),
+        "moe_expert_capacity_factor": (lambda v: v is None, "None (dropless): token dropping assumes a fixed "
+                                                            "top-k; capacity with null experts is moe_train's own"),
+        "moe_pad_expert_input_to_capacity": (off, "False: padding to capacity assumes a fixed top-k"),
+        "moe_input_jitter_eps": (off, "None: input jitter is not implemented"),
+        "moe_router_force_load_balancing": (off, "False: benchmark-only random routing is not implemented"),
+        "moe_enable_routing_replay": (off, "False: routing replay records fixed top-k indices"),
+        "add_bias_linear": (off, "False: the gates are bias-free (Mixtral / Qwen); pass --disable-bias-linear"),
+        "moe_router_dtype": (lambda v: v in (None, "fp32", "fp64"), "None, 'fp32' or 'fp64'"),
+    }
+    for name, (ok, allowed) in checks.items():
+        if hasattr(config, name) and not ok(getattr(config, name)):
+            raise ValueError(f"TransformerConfig.{name}={getattr(config, name)!r} is not supported by the "
+                             f"variable-k router; allowed: {allowed}")
+
+
+def null_weight_from_true(weight_ED: torch.Tensor, num_null: int) -> torch.Tensor:
+    """AdaMoE initialisation: W_null = W_g repeated m/n times (each true expert gets m/n null twins)."""
+    E = weight_ED.shape[0]
+    if num_null % E:
+        raise ValueError(f"initialising the null gate from the true gate needs num_null_experts (={num_null}) to "
+                         f"be a multiple of num_moe_experts (={E})")
+    return weight_ED.repeat(num_null // E, 1)
+
+
+class VariableKRouter(MegatronModule):
+    """Megatron router (RouterInterface) running moe_train's top-k / null-expert / Ada-K routing."""
+
+    def __init__(self, config, pg_collection=None, *, routing: VariableKRouting, is_mtp_layer: bool = False,
+                 layer_number: Optional[int] = None):
+        super().__init__(config=config)
+        _check_config(config)
+        self.routing = routing
+        self.moe_cfg = routing.moe_config(config)
+        self.aux_coeffs = _loss_coefficients(config)
+        self.is_mtp_layer = is_mtp_layer
+        self.layer_number = layer_number
+        if pg_collection is None:
+            pg_collection = compat.default_pg_collection()
+        self.tp_cp_group = pg_collection.tp_cp
+        self.num_experts = E = config.num_moe_experts
+        self.num_null = self.moe_cfg.num_null_experts if routing.method == "null" else 0
+        D = config.hidden_size
+        # moe_train's router on the meta device: its forward is the routing math, its parameters are never used.
+        with torch.device("meta"):
+            core = ROUTER_CLASSES[routing.method](D, self.moe_cfg)
+        object.__setattr__(self, "_core", core)  # not a submodule: no parameters, no state-dict entries
+
+        def param(rows: int) -> torch.nn.Parameter:
+            p = torch.nn.Parameter(torch.empty(rows, D, dtype=torch.float32))
+            if config.perform_initialization:
+                config.init_method(p)
+            p.data = p.data.to(config.params_dtype)
+            setattr(p, "sequence_parallel", config.sequence_parallel)  # grads all-reduced over tp under SP
+            return p
+
+        self.weight = param(E)
+        self.null_weight = param(self.num_null) if self.num_null else None
+        self.allocator_weight = param(core.allocator.out_features) if routing.method == "adak" else None
+        self.last_plan: Optional[RoutingPlan] = None
+
+    @classmethod
+    def builder(cls, routing: VariableKRouting):
+        """The RouterBuilder for MoESubmodules(router=...): Megatron calls it with config= and pg_collection=
+        (0.19 also is_mtp_layer=)."""
+        return functools.partial(cls, routing=routing)
+
+    # ---- Megatron RouterInterface --------------------------------------------------------------------------
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    @property
+    def max_slots(self) -> int:
+        """K: the most true experts one token can get (sizes the dispatcher's slot view of routing_map)."""
+        return self.moe_cfg.max_slots if self.routing.method != "null" else min(self.moe_cfg.top_k,
+                                                                                  self.num_experts)
+
+    def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None) -> None:
+        """Ada-K: greedy (argmax k) | sample (PPO rollouts) | forced (recompute log-probs of stored actions)."""
+        if self.routing.method != "adak":
+            raise ValueError(f"set_mode is for Ada-K routers; this router's method is {self.routing.method!r}")
+        self._core.set_mode(mode, forced_action_T)
+
+    def _params(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        params = {"gate.weight": self.weight.to(dtype)}
+        if self.null_weight is not None:
+            params["null_gate.weight"] = self.null_weight.to(dtype)
+        if self.allocator_weight is not None:
+            params["allocator.weight"] = self.allocator_weight.to(dtype)
+        return params
+
+    def _router_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, x.dtype)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """input [S, B, D] (or [T, D]); padding_mask [S, B] with True = padding (excluded from the balancing terms,
+        still routed, as Megatron does). Returns (probs [T, E], routing_map [T, E])."""
+        E = self.num_experts
+        x_TD = input.reshape(-1, input.shape[-1])
+        dtype = self._router_dtype(x_TD)
+        plan: RoutingPlan = functional_call(self._core, self._params(dtype), (x_TD.to(dtype),))
+        self.last_plan = plan  # Ada-K PPO reads action_T / log_prob_T / entropy_T from here
+        T = x_TD.shape[0]
+        key_TK = torch.where(plan.expert_idx_TK >= 0, plan.expert_idx_TK, E)  # nulls -> a dropped column E
+        routing_map = torch.zeros(T, E + 1, dtype=torch.bool, device=x_TD.device).scatter_(1, key_TK, True)[:, :E]
+        probs = torch.zeros(T, E + 1, dtype=plan.weight_TK.dtype, device=x_TD.device).scatter(
+            1, key_TK, plan.weight_TK)[:, :E]
+        if self.config.moe_router_topk_scaling_factor:
+            probs = probs * self.config.moe_router_topk_scaling_factor
+        if self.training and torch.is_grad_enabled():
+            valid_T = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
+            probs = self._attach_losses(probs, plan, x_TD.to(dtype), valid_T)
+        return probs, routing_map.contiguous()
+
+    # ---- balancing terms -----------------------------------------------------------------------------------
+
+    def _record(self, name: str, value: torch.Tensor, reduce_group=None) -> None:
+        compat.record_moe_metric(name, value, compat.logging_layer_number(self.layer_number, self.is_mtp_layer,
+                                                                          self.config),
+                                 compat.tracker_num_layers(self.config), reduce_group=reduce_group)
+
+    def _attach_losses(self, probs: torch.Tensor, plan: RoutingPlan, x_TD: torch.Tensor,
+                       valid_T: Optional[torch.Tensor]) -> torch.Tensor:
+        E, m = self.num_experts, self.num_null
+        scaler = compat.aux_loss_autoscaler()
+        true_TK = plan.expert_idx_TK >= 0
+        if valid_T is not None:
+            true_TK = true_TK & valid_T[:, None]
+        n_valid = torch.tensor(float(x_TD.shape[0]), device=x_TD.device) if valid_T is None else valid_T.sum().float()
+        counts_E = counts_from_idx(torch.where(true_TK, plan.expert_idx_TK, -1), E).float()
+        per_token = self.config.calculate_per_token_loss
+        # Every token makes exactly top_k picks over E + m: the ones that are not true are null picks.
+        null_picks = (n_valid * self.moe_cfg.top_k - counts_E.sum()).reshape(1) if m else counts_E.new_zeros(0)
+        stats = torch.cat([counts_E, null_picks, n_valid.reshape(1)])
+        if compat.pg_size(self.tp_cp_group) > 1:  # counts of the whole sequence (tp x cp shards), as Megatron
+            stats = stats.clone()
+            torch.distributed.all_reduce(stats, group=self.tp_cp_group)
+        self._record("true_experts_per_token", stats[:E].sum() / stats[-1].clamp_min(1.0), self.tp_cp_group)
+
+        coeff = self.aux_coeffs.get("aux_loss", 0.0)
+        if coeff > 0:
+            c_N = stats[:E]
+            if m:  # AdaMoE: the m null counts share one averaged bucket
+                c_N = torch.cat([c_N, (stats[E] / m).expand(m)])
+            f_N = c_N / c_N.sum().clamp_min(1.0)
+            probs_TN = plan.probs_TN if valid_T is None else plan.probs_TN * valid_T[:, None]
+            aux = f_N.numel() * (f_N * probs_TN.sum(0)).sum() / stats[-1].clamp_min(1.0)
+            probs = scaler.apply(probs, aux * coeff * (n_valid if per_token else 1.0))
+            self._record("load_balancing_loss", aux, self.tp_cp_group)
+
+        z_coeff = self.config.moe_z_loss_coeff
+        if z_coeff:
+            z_coeff = z_coeff / compat.pg_size(self.tp_cp_group)
+            if valid_T is None:
+                z = plan.z_loss
+            else:  # the plan's z-loss averages every token: recompute over the valid ones
+                w = self._params(x_TD.dtype)
+                logits_TN = x_TD @ torch.cat([w["gate.weight"]] + ([w["null_gate.weight"]] if m else [])).t()
+                lse2_T = torch.logsumexp(logits_TN.float(), dim=-1).square()
+                z = (lse2_T * valid_T).sum() / n_valid.clamp_min(1.0)
+            probs = scaler.apply(probs, z * z_coeff * (n_valid if per_token else 1.0))
+            self._record("z_loss", z)
+        return probs
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A Megatron top-k checkpoint has only ``weight``: AdaMoE's null gate starts as it repeated m/E times,
+        Ada-K's allocator keeps its fresh initialisation (Ada-K trains it from scratch)."""
+        if prefix + "weight" in state_dict:
+            if self.null_weight is not None and prefix + "null_weight" not in state_dict:
+                state_dict[prefix + "null_weight"] = null_weight_from_true(state_dict[prefix + "weight"],
+                                                                           self.num_null)
+                logger.info("%snull_weight missing from the checkpoint: initialised from the true gate "
+                            "(AdaMoE conversion)", prefix)
+            if self.allocator_weight is not None and prefix + "allocator_weight" not in state_dict:
+                state_dict[prefix + "allocator_weight"] = self.allocator_weight.detach().clone()
+                logger.info("%sallocator_weight missing from the checkpoint: keeping its initialisation", prefix)
+        return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                             unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self.routing, f.name)!r}" for f in dataclasses.fields(self.routing))
+        return f"{fields}, experts={self.num_experts}"

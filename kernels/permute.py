@@ -81,17 +81,25 @@ def _require_rows(perm: Permutation) -> torch.Tensor:
     return perm.row_TK
 
 
-def build_permutation(expert_idx_TK: torch.Tensor, num_experts: int, backend: str = "auto") -> Permutation:
-    """Stable sort of the true slots by expert. One host sync: the number of true rows sizes the output."""
+def build_permutation(expert_idx_TK: torch.Tensor, num_experts: int, backend: str = "auto",
+                      num_rows: Optional[int] = None) -> Permutation:
+    """Stable sort of the true slots by expert. One host sync: the number of true rows sizes the output, and the
+    ids are checked in the same read. A caller that already holds that number on the host (the expert-parallel
+    dispatcher reads it from its count exchange) passes ``num_rows``: then there is no sync and no id check (the
+    ids come from a router, an internal invariant)."""
     if _use_triton(backend, expert_idx_TK):
-        slot_N, token_N, counts_E, row_TK = _triton_kernels().build_rows(expert_idx_TK, num_experts)
+        slot_N, token_N, counts_E, row_TK = _triton_kernels().build_rows(expert_idx_TK, num_experts,
+                                                                          num_rows=num_rows)
         return Permutation(slot_N=slot_N, token_N=token_N, counts_E=counts_E, row_TK=row_TK)
     T, K = expert_idx_TK.shape
     flat = expert_idx_TK.reshape(-1)
-    bad = (flat < -1) | (flat >= num_experts)
     key = torch.where(flat < 0, num_experts, flat).clamp(max=num_experts)
     counts = torch.bincount(key, minlength=num_experts + 1)
-    num_true, num_bad = torch.stack([counts[:num_experts].sum(), bad.sum()]).tolist()
+    if num_rows is not None:
+        num_true, num_bad = num_rows, 0
+    else:
+        bad = (flat < -1) | (flat >= num_experts)
+        num_true, num_bad = torch.stack([counts[:num_experts].sum(), bad.sum()]).tolist()
     if num_bad:
         raise ValueError(f"expert_idx holds {num_bad} ids outside [-1, {num_experts}) (num_experts={num_experts}); "
                          "valid ids are 0..num_experts-1, and -1 for null / unused slots")

@@ -3,7 +3,7 @@
 Experts are contiguous per rank (rank p holds global experts [p*L, (p+1)*L)), so sorting the true slots by global
 expert id (moe_train.kernels.build_permutation) already groups them by destination rank, then local expert:
 
-    x_TD --permute--> x_ND (rows by rank, then expert)  --counts all_to_all--> recv_counts_PL   (the host sync)
+    counts_E --all_to_all--> recv_counts_PL  (the host sync)   x_TD --permute--> x_ND (rows by rank, then expert)
          --all_to_all_single (uneven)--> x_RD (by source rank, then local expert) --reorder--> by local expert
          --GroupedExperts(counts_L)--> y_RD --reorder back--> --all_to_all_single back--> y_ND
          --unpermute_combine(weights)--> y_TD
@@ -11,8 +11,8 @@ expert id (moe_train.kernels.build_permutation) already groups them by destinati
 Null and unused slots (-1) are never permuted, sent or computed, so rows and bytes scale with the true
 assignments. Both all-to-alls are autograd functions whose backward is the reverse exchange with swapped splits,
 so the expert weights' gradient on a rank sums the contributions of every ep rank whose tokens used them.
-Host syncs per layer call: build_permutation sizes its output (inside the kernel), and the count exchange is read
-once to size the receive buffer and the splits; on a GPU the second wait covers only the tiny count exchange.
+Host syncs per layer call: one. The router's per-expert counts are exchanged first and read once; that read sizes
+the receive buffer, the splits and the permutation (build_permutation(num_rows=...) then needs no sync of its own).
 Shape legend: T tokens on this rank, K slots, D hidden, E global experts, P = ep ranks, L = E/P local experts,
 N rows this rank sends (its true assignments), R rows it receives.
 """
@@ -104,13 +104,13 @@ class AllToAllDispatcher:
         P, L, E, b = self.ep_size, self.num_local, self.num_experts, self.permute_backend
         assert experts.num_experts == L, (experts.num_experts, L)
         assert plan.expert_idx_TK.shape[0] == x_TD.shape[0]
-        perm = build_permutation(plan.expert_idx_TK, E, backend=b)
-        send_counts_E = perm.counts_E
+        send_counts_E = plan.counts_E  # the router's counts: the exchange does not wait for the permutation
         recv_counts_E = torch.empty_like(send_counts_E)  # [P*L]: from each source rank, per local expert
         dist.all_to_all_single(recv_counts_E, send_counts_E, group=self.group)
-        # The one host sync of the dispatcher: the splits and the receive buffer size.
+        # The one host sync of the layer: the splits, the receive buffer size and the permutation's row count.
         host = torch.cat([send_counts_E, recv_counts_E]).tolist()
         send_E, recv_PL = host[:E], [host[E + p * L: E + (p + 1) * L] for p in range(P)]
+        perm = build_permutation(plan.expert_idx_TK, E, backend=b, num_rows=sum(send_E))
         send_P = [sum(send_E[p * L:(p + 1) * L]) for p in range(P)]
         recv_P = [sum(row) for row in recv_PL]
         R = sum(recv_P)

@@ -171,9 +171,10 @@ def ep_case(case: str, rank: int, world: int, pg_ep, pg_single) -> dict:
             src = name.replace(f"local_experts.{i}.", f"local_experts.{rank * L + i}.", 1)
             err[f"grad:{name}"] = maxerr(p.grad, ref_params[src].grad)
         else:  # the router sees only this rank's tokens: its gradient sums over ranks
-            g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            g = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # None on a rank with no tokens
             dist.all_reduce(g)
-            err[f"grad:{name}"] = maxerr(g, ref_params[name].grad)
+            g_ref = ref_params[name].grad
+            err[f"grad:{name}"] = maxerr(g, torch.zeros_like(p) if g_ref is None else g_ref)
     st = layer.token_dispatcher.last
     plan = layer.router.last_plan
     true_TK = plan.expert_idx_TK >= 0

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 from typing import Any, Callable, Optional
 
 try:
@@ -80,13 +81,20 @@ def pg_size(group) -> int:
 # per-layer loss logging (Megatron's tracker, so its logging, reduction and loss scaling see our terms)
 
 
+_LOGGING_MODULE = "megatron.core.transformer.moe.moe_logging"
+_logging_module_missing = False  # remembered so that 0.16.1 does not retry a failed import every forward
+
+
 def _metrics_tracker():
     """0.19: the MoEMetricsTracker; None on 0.16.1 (no moe_logging module)."""
-    try:
-        logging_mod = importlib.import_module("megatron.core.transformer.moe.moe_logging")
-    except ImportError:
-        return None
-    get = getattr(logging_mod, "get_moe_metrics_tracker", None)
+    global _logging_module_missing
+    mod = sys.modules.get(_LOGGING_MODULE)
+    if mod is None and not _logging_module_missing:
+        try:
+            mod = importlib.import_module(_LOGGING_MODULE)
+        except ImportError:
+            _logging_module_missing = True
+    get = getattr(mod, "get_moe_metrics_tracker", None) if mod is not None else None
     return get() if get is not None else None
 
 

@@ -282,7 +282,8 @@ class VariableKRouter(MegatronModule):
         if compat.pg_size(self.tp_cp_group) > 1:  # counts of the whole sequence (tp x cp shards), as Megatron
             stats = stats.clone()
             torch.distributed.all_reduce(stats, group=self.tp_cp_group)
-        self._record("true_experts_per_token", stats[:E].sum() / stats[-1].clamp_min(1.0), self.tp_cp_group)
+        # Already a tp x cp total: logged without a reduce group (averaged over data parallel only).
+        self._record("true_experts_per_token", stats[:E].sum() / stats[-1].clamp_min(1.0))
 
         coeff = self.aux_coeffs.get("aux_loss", 0.0)
         if coeff > 0:

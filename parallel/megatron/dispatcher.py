@@ -144,8 +144,14 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, y_ND: torch.Tensor) -> torch.Tensor:
         s, self._state = self._state, None
-        # Megatron's experts already multiplied each row by its gate weight: combine with weight 1 per true slot.
-        y_TD = unpermute_combine(y_ND, s["perm"], s["true_TK"].to(y_ND.dtype), s["T"], backend=self.permute_backend)
+        # Megatron's experts already multiplied each row by its gate weight: each token sums its rows. The torch
+        # reference of unpermute_combine would multiply every row by 1 first (a wasted pass forward and backward),
+        # so the CPU path adds the rows directly; the Triton kernel fuses the weight into its single pass.
+        b = self.permute_backend
+        if b == "torch" or (b == "auto" and not y_ND.is_cuda):
+            y_TD = y_ND.new_zeros(s["T"], y_ND.shape[1]).index_add_(0, s["perm"].token_N, y_ND)
+        else:
+            y_TD = unpermute_combine(y_ND, s["perm"], s["true_TK"].to(y_ND.dtype), s["T"], backend=b)
         return y_TD.view(s["hidden_shape"])
 
     def _update_stats(self, x_TD, send_counts, recv_PL, send_P, recv_P) -> None:
@@ -177,13 +183,13 @@ class VariableKMoELayer(MoELayer):
     """Megatron MoELayer whose token dispatcher is VariableKAllToAllDispatcher (whatever
     ``moe_token_dispatcher_type`` says); router, experts, shared experts and recompute are Megatron's.
 
-    Keywords beyond Megatron's (``permute_backend``) come through ModuleSpec.params (spec.py). Megatron 0.16.1's
+    ``permute_backend`` (moe_train.kernels.permute) defaults to the router's ``routing.permute_backend``. Megatron 0.16.1's
     TransformerLayer passes ``pg_collection`` only to the exact MoELayer class, so inside a GPT model this layer
     takes Megatron's default process groups (parallel_state), as MoELayer itself does when given none.
     """
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,
-                 permute_backend: str = "auto", **kwargs):
+                 permute_backend: Optional[str] = None, **kwargs):
         if pg_collection is None:
             pg_collection = compat.default_pg_collection()
         if config.moe_shared_expert_overlap:
@@ -192,6 +198,8 @@ class VariableKMoELayer(MoELayer):
         with _megatron_dispatcher_not_built(config):
             super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                              pg_collection=pg_collection, **base_kwargs)
+        if permute_backend is None:  # the router's VariableKRouting says; "auto" under a Megatron router
+            permute_backend = getattr(getattr(self.router, "routing", None), "permute_backend", "auto")
         self.token_dispatcher = VariableKAllToAllDispatcher(
             self.num_local_experts, self.local_expert_indices, config, pg_collection,
             max_slots=getattr(self.router, "max_slots", config.moe_router_topk), permute_backend=permute_backend)

@@ -29,9 +29,8 @@ def with_variable_k(spec: Any, routing: VariableKRouting) -> Any:
         raise ValueError(f"routing.dispatcher={routing.dispatcher!r}: one of 'variable_k', 'megatron'")
     router = VariableKRouter.builder(routing)
     ours = routing.dispatcher == "variable_k"
-    layer_cls = VariableKMoELayer if ours else None
-    params = {"permute_backend": routing.permute_backend} if ours else {}
-    new, replaced = compat.map_moe_specs(spec, lambda s: compat.replace_moe_spec(s, router, layer_cls, params))
+    layer_cls = VariableKMoELayer if ours else None  # it reads permute_backend from the router's routing
+    new, replaced = compat.map_moe_specs(spec, lambda s: compat.replace_moe_spec(s, router, layer_cls, {}))
     if not replaced:
         raise ValueError("the spec holds no MoE layer: build it with num_experts set (e.g. "
                          "get_gpt_layer_local_spec(num_experts=8)) or pass a decoder block spec of an MoE model")

@@ -20,7 +20,6 @@ that became avoided time (goal: close to 1; Megatron's router cannot skip any).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os

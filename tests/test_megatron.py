@@ -287,12 +287,12 @@ def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
         ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(8)[None].expand(2, 8)
         mask = torch.ones(2, 1, 8, 8, dtype=torch.bool).tril().logical_not()
-        losses, grads = [], []
+        losses, grads, state = [], [], None
         for spec in (plain, block):  # one line switches the model; at the same weights nothing else changes
             torch.manual_seed(0)
             model = GPTModel(config=block_cfg, transformer_layer_spec=spec, vocab_size=32, max_sequence_length=16,
                              position_embedding_type="rope")
-            if losses:
+            if state is not None:
                 model.load_state_dict(state, strict=True)
             state = model.state_dict()
             loss = model(ids, pos, mask, labels=ids).mean()
@@ -452,3 +452,19 @@ def test_triton_permutation_backend_in_our_dispatcher(pg):
     finally:
         sys.modules.pop(name, None)  # the next importer gets a compiled copy
         mp.undo()
+
+
+def test_our_layer_replaces_megatrons_alltoall_without_building_it(pg):
+    """With moe_token_dispatcher_type='alltoall' (the usual setting) Megatron's own alltoall dispatcher, whose
+    constructor needs a CUDA stream, is never built; the shared config keeps its value."""
+    cfg = W.make_config(moe_token_dispatcher_type="alltoall")
+    layer = W.build_layer(cfg, pg, VariableKRouter.builder(adak(k_min=1, k_max=3)), ours=True)
+    assert isinstance(layer.token_dispatcher, VariableKAllToAllDispatcher)
+    assert cfg.moe_token_dispatcher_type == "alltoall"
+    assert layer.token_dispatcher.max_slots == 3  # the Ada-K router's k_max, not moe_router_topk=2
+    y, _ = layer(torch.randn(4, 2, D))
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="moe_shared_expert_overlap"):
+        W.build_layer(W.make_config(moe_shared_expert_intermediate_size=8, moe_shared_expert_overlap=True,
+                                    moe_token_dispatcher_type="alltoall"), pg,
+                      VariableKRouter.builder(topk()), ours=True)

@@ -45,17 +45,6 @@ except ImportError as e:  # one clear message, raised when moe_train.parallel.me
 MCORE_VERSION: str = getattr(_mcore, "__version__", "unknown")
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
-MCORE_VERSION_TUPLE = _version_tuple(MCORE_VERSION)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # process groups
 

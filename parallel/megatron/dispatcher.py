@@ -16,10 +16,11 @@ the router's most true experts per token), moe_train's build_permutation keeps o
 pick is never permuted, sent or computed. A token with no true expert has no row and gets 0. A rank that sends
 or receives nothing takes part in the collectives with zero-length splits.
 
-Host syncs per layer call (as Megatron's alltoall: the splits must be on the host): build_permutation sizes its
-output, and one .tolist() reads both count vectors (sent and received per expert) plus routing_map.sum(), which
-checks that no token had more than K experts. No extra stream is used: the count exchange is tiny and the
-blocking read is the only wait before the token all-to-all. On CUDA the collectives run on NCCL through Megatron's
+One host sync per layer call (as Megatron's alltoall: the splits must be on the host): the per-expert counts come
+from routing_map.sum(0), are exchanged first, and one .tolist() reads both count vectors (sent and received per
+expert) plus the number of true slots, which sizes the permutation (build_permutation(num_rows=...), no sync of
+its own) and checks that no token had more than K experts. No extra stream is used: the count exchange is tiny
+and the blocking read is the only wait before the token all-to-all. On CUDA the collectives run on NCCL through Megatron's
 ep process group; that path is unverified here (no GPU in development).
 Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E global experts, K slots per token,
 P = ep ranks, L = E/P local experts, N rows this rank sends, R rows it receives.
@@ -90,19 +91,21 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         idx_TK = routing_map_to_slots(routing_map, self.max_slots)
         true_TK = idx_TK >= 0
         w_TK = probs.gather(1, idx_TK.clamp(min=0)) * true_TK
-        perm = build_permutation(idx_TK, E, backend=b)
-        send_E = perm.counts_E
+        send_E = routing_map.sum(0)  # from the map: the count exchange does not wait for the permutation
         if P > 1:
             recv_E = torch.empty_like(send_E)  # [P*L]: from each source rank, per local expert
             dist.all_to_all_single(recv_E, send_E, group=self.ep_group)
         else:
             recv_E = send_E
-        host = torch.cat([send_E, recv_E, routing_map.sum().reshape(1).to(send_E.dtype)]).tolist()  # the sync
-        send_counts, recv_counts, num_map = host[:E], host[E:2 * E], host[-1]
-        if num_map != sum(send_counts):
-            raise ValueError(f"routing_map holds {num_map} assignments but only {sum(send_counts)} fit in "
+        # The one host sync of the layer: splits, receive size, the permutation's row count, and the check that
+        # the slot view kept every assignment of the map.
+        host = torch.cat([send_E, recv_E, true_TK.sum().reshape(1)]).tolist()
+        send_counts, recv_counts, num_slots = host[:E], host[E:2 * E], host[-1]
+        if num_slots != sum(send_counts):
+            raise ValueError(f"routing_map holds {sum(send_counts)} assignments but only {num_slots} fit in "
                              f"max_slots={self.max_slots} per token: some token has more true experts than the "
                              "router declared (VariableKMoELayer reads max_slots from router.max_slots)")
+        perm = build_permutation(idx_TK, E, backend=b, num_rows=num_slots)
         recv_PL = [recv_counts[p * L:(p + 1) * L] for p in range(P)]
         send_P = [sum(send_counts[p * L:(p + 1) * L]) for p in range(P)]
         recv_P = [sum(row) for row in recv_PL]
@@ -110,10 +113,9 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         order_R = None
         if L > 1 and P > 1:  # rows arrive by (source rank, expert): regroup them by local expert
             order_R = expert_major_order(recv_E.view(P, L), R)
+        tokens_per_expert = torch.tensor([sum(col) for col in zip(*recv_PL)], dtype=torch.long)  # CPU, as Megatron
         self._state = dict(hidden_shape=hidden_shape, T=T, perm=perm, true_TK=true_TK, send_P=send_P,
-                           recv_P=recv_P, order_R=order_R,
-                           tokens_per_expert=torch.tensor([sum(col) for col in zip(*recv_PL)] if P > 1 else
-                                                          send_counts, dtype=torch.long))
+                           recv_P=recv_P, order_R=order_R, tokens_per_expert=tokens_per_expert)
         self._update_stats(x_TD, send_counts, recv_PL, send_P, recv_P)
         x_ND = permute(x_TD, perm, backend=b)
         w_N = w_TK.reshape(-1).index_select(0, perm.slot_N)
@@ -183,9 +185,9 @@ class VariableKMoELayer(MoELayer):
     """Megatron MoELayer whose token dispatcher is VariableKAllToAllDispatcher (whatever
     ``moe_token_dispatcher_type`` says); router, experts, shared experts and recompute are Megatron's.
 
-    ``permute_backend`` (moe_train.kernels.permute) defaults to the router's ``routing.permute_backend``. Megatron 0.16.1's
-    TransformerLayer passes ``pg_collection`` only to the exact MoELayer class, so inside a GPT model this layer
-    takes Megatron's default process groups (parallel_state), as MoELayer itself does when given none.
+    ``permute_backend`` (moe_train.kernels.permute) defaults to the router's ``routing.permute_backend``.
+    Megatron 0.16.1's TransformerLayer passes ``pg_collection`` only to the exact MoELayer class, so inside a GPT
+    model this layer takes Megatron's default process groups (parallel_state), as MoELayer does when given none.
     """
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None,

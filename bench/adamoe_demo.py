@@ -3,7 +3,7 @@
     1. pre-train a tiny top-2 model (configs/tiny_top2.yaml)                    -> base checkpoint
     2. continue it as top-2 for N steps                                          -> baseline
     3. continue it as AdaMoE (8 true + 16 null experts, k=4, FLOPs vs top-2)    -> AdaMoE (conversion on load)
-       optionally also with a compute budget (target true experts per token)
+    4. continue it as AdaMoE with 8 null experts and a compute budget (target true experts per token, PI control)
 Prints one JSON line per run: validation loss, whole-model FLOPs versus top-2, true experts per token overall and
 by difficulty label of the target token. Goal (issue): AdaMoE val loss <= top-2's with >= 15% fewer FLOPs, and
 hard tokens (copy / arith / bracket) get more true experts than easy ones (filler / structure).
@@ -42,9 +42,9 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--base-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", default="runs/adamoe_demo")
-    p.add_argument("--budget", type=float, default=None, help="also run AdaMoE with this target true experts/token")
+    p.add_argument("--budget", type=float, default=1.5, help="target true experts/token of the budget run (m=8)")
     args = p.parse_args()
     out = Path(args.out)
     run("base_top2", [f"train.steps={args.base_steps}", "train.resume=false"], out)
@@ -52,13 +52,13 @@ def main() -> None:
     common = [f"train.steps={args.steps}", f"train.init_from={base}", "train.warmup_steps=10", "train.lr=1.5e-3",
               "train.resume=false", "data.seed=77"]  # a new slice of the corpus, the same for every run
     top2 = run("top2", common, out)
-    ada = run("adamoe", common + ["model.moe.router=null", "model.moe.num_null_experts=16", "model.moe.top_k=4",
+    ada = run("adamoe", common + ['model.moe.router="null"', "model.moe.num_null_experts=16", "model.moe.top_k=4",
                                   "model.moe.baseline_top_k=2", "model.moe.aux_loss_coef=0.01"], out)
-    rows = [top2, ada]
-    if args.budget is not None:
-        rows.append(run("adamoe_budget", common + [
-            "model.moe.router=null", "model.moe.num_null_experts=16", "model.moe.top_k=4", "model.moe.baseline_top_k=2",
-            "model.moe.aux_loss_coef=0.01", f"model.moe.target_true_experts={args.budget}"], out))
+    # the paper's setting (m = 2n null experts, k = 4) and a compute-budget run (m = n, k = 4, target true experts)
+    budget = run("adamoe_budget", common + [
+        'model.moe.router="null"', "model.moe.num_null_experts=8", "model.moe.top_k=4", "model.moe.baseline_top_k=2",
+        "model.moe.aux_loss_coef=0.001", f"model.moe.target_true_experts={args.budget}"], out)
+    rows = [top2, ada, budget]
     for r in rows[1:]:
         print(json.dumps({"bench": "adamoe_demo", "compare": f"{r['run']} vs top2",
                           "val_loss_diff": round(r["val_loss"] - top2["val_loss"], 4),

@@ -264,6 +264,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if value is None:  # the router named "null" is the usual victim
+            raise ConfigError(f"{path}: expected a string, got nothing: YAML reads an unquoted null as no value; "
+                              f"quote it (router: \"null\", or --set '{path}=\"null\"')")
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value

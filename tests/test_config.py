@@ -36,6 +36,7 @@ def test_overrides(tmp_path):
     ("model: {moe: {router: adak, k_min: 3, k_max: 2}}", ["model.moe.k_min", "k_max=2"]),
     ("model: {moe: {router: adak, k_max: 9}}", ["model.moe.k_max", "9"]),
     ("model: {moe: {router: magic}}", ["model.moe.router", "magic", "topk"]),
+    ("model: {moe: {router: null}}", ["model.moe.router", "quote it"]),
     ("model: {moe: {drop_policy: random}}", ["model.moe.drop_policy", "random"]),
     ("model: {moe: {aux_loss_coef: -0.1}}", ["model.moe.aux_loss_coef"]),
     ("model: {family: llama}", ["model.family", "llama", "mixtral"]),

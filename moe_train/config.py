@@ -64,7 +64,7 @@ class MoEConfig:
     # Capacity per expert, ceil(cf * true assignments / E); None = dropless.
     capacity_factor: Optional[float] = None
     drop_policy: str = "weight"
-    # Expert GEMM backend: auto | grouped_mm | loop (see moe_train.kernels.grouped_gemm).
+    # Expert GEMM backend: auto | grouped_mm | loop | te | te_fp8 | fp8_rowwise | fp8_tensorwise (docs/kernels.md).
     gemm_backend: str = "auto"
     # Permutation kernels: auto (Triton on CUDA, torch reference on CPU) | torch | triton.
     permute_backend: str = "auto"

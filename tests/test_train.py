@@ -10,7 +10,7 @@ from moe_train.cli import main
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.eval.flops import expert_share, flops_vs_topk, forward_flops_per_token
 from moe_train.train.checkpoint import load_model, save_model
-from moe_train.train.synthetic import HARD_LABELS, LABELS, SyntheticData, generate
+from moe_train.train.synthetic import HARD_LABELS, LABELS, generate
 
 FIELDS = {"step", "loss", "lm_loss", "aux_loss", "true_experts_per_token", "flops_vs_topk", "tokens_per_s"}
 
@@ -113,13 +113,6 @@ def test_generated_corpus_is_deterministic_and_labelled():
             assert toks[j:j + n] == toks[j - 1 - n:j - 1][:n] or j + n == len(labs)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(1, 8, 16, 0)
-
-
-def test_data_parallel_batches_partition_the_global_batch():
-    data = SyntheticData(64, 0, 16, 64, 0)
-    full, _ = data.batch(3, 8)
-    parts = [data.batch(3, 8, r, 4)[0] for r in range(4)]
-    assert torch.equal(torch.cat(parts), full)
 
 
 def test_frozen_parameters_get_no_optimizer_state_and_do_not_change(tmp_path):

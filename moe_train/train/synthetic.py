@@ -63,29 +63,3 @@ def generate(num_sequences: int, seq_len: int, vocab_size: int, seed: int) -> tu
             labs += lab
         tokens[i], labels[i] = toks[: seq_len + 1], labs[: seq_len + 1]
     return torch.from_numpy(tokens), torch.from_numpy(labels)
-
-
-class SyntheticData:
-    """Train/validation split of the generated corpus; batches are deterministic in the step number.
-
-    A global batch of ``batch_size`` sequences per step; data-parallel rank r of n takes rows [r*b/n, (r+1)*b/n).
-    """
-
-    def __init__(self, num_sequences: int, val_sequences: int, seq_len: int, vocab_size: int, seed: int):
-        tokens, labels = generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
-        self.train_tokens, self.val_tokens = tokens[:num_sequences], tokens[num_sequences:]
-        self.train_labels, self.val_labels = labels[:num_sequences], labels[num_sequences:]
-
-    def batch(self, step: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids_BS, targets_BS) of this rank's share of the global batch for ``step`` (0-based)."""
-        n = self.train_tokens.shape[0]
-        rows = (torch.arange(batch_size) + step * batch_size) % n
-        per_rank = batch_size // dp_size
-        rows = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        seq = self.train_tokens[rows]
-        return seq[:, :-1], seq[:, 1:]
-
-    def val_batches(self, batch_size: int):
-        for i in range(0, self.val_tokens.shape[0], batch_size):
-            seq = self.val_tokens[i:i + batch_size]
-            yield seq[:, :-1], seq[:, 1:], self.val_labels[i:i + batch_size, 1:]

@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
-
 from moe_train.config import ConfigError, MoEConfig, validate_moe
+from moe_train.io.convert import swap_routers
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.adak import AdaKRouter
 
@@ -49,20 +48,8 @@ def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> M
     return new
 
 
-@torch.no_grad()
 def add_allocators(model: MoETransformer, k_min: int = 1, k_max: Optional[int] = None) -> MoETransformer:
-    """Replaces every top-k router with an AdaKRouter (same gate weights, zero allocator), updates
+    """Replaces every top-k router with an AdaKRouter (same gate weights, zero allocator: a uniform policy), updates
     ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
     new_moe = check_adak_conversion(model.config.moe, k_min, k_max)
-    D = model.config.hidden_size
-    for layer in model.layers:
-        old = layer.moe.router
-        gate = old.gate.weight
-        new = AdaKRouter(D, new_moe).to(device=gate.device, dtype=gate.dtype)
-        new.gate.weight.copy_(gate)
-        new.allocator.weight.zero_()
-        new.gate.weight.requires_grad_(gate.requires_grad)
-        new.train(old.training)
-        layer.moe.router = new
-    model.config = dataclasses.replace(model.config, moe=new_moe)
-    return model
+    return swap_routers(model, new_moe, AdaKRouter, lambda old, new: new.allocator.weight.zero_())

@@ -61,28 +61,38 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int,
 
 
 @torch.no_grad()
-def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
-                     baseline_top_k: Optional[int] = None) -> MoETransformer:
-    """Replaces every layer's top-k router with a NullExpertRouter (true gate kept, null gate = W_g repeated m/n
-    times), updates ``model.config``, and returns the same model. Build optimizers afterwards: the routers are new
-    modules (their true gates hold copies of the old gate weights)."""
-    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k)
+def swap_routers(model: MoETransformer, new_moe: MoEConfig, router_cls, init) -> MoETransformer:
+    """Replaces every layer's router with ``router_cls(D, new_moe)``, built for real (it is small, so every buffer
+    starts at its own initial value) on the old gate's device and dtype, holding a copy of the old true gate with its
+    requires_grad and the old training mode; ``init(old, new)`` sets what the new router adds. Updates
+    ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
     D = model.config.hidden_size
     for layer in model.layers:
         old = layer.moe.router
         gate = old.gate.weight
-        # Built for real (it is small), so every buffer a NullExpertRouter has starts at its own initial value.
-        new = NullExpertRouter(D, new_moe).to(device=gate.device, dtype=gate.dtype)
+        new = router_cls(D, new_moe).to(device=gate.device, dtype=gate.dtype)
         new.gate.weight.copy_(gate)
-        new.init_null_gate_from_true()
-        if old.expert_bias is not None:  # aux-loss-free balancing state carries over to the true experts
-            new.expert_bias.copy_(old.expert_bias)
         new.gate.weight.requires_grad_(gate.requires_grad)
-        new.null_gate.weight.requires_grad_(gate.requires_grad)
+        init(old, new)
         new.train(old.training)
         layer.moe.router = new
     model.config = dataclasses.replace(model.config, moe=new_moe)
     return model
+
+
+def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
+                     baseline_top_k: Optional[int] = None) -> MoETransformer:
+    """Replaces every layer's top-k router with a NullExpertRouter (true gate kept, null gate = W_g repeated m/n
+    times), updates ``model.config``, and returns the same model."""
+    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k)
+
+    def init(old, new):
+        new.init_null_gate_from_true()
+        new.null_gate.weight.requires_grad_(old.gate.weight.requires_grad)
+        if old.expert_bias is not None:  # aux-loss-free balancing state carries over to the true experts
+            new.expert_bias.copy_(old.expert_bias)
+
+    return swap_routers(model, new_moe, NullExpertRouter, init)
 
 
 def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_experts: int, top_k: int,

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import Config, MoEConfig, to_dict
+from moe_train.config import Config, to_dict
 from moe_train.eval.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.loss import lm_loss, routing_losses

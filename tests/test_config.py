@@ -22,6 +22,11 @@ def test_shipped_configs_load():
 def test_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "train: {steps: 5}\n"), ["train.lr=0.5", "model.moe.top_k=3"])
     assert (cfg.train.steps, cfg.train.lr, cfg.model.moe.top_k) == (5, 0.5, 3)
+    # YAML 1.1 reads 1e-3 (no dot) as a string; float keys take it as the number it is
+    cfg = load_config(write(tmp_path, "train: {lr: 1e-3}\n"), ["model.moe.aux_loss_coef=2e-2"])
+    assert (cfg.train.lr, cfg.model.moe.aux_loss_coef) == (1e-3, 2e-2)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(write(tmp_path, "train: {lr: fast}\n"))
 
 
 @pytest.mark.parametrize("text, needles", [

@@ -48,6 +48,16 @@ def _eval(args: argparse.Namespace) -> None:
     run_eval(args)
 
 
+def _generate_data(args: argparse.Namespace) -> None:
+    from moe_train.train.data import write_generated_corpus
+
+    out = write_generated_corpus(args.out, args.num_sequences, args.val_sequences, args.seq_len, args.vocab_size,
+                                 args.seed)
+    print(f"wrote {out / 'train.jsonl'} ({args.num_sequences} sequences) and {out / 'val.jsonl'} "
+          f"({args.val_sequences}); train it with data: {{kind: files, path: {out / 'train.jsonl'}, "
+          f"val_path: {out / 'val.jsonl'}, token_field: tokens}}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (GPUs) per node for --dry-run when the environment does not say")
     p.add_argument("--nnodes", type=int, default=None, help="nodes for --dry-run when the environment does not say")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate-data", help="write the difficulty-labelled synthetic corpus as jsonl files")
+    p.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, labels.json)")
+    p.add_argument("--num-sequences", type=int, default=4096)
+    p.add_argument("--val-sequences", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence are seq_len + 1")
+    p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate_data)
 
     p = sub.add_parser("convert", help="add AdaMoE null experts to a Hugging Face Mixtral / Qwen2-MoE checkpoint")
     p.add_argument("--src", required=True, help="Hugging Face model folder (config.json + safetensors)")

@@ -158,3 +158,20 @@ def test_tokenizer_vocab_mismatch(tmp_path):
 def test_pack_stride():
     seqs = list(pack(iter([[1, 2, 3], [4, 5, 6, 7]]), 3))
     assert seqs == [[1, 2, 3, 4], [4, 5, 6, 7]]
+
+
+def test_generate_data_command_then_train_on_the_files(tmp_path):
+    from moe_train.cli import main
+
+    assert main(["generate-data", "--out", str(tmp_path / "g"), "--num-sequences", "40", "--val-sequences", "4",
+                 "--seq-len", str(SEQ)]) == 0
+    labels = json.loads((tmp_path / "g" / "labels.json").read_text())
+    assert "arith" in labels.values()
+    out = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny_top2.yaml", "--set", "train.steps=2", "--set",
+                 f"train.seq_len={SEQ}", "--set", "train.batch_size=4", "--set", f"train.out_dir={out}",
+                 "--set", "data.kind=files", "--set", f"data.path={tmp_path / 'g' / 'train.jsonl'}",
+                 "--set", f"data.val_path={tmp_path / 'g' / 'val.jsonl'}", "--set", "data.token_field=tokens",
+                 "--set", "data.val_sequences=4", "--set", "train.tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" not in r] == [1, 2]

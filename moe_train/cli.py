@@ -55,7 +55,7 @@ def _generate_data(args: argparse.Namespace) -> None:
                                  args.seed)
     print(f"wrote {out / 'train.jsonl'} ({args.num_sequences} sequences) and {out / 'val.jsonl'} "
           f"({args.val_sequences}); train it with data: {{kind: files, path: {out / 'train.jsonl'}, "
-          f"val_path: {out / 'val.jsonl'}, token_field: tokens}}")
+          f"val_path: {out / 'val.jsonl'}, token_field: tokens, label_field: labels}}")
 
 
 def build_parser() -> argparse.ArgumentParser:

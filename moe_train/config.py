@@ -163,6 +163,7 @@ class DataConfig:
     format: str = "auto"  # auto (from suffixes) | text | json | parquet
     text_field: str = "text"
     token_field: Optional[str] = None  # pre-tokenised ids instead of text (e.g. `moe-train generate-data` output)
+    label_field: Optional[str] = None  # per-token difficulty labels beside token_field (validation reports experts by label)
     tokenizer: str = "byte"  # "byte" or a local folder holding a Hugging Face tokenizer
     streaming: bool = False
     shuffle: bool = True
@@ -450,6 +451,8 @@ def validate(cfg: Config) -> None:
         _fail("data.path", d.path, "data.kind: files needs data.path (a file, a folder or a glob)")
     if d.format not in DATA_FORMATS:
         _fail("data.format", d.format, f"one of {DATA_FORMATS}")
+    if d.label_field and not d.token_field:
+        _fail("data.label_field", d.label_field, "labels align with pre-tokenised ids: set data.token_field too")
     if d.streaming and d.kind != "files":
         _fail("data.streaming", d.streaming, "streaming reads files: set data.kind: files")
     if cfg.data.num_sequences < 1:

@@ -172,6 +172,24 @@ def test_generate_data_command_then_train_on_the_files(tmp_path):
                  f"train.seq_len={SEQ}", "--set", "train.batch_size=4", "--set", f"train.out_dir={out}",
                  "--set", "data.kind=files", "--set", f"data.path={tmp_path / 'g' / 'train.jsonl'}",
                  "--set", f"data.val_path={tmp_path / 'g' / 'val.jsonl'}", "--set", "data.token_field=tokens",
-                 "--set", "data.val_sequences=4", "--set", "train.tensorboard=false"]) == 0
+                 "--set", "data.label_field=labels", "--set", "data.val_sequences=4",
+                 "--set", "train.tensorboard=false"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" not in r] == [1, 2]
+    assert "arith" in rows[-1]["val_true_experts_by_label"]  # labels travelled with the files
+
+
+def test_labels_pack_like_tokens(tmp_path):
+    from moe_train.train.data import write_generated_corpus
+    from moe_train.train.synthetic import generate
+
+    write_generated_corpus(tmp_path / "g", 6, 3, SEQ, 64, seed=9)
+    cfg = cfg_for(tmp_path / "g" / "train.jsonl", token_field="tokens", label_field="labels",
+                  val_path=str(tmp_path / "g" / "val.jsonl"), val_sequences=3)
+    data = build_data(cfg, 64)
+    tokens, labels = generate(9, SEQ, 64, seed=9)  # the same corpus, generated independently
+    # the val file holds sequences 6..8 back to back; packing with stride SEQ shifts by one token per sequence
+    flat_t, flat_l = tokens[6:].reshape(-1), labels[6:].reshape(-1)
+    for i in range(data.val_tokens.shape[0]):
+        assert torch.equal(data.val_tokens[i], flat_t[i * SEQ: i * SEQ + SEQ + 1])
+        assert torch.equal(data.val_labels[i], flat_l[i * SEQ: i * SEQ + SEQ + 1])

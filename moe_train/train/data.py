@@ -98,23 +98,26 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
     return fmt, files
 
 
-def document_ids(cfg: DataConfig, path: str, tokenizer, streaming: bool) -> Iterator[list[int]]:
-    """Token ids of every document in file order, each followed by the tokenizer's EOS (pre-tokenised data as is)."""
+def document_ids(cfg: DataConfig, path: str, tokenizer, streaming: bool,
+                 field_override: Optional[str] = None) -> Iterator[list[int]]:
+    """Token ids of every document in file order, each followed by the tokenizer's EOS (pre-tokenised data as is).
+    ``field_override`` reads another pre-tokenised list column instead (per-token labels, data.label_field)."""
     import datasets
     from datasets import load_dataset
 
     datasets.disable_progress_bars()
     fmt, files = resolve_files(path, cfg.format)
     ds = load_dataset(fmt, data_files=files, split="train", streaming=streaming)
-    field = cfg.token_field or cfg.text_field
+    field = field_override or cfg.token_field or cfg.text_field
     columns = ds.column_names if not streaming else None
     if columns is not None and field not in columns:
+        key = "label_field" if field_override else "token_field" if cfg.token_field else "text_field"
         raise ValueError(f"data: the files under {path!r} have no column {field!r} (columns: {columns}); "
-                         f"set data.{'token_field' if cfg.token_field else 'text_field'}")
+                         f"set data.{key}")
     for row in ds:
         if field not in row:
             raise ValueError(f"data: a record in {path!r} has no field {field!r}")
-        if cfg.token_field:
+        if cfg.token_field or field_override:
             yield list(row[field])
         else:
             yield tokenizer.encode(row[field]) + [tokenizer.eos_id]
@@ -220,8 +223,8 @@ class Data:
             yield seq[:, :-1], seq[:, 1:], labels
 
 
-def _packed(cfg: DataConfig, path: str, tokenizer, seq_len: int) -> torch.Tensor:
-    rows = list(pack(document_ids(cfg, path, tokenizer, streaming=False), seq_len))
+def _packed(cfg: DataConfig, path: str, tokenizer, seq_len: int, field_override: Optional[str] = None) -> torch.Tensor:
+    rows = list(pack(document_ids(cfg, path, tokenizer, False, field_override), seq_len))
     if not rows:
         raise ValueError(f"data.path={path!r}: the corpus is shorter than one sequence of train.seq_len + 1 = "
                          f"{seq_len + 1} tokens (empty dataset?)")
@@ -251,11 +254,13 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size="
                          f"{vocab_size}: use a model with a vocabulary at least that large or another tokenizer")
-    val = None
+    val = val_labels = None
     if d.val_path:
         resolve_files(d.val_path, d.format)
         val = _packed(d, d.val_path, tokenizer, t.seq_len)[: d.val_sequences or None]
         _check_vocab(val, vocab_size, f"data.val_path={d.val_path!r}")
+        if d.label_field:  # packed exactly like the tokens, so label j belongs to token j
+            val_labels = _packed(d, d.val_path, None, t.seq_len, d.label_field)[: d.val_sequences or None]
     if d.streaming:
         first = next(pack(document_ids(d, d.path, tokenizer, streaming=True), t.seq_len), None)
         if first is None:
@@ -263,7 +268,8 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
                              f"train.seq_len + 1 = {t.seq_len + 1} tokens (empty dataset?)")
         _check_vocab(torch.tensor(first), vocab_size, f"data.path={d.path!r}")
         factory = lambda: pack(document_ids(d, d.path, tokenizer, streaming=True), t.seq_len)  # noqa: E731
-        return Data(DataLoader(None, t.batch_size, dp_rank, dp_size, d.seed, stream_factory=factory), val, None)
+        return Data(DataLoader(None, t.batch_size, dp_rank, dp_size, d.seed, stream_factory=factory), val,
+                    val_labels)
     seqs = _packed(d, d.path, tokenizer, t.seq_len)
     _check_vocab(seqs, vocab_size, f"data.path={d.path!r}")
     if val is None and d.val_sequences:
@@ -271,14 +277,17 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
             raise ValueError(f"data.path={d.path!r} packs into {seqs.shape[0]} sequences, not more than "
                              f"data.val_sequences={d.val_sequences}: lower it or give data.val_path")
         seqs, val = seqs[: -d.val_sequences], seqs[-d.val_sequences:]
-    return Data(DataLoader(seqs, t.batch_size, dp_rank, dp_size, d.seed, d.shuffle), val, None)
+        if d.label_field:
+            val_labels = _packed(d, d.path, None, t.seq_len, d.label_field)[-d.val_sequences:]
+    return Data(DataLoader(seqs, t.batch_size, dp_rank, dp_size, d.seed, d.shuffle), val, val_labels)
 
 
 def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
                            vocab_size: int, seed: int) -> Path:
     """Writes the generated corpus as train.jsonl / val.jsonl, one sequence per line: {"tokens", "labels"}.
 
-    Train it with data: {kind: files, path: <out>/train.jsonl, val_path: <out>/val.jsonl, token_field: tokens}.
+    Train it with data: {kind: files, path: <out>/train.jsonl, val_path: <out>/val.jsonl, token_field: tokens,
+    label_field: labels} (the labels give validation's true experts by difficulty).
     """
     from moe_train.train.synthetic import LABELS, generate
 

@@ -21,13 +21,7 @@ TINY = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=2, n
             max_seq_len=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP stalls when the machine is shared (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_base(seed: int = 0, **moe) -> torch.nn.Module:

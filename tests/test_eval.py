@@ -21,12 +21,7 @@ DATA = Path(__file__).parent / "data"
 MC, PPL = DATA / "synthetic_mc.jsonl", DATA / "synthetic_ppl.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,18 @@ def test_topk_qwen_convention_keeps_raw_probabilities():
     assert torch.allclose(plan.weight_TK, probs.gather(1, plan.expert_idx_TK), atol=1e-6)
 
 
-def test_null_router_all_null_token_and_renormalisation_over_true_picks():
+def two_by_two_null_router():
+    """2 true + 2 null experts, k=2, null logits = -true logits. Token 0 prefers true experts 0 and 1, token 1
+    the nulls, token 2 one true + one null."""
     r = NullExpertRouter(2, MoEConfig(router="null", num_experts=2, num_null_experts=2, top_k=2))
     with torch.no_grad():
         r.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         r.null_gate.weight.copy_(torch.tensor([[-1.0, 0.0], [0.0, -1.0]]))
-    # token 0 prefers true experts 0 and 1; token 1 prefers the nulls; token 2 one true + one null
-    x = torch.tensor([[2.0, 1.5], [-2.0, -1.5], [2.0, -2.0]])
+    return r, torch.tensor([[2.0, 1.5], [-2.0, -1.5], [2.0, -2.0]])
+
+
+def test_null_router_all_null_token_and_renormalisation_over_true_picks():
+    r, x = two_by_two_null_router()
     plan = r(x)
     idx = plan.expert_idx_TK.tolist()
     assert sorted(idx[0]) == [0, 1]
@@ -66,11 +71,7 @@ def test_null_router_all_null_token_and_renormalisation_over_true_picks():
 
 
 def test_null_router_loss_terms_against_hand_computation():
-    r = NullExpertRouter(2, MoEConfig(router="null", num_experts=2, num_null_experts=2, top_k=2))
-    with torch.no_grad():
-        r.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-        r.null_gate.weight.copy_(torch.tensor([[-1.0, 0.0], [0.0, -1.0]]))
-    x = torch.tensor([[2.0, 1.5], [-2.0, -1.5], [2.0, -2.0]])
+    r, x = two_by_two_null_router()
     plan = r(x)
     logits = [[a, b, -a, -b] for a, b in x.tolist()]
     probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]

@@ -10,7 +10,7 @@ Recipe (no amax history: every scale comes from the tensor being cast, "current 
            the per-row scale gives the range that e5m2 would), w re-cast with one scale per INPUT row (the
            contraction of dgrad runs over O). tensorwise: grad_y in e5m2 (the "HYBRID" format: gradients need range
            more than precision), w with one scale per expert.
-  wgrad    grad_w = x^T @ grad_y in the input precision (bf16 on GPU, fp32 on CPU), never FP8: it sums over every
+  wgrad    grad_w = x^T @ grad_y in the compute dtype (bf16 in bf16 runs, fp32 otherwise), never FP8: it sums over every
            token of an expert, and rowwise scales cannot run along that contraction dim.
 GPU path: rowwise on compute capability >= 9.0 uses one torch._scaled_grouped_mm over all experts (groups padded to
 16 rows, no host sync); otherwise one torch._scaled_mm per expert (a host sync reads the counts). Feature sizes

@@ -11,6 +11,11 @@ Backends (one interface, chosen by name; config ``moe.gemm_backend``):
   fp8_rowwise     FP8 through torch._scaled_mm / torch._scaled_grouped_mm, no TE; rowwise current scaling
   fp8_tensorwise  the same with one scale per tensor (per expert for weights). Recipe: moe_train.kernels.fp8.
 Every backend returns the same [N, O] rows and gradients for x and w (FP8 ones up to FP8 rounding).
+Precision (one rule for every backend, applied in ``grouped_mm`` before dispatch; see ``compute_dtype``): under
+torch.autocast the operands are cast to the autocast dtype (autocast has no rule for torch._grouped_mm or for our
+autograd Functions, so without this fp32 master weights would run the GEMM in fp32); otherwise operands of one
+dtype run in it, and a bf16/fp16 operand meeting an fp32 one runs in the low precision. The result has the compute
+dtype; x and w get gradients in their own dtypes. FP8 backends quantise from the compute dtype; their wgrad runs in it.
 Shape legend: N rows (true assignments), P padded rows, I input features, O output features, E experts.
 """
 
@@ -23,6 +28,28 @@ import torch
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
 
 BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMM runs in for these operands in the current autocast state (see the docstring)."""
+    dev = x_NI.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (x_NI.dtype, w_EIO.dtype):
+        return torch.get_autocast_dtype(dev)  # what autocast does to a matmul's fp32/fp16/bf16 operands
+    if x_NI.dtype == w_EIO.dtype:
+        return x_NI.dtype
+    low = [d for d in (x_NI.dtype, w_EIO.dtype) if d in _LOW]
+    if len(low) == 2:
+        raise ValueError(f"grouped GEMM operands in float16 and bfloat16 (x {x_NI.dtype}, w {w_EIO.dtype}): no "
+                         "common precision; keep activations and expert weights in one low-precision dtype")
+    if low:
+        # bf16 activations meeting fp32 weights (or the reverse) belong to a bf16 run: upcasting would put the
+        # GEMM back in fp32, which is what bf16 training must never do.
+        return low[0]
+    # float32 against float64 (references): the narrower one, as the low-precision case
+    return min((x_NI.dtype, w_EIO.dtype), key=lambda d: torch.finfo(d).bits)
 
 
 def _aligned(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
@@ -56,10 +83,11 @@ def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Te
 # Transformer Engine
 # ----------------------------------------------------------------------------------------------------------------
 
-# One GroupedLinear per expert weight tensor (keyed weakly by the tensor), so that each keeps its own FP8 amax
-# history. The module owns no weights: every call binds views of that call's w_EIO and unbinds them afterwards,
-# so gradients flow to w_EIO through autograd and the module never keeps the weight alive.
-_TE_MODULES: "weakref.WeakKeyDictionary[torch.Tensor, torch.nn.Module]" = weakref.WeakKeyDictionary()
+# One GroupedLinear per expert weight tensor (keyed weakly by the caller's tensor, not by its per-call cast copy)
+# and compute dtype, so that each keeps its own FP8 amax history. The module owns no weights: every call binds views
+# of that call's w_EIO and unbinds them afterwards, so gradients flow to w_EIO through autograd and the module never
+# keeps the weight alive.
+_TE_MODULES: "weakref.WeakKeyDictionary[torch.Tensor, dict[torch.dtype, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 _TE_RECIPE = None
 
 
@@ -83,22 +111,28 @@ def _fp8_autocast(te):
     return te.fp8_autocast(enabled=True, fp8_recipe=_TE_RECIPE)
 
 
-def _te_module(te, w_EIO: torch.Tensor) -> torch.nn.Module:
-    mod = _TE_MODULES.get(w_EIO)
+def _te_module(te, w_EIO: torch.Tensor, dtype: torch.dtype) -> torch.nn.Module:
+    by_dtype = _TE_MODULES.setdefault(w_EIO, {})
+    mod = by_dtype.get(dtype)
     if mod is None:
         E, I, O = w_EIO.shape
-        mod = te.GroupedLinear(E, I, O, bias=False, params_dtype=w_EIO.dtype, device=w_EIO.device)
+        mod = te.GroupedLinear(E, I, O, bias=False, params_dtype=dtype, device=w_EIO.device)
         for e in range(E):  # free TE's own weights: ours are bound per call
             mod._parameters[f"weight{e}"] = None
-        _TE_MODULES[w_EIO] = mod
+        by_dtype[dtype] = mod
     return mod
 
 
-def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, fp8: bool) -> torch.Tensor:
-    te = _te()
+def _require_cuda(x_NI: torch.Tensor, backend: str) -> None:
     if not x_NI.is_cuda:
-        raise ValueError(f"gemm_backend {'te_fp8' if fp8 else 'te'!r} needs CUDA tensors, got {x_NI.device}; "
+        raise ValueError(f"gemm_backend {backend!r} needs CUDA tensors, got {x_NI.device}; "
                          "use gemm_backend: auto on CPU")
+
+
+def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """x_NI already in the compute dtype; w_EIO as the caller holds it (it keys the module), cast here."""
+    te = _te()
+    _require_cuda(x_NI, "te_fp8" if fp8 else "te")
     if fp8:
         check_fp8_shapes(x_NI, w_EIO, "te_fp8")
     if x_NI.shape[0] == 0:
@@ -111,7 +145,7 @@ def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tenso
         x_in, _, pos_N = pad_groups(x_NI, counts_E, ALIGN_ROWS, num_rows=sum(m_splits))
     else:
         m_splits, x_in, pos_N = counts_E.tolist(), x_NI.contiguous(), None  # TE views the input as [-1, I]
-    mod = _te_module(te, w_EIO)
+    mod = _te_module(te, w_EIO, x_NI.dtype)
     # TE wants weight{e} as [O, I] in the activation dtype (it asserts parameter and input dtypes match outside
     # torch autocast); the transpose copy's backward hands the gradient back to w_EIO.
     w_EOI = w_EIO.to(x_NI.dtype).transpose(1, 2).contiguous()
@@ -135,10 +169,15 @@ def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tenso
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y_NO in ``compute_dtype(x_NI, w_EIO)`` on every backend (the casts are differentiable: gradients return to
+    x_NI and w_EIO in their own dtypes, e.g. fp32 master weights)."""
+    dtype = compute_dtype(x_NI, w_EIO)
+    x_NI = x_NI.to(dtype)
+    if backend in ("te", "te_fp8"):  # w cast inside: the caller's tensor keys TE's module (its FP8 amax history)
+        return grouped_mm_te(x_NI, w_EIO, counts_E, fp8=backend == "te_fp8")
+    w_EIO = w_EIO.to(dtype)
     if backend == "loop":
         return grouped_mm_loop(x_NI, w_EIO, counts_E)
-    if backend in ("te", "te_fp8"):
-        return grouped_mm_te(x_NI, w_EIO, counts_E, fp8=backend == "te_fp8")
     if backend in ("fp8_rowwise", "fp8_tensorwise"):
         return grouped_mm_fp8(x_NI, w_EIO, counts_E, scaling=backend.removeprefix("fp8_"))
     if backend not in BACKENDS:

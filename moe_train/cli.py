@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_train.config import ConfigError
+from moe_train.config import NULL_TIE_BREAKS, ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -14,6 +14,12 @@ def _train(args: argparse.Namespace) -> None:
     from moe_train.config import load_config
     from moe_train.parallel.launch import apply_launch_env, topology_from_env
 
+    if args.miniature and not args.dry_run:
+        from moe_train.miniature import run_miniature
+
+        apply_launch_env()
+        run_miniature(args.config, args.set, "train")
+        return
     cfg = load_config(args.config, args.set)
     if args.dry_run:
         topo = topology_from_env(os.environ, cfg.parallel.ep, cfg.model.moe.num_experts, args.procs_per_node,
@@ -30,7 +36,7 @@ def _convert(args: argparse.Namespace) -> None:
     from moe_train.io.convert import convert_to_adamoe
 
     dst = convert_to_adamoe(args.src, args.dst, num_null_experts=args.num_null_experts, top_k=args.top_k,
-                            baseline_top_k=args.baseline_top_k)
+                            baseline_top_k=args.baseline_top_k, null_tie_break=args.null_tie_break)
     print(f"wrote AdaMoE model to {dst}")
 
 
@@ -38,6 +44,13 @@ def _adak(args: argparse.Namespace) -> None:
     from moe_train.config import load_config
     from moe_train.train.adak import train_adak
 
+    if args.miniature:
+        from moe_train.miniature import run_miniature
+        from moe_train.parallel.launch import apply_launch_env
+
+        apply_launch_env()
+        run_miniature(args.config, args.set, "adak")
+        return
     cfg = load_config(args.config, args.set)
     train_adak(cfg)
 
@@ -58,6 +71,10 @@ def _generate_data(args: argparse.Namespace) -> None:
           f"val_path: {out / 'val.jsonl'}, token_field: tokens, label_field: labels}}")
 
 
+MINIATURE_HELP = ("run this config at its real world size and mesh with tiny dimensions on CPU (gloo): spawns the "
+                  "ranks itself, or runs under torchrun/srun/mpirun; see moe_train/miniature.py")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procs-per-node", type=int, default=None,
                    help="processes (GPUs) per node for --dry-run when the environment does not say")
     p.add_argument("--nnodes", type=int, default=None, help="nodes for --dry-run when the environment does not say")
+    p.add_argument("--miniature", action="store_true", help=MINIATURE_HELP)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate-data", help="write the difficulty-labelled synthetic corpus as jsonl files")
@@ -88,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-null-experts", type=int, required=True, help="m null experts (a multiple of n)")
     p.add_argument("--top-k", type=int, required=True, help="new k over true + null experts (AdaMoE Mixtral: 4)")
     p.add_argument("--baseline-top-k", type=int, default=None, help="FLOPs baseline k (default: the model's k)")
+    p.add_argument("--null-tie-break", default="true_first", choices=NULL_TIE_BREAKS,
+                   help="true_first (default): function-preserving conversion, refused where it cannot be; topk: the "
+                        "AdaMoE authors' exact twins with torch.topk's tie order (moe_train/io/convert.py)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("adak", help="Ada-K: warm-start then PPO-train per-layer k allocators on a frozen MoE model")
     p.add_argument("--config", required=True, help="YAML config with an adak section, e.g. configs/tiny_adak.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set adak.penalty=0.01 (repeatable)")
+    p.add_argument("--miniature", action="store_true", help=MINIATURE_HELP)
     p.set_defaults(func=_adak)
 
     p = sub.add_parser("eval", help="evaluate a model: multiple choice / perplexity tasks, experts per token, FLOPs")
@@ -122,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

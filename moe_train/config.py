@@ -24,6 +24,14 @@ class ConfigError(ValueError):
 
 
 ROUTERS = ("topk", "null", "adak")
+# How the null router ranks experts of EXACTLY equal score (AdaMoE's twin-initialised null gates tie bit for bit
+# with their true expert after conversion). The one list of allowed values; routing/topk.py:select_topk applies it.
+#   true_first: a stable descending sort, so at equal score a true expert ranks before every null expert (and a
+#               lower index before a higher one): deterministic on every device and dtype, and a converted top-k
+#               model is function-preserving before training (moe_train/io/convert.py checks when it can be).
+#   topk:       torch.topk decides, as the authors' code does: with exact twins the number of true experts a token
+#               gets at step 0 depends on the device and dtype (e.g. ~1.25-1.45 instead of 2 for Mixtral, m=16, k=4).
+NULL_TIE_BREAKS = ("true_first", "topk")
 FAMILIES = ("mixtral", "qwen2_moe")
 DROP_POLICIES = ("weight", "position")
 SCHEDULES = ("cosine", "constant")
@@ -44,6 +52,8 @@ class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
     num_null_experts: int = 0
+    # Null router: order of exactly tied scores, one of NULL_TIE_BREAKS (see there); "topk" is the authors' behaviour.
+    null_tie_break: str = "true_first"
     # Gate convention: renormalise the picked (true) weights to sum to one. Mixtral: True; Qwen1.5-MoE: False.
     norm_topk_prob: bool = True
     # Ada-K action space: k in [k_min, k_max]; k_max defaults to num_experts. k_min=0 allows tokens with no expert.
@@ -172,6 +182,9 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree (borrowed from data parallel)
+    # The world size this config is written for (e.g. 16 = dp 2 x ep 8). A launch of another size fails at start
+    # with a clear error; --miniature runs this many ranks. None = any world size (a multiple of ep).
+    world_size: Optional[int] = None
     # Seconds to reach MASTER_ADDR:MASTER_PORT before failing with a clear error, and for any collective.
     rendezvous_timeout_s: float = 60.0
     collective_timeout_s: float = 600.0
@@ -195,8 +208,8 @@ class AdaKConfig:
 
     k_min: int = 1  # whether the paper allows k=0 is unverified
     k_max: Optional[int] = None  # None = num_experts
-    # dtype of the loaded model, allocators included: float32 (CPU: bf16 matmul is ~100x slower there) | bfloat16
-    # (the paper's precision, GPU) | stored (a Hugging Face folder's own dtype)
+    # dtype of the frozen base: float32 (CPU: bf16 matmul is ~100x slower there) | bfloat16 (the paper's precision,
+    # GPU) | stored (a Hugging Face folder's own dtype). The allocators are always fp32 master weights computed in fp32.
     dtype: str = "float32"
     lr: float = 1e-3  # AdamW, constant (paper Table 11), both stages
     weight_decay: float = 0.1
@@ -305,7 +318,15 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections model/train/data/parallel")
-    for item in overrides or []:
+    _set_keys(data, overrides or [])
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _set_keys(data: dict, overrides: list[str]) -> None:
+    """Applies ``key.sub=value`` overrides (values parsed as YAML) to a config mapping, in place."""
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.steps=10")
         key, raw = item.split("=", 1)
@@ -316,9 +337,15 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
-    cfg = from_dict(Config, data)
-    validate(cfg)
-    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new validated Config: ``cfg`` with ``key.sub=value`` overrides applied (as load_config does)."""
+    data = to_dict(cfg)
+    _set_keys(data, overrides)
+    out = from_dict(Config, data)
+    validate(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,6 +392,8 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
     if e.num_null_experts > 0 and e.router != "null":
         _fail(f"{p}.num_null_experts", e.num_null_experts,
               f"null experts need router: null (router is {e.router!r}); set num_null_experts: 0 or router: null")
+    if e.null_tie_break not in NULL_TIE_BREAKS:
+        _fail(f"{p}.null_tie_break", e.null_tie_break, f"one of {NULL_TIE_BREAKS} (see NULL_TIE_BREAKS in config.py)")
     pickable = e.num_experts + (e.num_null_experts if e.router == "null" else 0)
     if not 1 <= e.top_k <= pickable:
         what = "true + null experts" if e.router == "null" else "experts"
@@ -380,9 +409,13 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         if e.router != "null":
             _fail(f"{p}.target_true_experts", e.target_true_experts,
                   f"a compute budget steers null experts: needs router: null (router is {e.router!r})")
-        hi = min(e.top_k, e.num_experts)
-        if not 0 < e.target_true_experts <= hi:
-            _fail(f"{p}.target_true_experts", e.target_true_experts, f"must be in (0, min(top_k, num_experts)={hi}]")
+        # k picks over n true + m null experts: a token uses between max(0, k - m) and min(k, n) true experts;
+        # a target outside that range can never be met and the controller would only saturate.
+        lo, hi = max(0, e.top_k - e.num_null_experts), min(e.top_k, e.num_experts)
+        if not (math.isfinite(e.target_true_experts) and lo <= e.target_true_experts <= hi):
+            _fail(f"{p}.target_true_experts", e.target_true_experts,
+                  f"must be in [{lo}, {hi}] = [max(0, top_k - num_null_experts), min(top_k, num_experts)] (top_k="
+                  f"{e.top_k} picks over {e.num_experts} true + {e.num_null_experts} null experts)")
     for key in ("budget_kp", "budget_ki"):
         if getattr(e, key) < 0:
             _fail(f"{p}.{key}", getattr(e, key), "must be >= 0")
@@ -465,6 +498,9 @@ def validate(cfg: Config) -> None:
     e = cfg.parallel.ep
     if e < 1:
         _fail("parallel.ep", e, "must be >= 1")
+    w = cfg.parallel.world_size
+    if w is not None and (w < 1 or w % e):
+        _fail("parallel.world_size", w, f"must be a positive multiple of parallel.ep={e} (or null: any size)")
     if e > cfg.model.moe.num_experts or cfg.model.moe.num_experts % e:
         _fail("parallel.ep", e, f"must divide model.moe.num_experts={cfg.model.moe.num_experts}")
     validate_adak(cfg.adak, cfg.model.moe)

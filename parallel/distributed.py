@@ -137,6 +137,11 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
     validate_layout(world, cfg.ep, num_experts)
+    if cfg.world_size is not None and world != cfg.world_size:
+        raise ValueError(f"WORLD_SIZE={world} but this config is written for parallel.world_size={cfg.world_size} "
+                         f"ranks (dp {cfg.world_size // cfg.ep} x ep {cfg.ep}): launch {cfg.world_size} processes, "
+                         f"add --miniature to try the layout on this machine, or --set parallel.world_size=null "
+                         f"to run at another size")
     device, backend = _pick_device(local_rank)
     if world == 1:
         return ParallelContext(local_rank=local_rank, device=device, global_aux_loss=cfg.global_aux_loss)

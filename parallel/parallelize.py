@@ -1,8 +1,8 @@
 """Applies expert + data parallelism to a plain model, and the helpers a distributed training loop needs.
 
 parallelize_model(model, ctx), on every rank, with the same full model on every rank (same seed or checkpoint):
-  1. each MoE layer keeps only its expert shard: experts [ep_rank*L, (ep_rank+1)*L) of the stacked weights, and
-     gets an AllToAllDispatcher over the ep group (ep > 1);
+  1. each MoE layer keeps only its expert shard: experts [ep_rank*L, (ep_rank+1)*L) of every stacked per-expert
+     tensor (base weights and LoRA adapters alike), and gets an AllToAllDispatcher over the ep group (ep > 1);
   2. optional global aux loss: a forward hook on every router replaces plan.aux_loss by the loss computed from
      the per-expert counts summed over all ranks (the probabilities stay local);
   3. gradient reduction by FSDP2 ``fully_shard`` with two meshes (the torchtitan layout):
@@ -15,6 +15,8 @@ parallelize_model(model, ctx), on every rank, with the same full model on every 
      averaging it over the edp group alone would leave it ep times too large; its divide factor is therefore the
      world size: grad = (1/world) * sum over all ranks of d loss_r / dW, the same as for every other parameter.
      On gloo (no PREMUL_SUM) the expert reduction is a plain sum followed by the division.
+     Precision: ``param_dtype=torch.bfloat16`` sets MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on every
+     fully_shard call (torchtitan's mixed precision; the caller runs no autocast); None keeps the parameters' dtype.
 
 Under FSDP2 every parameter is a DTensor shard; each element of every parameter lives on exactly one rank (non-
 expert parameters: Shard(0) over the world; experts: Shard(0) over edp x disjoint over ep). clip_grad_norm_ uses
@@ -32,13 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_train.model.experts import GroupedExperts
+from moe_train.model.experts import ExpertShard, GroupedExperts
 from moe_train.model.moe_layer import MoELayer
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext, validate_layout
 from moe_train.routing.balancing import load_balancing_loss
-
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -81,16 +81,18 @@ def _check_replicas_identical(model: nn.Module, ctx: ParallelContext) -> None:
 
 @torch.no_grad()
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
-    """Keeps experts [ep_rank*L, (ep_rank+1)*L) of the stacked weights (L = E/ep) as new parameters."""
+    """Keeps experts [ep_rank*L, (ep_rank+1)*L) (L = E/ep) of EVERY stacked per-expert tensor of the module (the base
+    weights and e.g. LoRA adapters alike: GroupedExperts.stacked_parameters) as new parameters, and records the block
+    in ``experts.ep_shard`` (gathering and checkpointing read it)."""
+    assert experts.ep_shard is None, "experts are already sharded"
     E = experts.num_experts
+    assert E % ep_size == 0, (E, ep_size)  # validate_layout checked the config
     L = E // ep_size
     lo = ep_rank * L
-    for name in EXPERT_WEIGHTS:
-        p = getattr(experts, name)
+    for name, p in experts.stacked_parameters():
         setattr(experts, name, nn.Parameter(p.detach()[lo:lo + L].clone(), requires_grad=p.requires_grad))
     experts.num_experts = L
-    experts.num_global_experts = E  # read by full_state_dict
-    experts.expert_offset = lo
+    experts.ep_shard = ExpertShard(num_global=E, offset=lo)
 
 
 def _global_aux_hook(ctx: ParallelContext):
@@ -118,31 +120,53 @@ def _global_aux_hook(ctx: ParallelContext):
     return hook
 
 
-def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer]) -> None:
+def mixed_precision_policy(param_dtype: Optional[torch.dtype]):
+    """FSDP2's policy for a compute dtype (torchtitan's): parameters all-gathered and computed in ``param_dtype``,
+    gradients reduced in fp32, sharded masters and optimizer state in the parameters' own dtype (fp32). None (or
+    float32): no policy, everything in the parameters' dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype is None or param_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    if param_dtype != torch.bfloat16:
+        # fp16 would also need loss scaling, which the trainer does not do
+        raise ValueError(f"parallelize_model(param_dtype={param_dtype}): use torch.bfloat16, or None / torch.float32 "
+                         "for full precision")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer],
+                param_dtype: Optional[torch.dtype] = None) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from torch.distributed.tensor import Shard
 
     edp_mesh = ctx.mesh["dp"]
+    mp = mixed_precision_policy(param_dtype)  # the same policy on every unit: one compute dtype for the model
     for layer in layers:
         # Experts shard on dim 1 (D or F) over the edp mesh, not dim 0: dim 0 is already split over ep, and keeping
         # the two splits on different dims makes each expert weight an ordinary 2-D DTensor (Shard(1) over dp,
         # Shard(0) over ep; moe_train/train/resume.py) that DCP saves and reshards; it also works with fewer local
         # experts than edp ranks (torchtitan does the same).
-        fully_shard(layer.experts, mesh=edp_mesh, shard_placement_fn=lambda p: Shard(1))
+        fully_shard(layer.experts, mesh=edp_mesh, shard_placement_fn=lambda p: Shard(1), mp_policy=mp)
         layer.experts.set_gradient_divide_factor(float(ctx.world_size))  # see the module docstring: scale
         if ctx.backend == "gloo" and ctx.edp_size > 1:
             # gloo has no PREMUL_SUM: sum, then divide. (Not on a 1-rank mesh: torch 2.13 would divide twice there,
             # once in its no-communication copy and once more as the post-division.)
             layer.experts.set_force_sum_reduction_for_comms(True)
-    fully_shard(model, mesh=ctx.world_mesh)
+    fully_shard(model, mesh=ctx.world_mesh, mp_policy=mp)
 
 
-def parallelize_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+def parallelize_model(model: nn.Module, ctx: ParallelContext, param_dtype: Optional[torch.dtype] = None
+                      ) -> nn.Module:
     """Expert shards + all-to-all dispatchers + FSDP2 gradient reduction (see the module docstring). In place;
-    returns the model. A single-process context returns it unchanged."""
+    returns the model. ``param_dtype=torch.bfloat16``: bf16 mixed precision by FSDP2's MixedPrecisionPolicy (bf16
+    all-gather and compute, fp32 gradient reduction, fp32 masters); run the forward WITHOUT torch.autocast then.
+    None keeps the parameters' dtype. A single-process context returns the model unchanged (and the caller uses
+    torch.autocast for bf16: there is no all-gather to cast)."""
     if not ctx.distributed:
         return model
+    mixed_precision_policy(param_dtype)  # a bad dtype fails before any sharding
     layers = moe_layers(model)
     if not layers:
         raise ValueError("parallelize_model found no MoELayer in the model")
@@ -159,7 +183,7 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
             layer.dispatcher = AllToAllDispatcher(ctx.ep_group, E, layer.dispatcher.permute_backend)
         if ctx.global_aux_loss:
             layer.router.register_forward_hook(_global_aux_hook(ctx))
-    _apply_fsdp(model, ctx, layers)
+    _apply_fsdp(model, ctx, layers, param_dtype)
     return model
 
 
@@ -192,10 +216,11 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, ctx: Pa
 
 
 def _expert_param_names(model: nn.Module) -> set[str]:
+    """Fully qualified names of every ep-sharded stacked expert tensor (base weights, LoRA adapters, ...)."""
     names = set()
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, GroupedExperts) and hasattr(mod, "num_global_experts"):
-            names.update(f"{mod_name}.{w}" if mod_name else w for w in EXPERT_WEIGHTS)
+        if isinstance(mod, GroupedExperts) and mod.ep_shard is not None:
+            names.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.stacked_parameters())
     return names
 
 
@@ -234,11 +259,11 @@ def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[tor
 
 
 def checkpoint_view(model_sd: dict, optim_sd: dict, model: nn.Module, ctx: ParallelContext) -> tuple[dict, dict]:
-    """The state dicts as DCP should see them: every expert tensor (weights and their optimizer moments) as a 2-D
-    DTensor over the (dp, ep) mesh with its GLOBAL shape [E, ...] (Shard(1) over dp from FSDP, Shard(0) over ep
-    from the expert split), aliasing the local shard. Without this, the ep ranks' different expert blocks would
-    share one name and shape and DCP would keep only one of them. Other entries pass through unchanged; a
-    checkpoint saved this way loads at any world size and ep (DCP reshards)."""
+    """The state dicts as DCP should see them: every stacked expert tensor (base weights and LoRA adapters, and their
+    optimizer moments) as a 2-D DTensor over the (dp, ep) mesh with its GLOBAL shape [E, ...] (Shard(1) over dp from
+    FSDP, Shard(0) over ep from the expert split), aliasing the local shard. Without this, the ep ranks' different
+    expert blocks would share one name and shape and DCP would keep only one of them. Other entries pass through
+    unchanged; a checkpoint saved this way loads at any world size and ep (DCP reshards)."""
     if not ctx.distributed or ctx.ep_size == 1:
         return model_sd, optim_sd
     from torch.distributed.tensor import DTensor, Shard

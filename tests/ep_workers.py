@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn_name: str, world: int, out_dir, **kwargs) -> list:
-    """Runs ``fn_name(**kwargs)`` on ``world`` gloo ranks; returns each rank's result."""
+def spawn(fn_name, world: int, out_dir, **kwargs) -> list:
+    """Runs ``fn_name(**kwargs)`` on ``world`` gloo ranks; returns each rank's result. ``fn_name``: a function of
+    this module by name, or a module-level function of another test module (pickled by reference)."""
     import torch.multiprocessing as mp
 
     port = free_port()
@@ -42,7 +43,7 @@ def _entry(rank, world, port, fn_name, kwargs, out_dir):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        result = globals()[fn_name](**kwargs)
+        result = (globals()[fn_name] if isinstance(fn_name, str) else fn_name)(**kwargs)
     except Exception:
         traceback.print_exc()
         raise
@@ -307,3 +308,74 @@ def train_run(cfg_dict: dict) -> dict:
     validate(cfg)
     record = train(cfg)
     return {"record": record, "initialized_after": dist.is_initialized()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mixed precision: the trainer under FSDP2, recording the dtypes that reach the kernels and the collectives
+
+
+def precision_runs(cfg_dicts: list[dict]) -> dict:
+    """One trainer run per config on one process group, keyed by train.precision. Records the operand dtypes of
+    torch._grouped_mm (the expert GEMMs at these sizes), whether autocast was on there, the dtypes of FSDP's
+    all-gathers / reduce-scatters and of the dispatcher's row all-to-alls, and the parameter, gradient and
+    optimizer-state dtypes after the last step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from moe_train.config import Config, from_dict, validate
+    from moe_train.parallel.distributed import init_distributed
+    from moe_train.train import trainer as trainer_mod
+
+    cfgs = [from_dict(Config, copy.deepcopy(c)) for c in cfg_dicts]
+    for c in cfgs:
+        validate(c)
+    ctx = init_distributed(cfgs[0].parallel, cfgs[0].model.moe.num_experts)
+    real = {"gmm": torch._grouped_mm, "ag": dist.all_gather_single, "rs": dist.reduce_scatter_single,
+            "a2a": dist.all_to_all_single, "opt": trainer_mod.build_optimizer}
+    out = {}
+    for cfg in cfgs:
+        seen: dict = {k: set() for k in ("gemm", "autocast", "ag", "rs", "a2a")}
+        held: dict = {}
+
+        def floats(*ts):
+            return {str(t.dtype) for t in ts if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+        def gmm(x, w, *a, **kw):
+            seen["gemm"] |= floats(x, w)
+            seen["autocast"].add(torch.is_autocast_enabled(x.device.type))
+            return real["gmm"](x, w, *a, **kw)
+
+        def ag(output_tensor, input_tensor, *a, **kw):
+            seen["ag"] |= floats(input_tensor)
+            return real["ag"](output_tensor, input_tensor, *a, **kw)
+
+        def rs(output, input, *a, **kw):
+            seen["rs"] |= floats(input)
+            return real["rs"](output, input, *a, **kw)
+
+        def a2a(output, input, *a, **kw):
+            seen["a2a"] |= floats(input)
+            return real["a2a"](output, input, *a, **kw)
+
+        def spy(model, cfg_, device):
+            held["model"], held["opt"] = model, real["opt"](model, cfg_, device)
+            return held["opt"]
+
+        torch._grouped_mm, dist.all_gather_single, dist.reduce_scatter_single = gmm, ag, rs
+        dist.all_to_all_single, trainer_mod.build_optimizer = a2a, spy
+        try:
+            trainer_mod.train(cfg, ctx)
+        finally:
+            torch._grouped_mm, dist.all_gather_single, dist.reduce_scatter_single = real["gmm"], real["ag"], real["rs"]
+            dist.all_to_all_single, trainer_mod.build_optimizer = real["a2a"], real["opt"]
+        model, opt = held["model"], held["opt"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        out[cfg.train.precision] = {
+            "fsdp": isinstance(model, FSDPModule),
+            "param_dtypes": sorted(floats(*params)),
+            "grad_dtypes": sorted(floats(*(p.grad for p in params))),
+            "optim_state_dtypes": sorted(floats(*(v for s in opt.state.values() for k, v in s.items() if k != "step"))),
+            "gemm_dtypes": sorted(seen["gemm"]), "autocast_in_gemm": any(seen["autocast"]),
+            "all_gather_dtypes": sorted(seen["ag"]), "reduce_scatter_dtypes": sorted(seen["rs"]),
+            "all_to_all_row_dtypes": sorted(seen["a2a"]),
+        }
+    return out

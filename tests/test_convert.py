@@ -53,8 +53,11 @@ def files(path):
 @pytest.mark.parametrize("family,m,k,baseline", [("mixtral", 8, 4, None), ("qwen2_moe", 4, 3, 1)])
 def test_convert_to_adamoe(tmp_path, family, m, k, baseline):
     ref = save_hf(tmp_path / "src", family)
+    # Qwen keeps raw probabilities (norm_topk_prob false): only the authors' tie rule converts it (not
+    # function-preserving); Mixtral n=4, m=8, k=4 starts at ceil(4/3) = 2 true experts, its own top-2
+    tie_break = "true_first" if family == "mixtral" else "topk"
     out = convert_to_adamoe(tmp_path / "src", tmp_path / "dst", num_null_experts=m, top_k=k,
-                            baseline_top_k=baseline)
+                            baseline_top_k=baseline, null_tie_break=tie_break)
     assert out == (tmp_path / "dst").absolute()
     src, dst = files(tmp_path / "src"), files(tmp_path / "dst")
     prefix = "block_sparse_moe." if family == "mixtral" else "mlp."
@@ -73,6 +76,7 @@ def test_convert_to_adamoe(tmp_path, family, m, k, baseline):
     assert hf["moe_train"]["router"] == "null"
     assert (hf["moe_train"]["num_null_experts"], hf["moe_train"]["top_k"]) == (m, k)
     assert hf["moe_train"]["baseline_top_k"] == want_baseline
+    assert hf["moe_train"]["null_tie_break"] == tie_break
     assert (hf["bos_token_id"], hf["eos_token_id"]) == (1, 2)
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"toy": true}'
 

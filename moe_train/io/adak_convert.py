@@ -2,7 +2,9 @@
 
 Every layer's top-k router becomes an AdaKRouter holding the SAME gate W_g and a new bias-free allocator
 W_p [A, D] over k in [k_min, k_max] (A = k_max - k_min + 1). The allocator starts at zero (a uniform policy over
-k) and is trained by the warm start and PPO (moe_train.train.adak); everything else is untouched. The base
+k) and is trained by the warm start and PPO (moe_train.train.adak); everything else is untouched. The allocator is
+created in fp32 whatever the model's dtype: it is the master weight the optimizer updates (a bf16 weight would lose
+updates below bf16 resolution, e.g. weight decay 0.1 at lr 1e-3), and the router computes it in fp32. The base
 model's top_k stays in the config as the FLOPs baseline (``baseline_top_k``).
 
     add_allocators(model, k_min, k_max)    in place on a loaded model (returns it)
@@ -49,7 +51,12 @@ def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> M
 
 
 def add_allocators(model: MoETransformer, k_min: int = 1, k_max: Optional[int] = None) -> MoETransformer:
-    """Replaces every top-k router with an AdaKRouter (same gate weights, zero allocator: a uniform policy), updates
-    ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
+    """Replaces every top-k router with an AdaKRouter (same gate weights, zero fp32 allocator: a uniform policy),
+    updates ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
     new_moe = check_adak_conversion(model.config.moe, k_min, k_max)
-    return swap_routers(model, new_moe, AdaKRouter, lambda old, new: new.allocator.weight.zero_())
+
+    def init(old, new):
+        new.allocator.float()  # fp32 master weight on any model dtype (module docstring)
+        new.allocator.weight.zero_()
+
+    return swap_routers(model, new_moe, AdaKRouter, init)

@@ -1,9 +1,20 @@
 """AdaMoE conversion (arXiv 2406.13233): turn a pretrained top-k MoE into a null-expert model.
 
 Every layer's top-k router becomes a NullExpertRouter with the SAME true gate W_g, m null experts whose gate is
-W_null = W_g repeated m/n times (each true expert starts with m/n null twins of equal logit), and a larger k over
+W_null = W_g repeated r = m/n times (each true expert starts with r null twins of equal logit), and a larger k over
 the n + m experts. The experts, attention and embeddings are untouched. baseline_top_k (the FLOPs baseline)
 defaults to the original k; e.g. Mixtral-8x7B: n=8, top-2 -> m=16, k=4, baseline 2.
+
+Function preservation (``null_tie_break``, config.NULL_TIE_BREAKS). Twins tie bit for bit (the router computes
+true and null logits in one GEMM). Under the default ``true_first`` a true expert ranks before its twins, so before
+any training a token picks its best true expert, that expert's r twins, its second true expert, ...: ceil(k/(r+1))
+true experts, the original router's best ones, with the original gates once renormalised over the true picks. The
+converted model then computes the original model's function exactly when ceil(k/(r+1)) equals the original top_k
+and the gates are renormalised (norm_topk_prob); any other request is refused with the values that would work.
+``null_tie_break="topk"`` is the authors' recipe as released: the same exact twins, ties left to torch.topk (the
+true experts a token gets at step 0 then depend on device and dtype), and no such check. An aux-loss-free expert
+bias carried over from the source shifts the true scores but not their twins', so the step-0 selection then differs
+from the source's by that bias (logged).
 
     add_null_experts(model, m, k)                 in place on a loaded model (returns it)
     convert_to_adamoe(src, dst, m, k)             Hugging Face folder -> converted Hugging Face folder
@@ -14,15 +25,19 @@ Shape legend: E = n true experts, Z = m null experts, D hidden.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from moe_train.config import ConfigError, MoEConfig, validate_moe
+from moe_train.config import NULL_TIE_BREAKS, ConfigError, MoEConfig, validate_moe
 from moe_train.io.hf import config_from_hf, from_hf, read_hf_config, stored_dtype, to_hf
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.null_experts import NullExpertRouter
+
+logger = logging.getLogger(__name__)
 
 # config.json keys of the source that the export does not produce but a converted model should keep.
 _CARRIED_HF_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -32,9 +47,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int,
-                     baseline_top_k: Optional[int] = None) -> MoEConfig:
-    """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
+def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline_top_k: Optional[int] = None,
+                     null_tie_break: str = "true_first") -> MoEConfig:
+    """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done). Under
+    ``null_tie_break="true_first"`` the conversion must be function-preserving (module docstring)."""
     n = moe.num_experts
     if moe.router != "topk":
         raise ValueError(f"AdaMoE conversion starts from a top-k model; this model's router is {moe.router!r}"
@@ -51,8 +67,25 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int,
     if not _is_int(baseline) or not 1 <= baseline <= n:
         raise ValueError(f"baseline_top_k={baseline_top_k!r} must be an integer in [1, {n}] (the top-k the FLOPs "
                          f"are reported against; default: the original top_k={moe.top_k})")
+    if null_tie_break not in NULL_TIE_BREAKS:
+        raise ValueError(f"null_tie_break={null_tie_break!r} must be one of {NULL_TIE_BREAKS}")
+    if null_tie_break == "true_first":
+        r = num_null_experts // n
+        start = math.ceil(top_k / (r + 1))  # true experts per token before training (module docstring)
+        authors = ("null_tie_break='topk' (model.moe.null_tie_break: topk, moe-train convert --null-tie-break "
+                   "topk: the authors' exact twins, not function-preserving)")
+        if not moe.norm_topk_prob:
+            raise ValueError("this model keeps its raw top-k probabilities (norm_topk_prob false), which the softmax "
+                             f"over {n} + {num_null_experts} experts scales by 1/{r + 1}: the conversion cannot be "
+                             f"function-preserving; to convert anyway pass {authors}")
+        if start != moe.top_k:
+            raise ValueError(
+                f"top_k={top_k} with {num_null_experts} null experts ({r} twins per true expert) is not "
+                f"function-preserving: a token starts with ceil({top_k}/{r + 1}) = {start} true experts, not this "
+                f"model's top_k={moe.top_k}; use top_k in [{(moe.top_k - 1) * (r + 1) + 1}, {moe.top_k * (r + 1)}] "
+                f"for {num_null_experts} null experts, or pass {authors}")
     new = dataclasses.replace(moe, router="null", num_null_experts=num_null_experts, top_k=top_k,
-                              baseline_top_k=baseline)
+                              baseline_top_k=baseline, null_tie_break=null_tie_break)
     try:
         validate_moe(new)
     except ConfigError as e:
@@ -81,22 +114,27 @@ def swap_routers(model: MoETransformer, new_moe: MoEConfig, router_cls, init) ->
 
 
 def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
-                     baseline_top_k: Optional[int] = None) -> MoETransformer:
+                     baseline_top_k: Optional[int] = None, null_tie_break: str = "true_first") -> MoETransformer:
     """Replaces every layer's top-k router with a NullExpertRouter (true gate kept, null gate = W_g repeated m/n
-    times), updates ``model.config``, and returns the same model."""
-    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k)
+    times), updates ``model.config``, and returns the same model. Function-preserving under the default
+    ``null_tie_break`` (else ValueError, see the module docstring)."""
+    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k, null_tie_break)
 
     def init(old, new):
         new.init_null_gate_from_true()
         new.null_gate.weight.requires_grad_(old.gate.weight.requires_grad)
         if old.expert_bias is not None:  # aux-loss-free balancing state carries over to the true experts
             new.expert_bias.copy_(old.expert_bias)
+            if null_tie_break == "true_first" and bool(old.expert_bias.any()):
+                logger.warning("the source's expert bias carries over to the true experts but not to their null "
+                               "twins: the converted model's step-0 selection differs from the source's by it")
 
     return swap_routers(model, new_moe, NullExpertRouter, init)
 
 
 def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_experts: int, top_k: int,
-                      baseline_top_k: Optional[int] = None, max_shard_size: Union[int, str] = "5GB") -> Path:
+                      baseline_top_k: Optional[int] = None, max_shard_size: Union[int, str] = "5GB",
+                      null_tie_break: str = "true_first") -> Path:
     """Hugging Face top-k checkpoint ``src`` -> AdaMoE checkpoint ``dst`` (from_hf + add_null_experts + to_hf).
 
     Arguments are validated against src's config.json before any weight is read. Weights keep their stored
@@ -105,8 +143,9 @@ def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_exp
     """
     src, dst = Path(src), Path(dst)
     hf = read_hf_config(src)
-    check_conversion(config_from_hf(hf, str(src / "config.json")).moe, num_null_experts, top_k, baseline_top_k)
+    check_conversion(config_from_hf(hf, str(src / "config.json")).moe, num_null_experts, top_k, baseline_top_k,
+                     null_tie_break)
     model = from_hf(src, dtype=stored_dtype(src))
-    add_null_experts(model, num_null_experts, top_k, baseline_top_k)
+    add_null_experts(model, num_null_experts, top_k, baseline_top_k, null_tie_break)
     extra = {key: hf[key] for key in _CARRIED_HF_KEYS if key in hf}
     return to_hf(model, dst, max_shard_size=max_shard_size, extra_config=extra, carry_from=[src])

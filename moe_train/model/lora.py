@@ -45,6 +45,7 @@ class LoRAGroupedExperts(GroupedExperts):
     def __init__(self, base: GroupedExperts, rank: int, alpha: float):
         nn.Module.__init__(self)
         self.num_experts, self.backend = base.num_experts, base.backend
+        self.ep_shard = base.ep_shard  # wrapping an expert shard: the adapters below are stacked over its block
         self.w_gate, self.w_up, self.w_down = base.w_gate, base.w_up, base.w_down
         self.scale = alpha / rank
         E, D, Fw = base.w_gate.shape
@@ -70,7 +71,7 @@ class LoRAGroupedExperts(GroupedExperts):
     def merged(self) -> GroupedExperts:
         plain = GroupedExperts.__new__(GroupedExperts)
         nn.Module.__init__(plain)
-        plain.num_experts, plain.backend = self.num_experts, self.backend
+        plain.num_experts, plain.backend, plain.ep_shard = self.num_experts, self.backend, self.ep_shard
         for name in ("gate", "up", "down"):
             w = getattr(self, f"w_{name}")
             w += torch.bmm(getattr(self, f"lora_{name}_A"), getattr(self, f"lora_{name}_B")) * self.scale

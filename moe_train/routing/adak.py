@@ -8,6 +8,15 @@
 The allocator is one bias-free linear map per layer (Qwen1.5-MoE: 2048 * 60 * 24 layers = 2.95M parameters).
 Modes: ``greedy`` (argmax), ``sample`` (a ~ P), ``forced`` (use ``forced_action_T``, to recompute log-probs of
 stored actions in PPO epochs).
+Sampling is by inverse CDF: a = the number of actions whose cumulative probability is below u, for one uniform
+u in [0, 1) per token. The trainer passes the uniforms (``uniform_T``), drawn for the whole global batch from one
+generator, so the sampled actions do not depend on how the batch is split over ranks (moe_train/train/adak.py);
+without them the global torch RNG supplies u.
+Precision: the allocator always computes in fp32 (the hidden state is upcast, the weight is read as fp32: the
+trainer keeps it as an fp32 master weight even on a bf16 model), and so do log pi and the entropy; the gate
+keeps the model's dtype (its probabilities are fp32 as for every router).
+The plan carries the full allocator log-probabilities as ``extras["allocator_log_probs_TA"]`` (differentiable in
+W_p), for the warm start's cross-entropy.
 Shape legend: T tokens, D hidden, E true experts, K = k_max slots, A actions.
 """
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import MoEConfig
@@ -37,22 +47,35 @@ class AdaKRouter(nn.Module):
         self.allocator = nn.Linear(hidden_size, self.k_max - self.k_min + 1, bias=False)
         self.mode = "greedy"
         self.forced_action_T: Optional[torch.Tensor] = None
+        self.uniform_T: Optional[torch.Tensor] = None
 
-    def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None) -> None:
+    def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None,
+                 uniform_T: Optional[torch.Tensor] = None) -> None:
+        """``forced_action_T``: the actions of mode 'forced'; ``uniform_T``: optional uniforms in [0, 1) of mode
+        'sample' (one per token; default: drawn from the global torch RNG at each forward)."""
         if mode not in MODES:
             raise ValueError(f"Ada-K mode {mode!r}: expected one of {MODES}")
         if (mode == "forced") != (forced_action_T is not None):
             raise ValueError("Ada-K mode 'forced' needs forced_action_T, and only that mode takes it")
-        self.mode, self.forced_action_T = mode, forced_action_T
+        if uniform_T is not None and mode != "sample":
+            raise ValueError(f"uniform_T is for mode 'sample', not {mode!r}")
+        self.mode, self.forced_action_T, self.uniform_T = mode, forced_action_T, uniform_T
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         logits_TE = self.gate(x_TD)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        log_pi_TA = torch.log_softmax(self.allocator(x_TD).float(), dim=-1)
+        # fp32 whatever the model's dtype (module docstring): bf16 logits would quantise log pi and the PPO ratio
+        log_pi_TA = torch.log_softmax(F.linear(x_TD.float(), self.allocator.weight.float()), dim=-1)
         if self.mode == "greedy":
             action_T = log_pi_TA.argmax(dim=-1)
         elif self.mode == "sample":
-            action_T = torch.multinomial(log_pi_TA.detach().exp(), 1).squeeze(-1)
+            u_T = self.uniform_T
+            if u_T is None:
+                u_T = torch.rand(x_TD.shape[0], device=x_TD.device)
+            assert u_T.shape == log_pi_TA.shape[:1], (u_T.shape, log_pi_TA.shape)
+            cdf_TA = log_pi_TA.detach().exp().cumsum(dim=-1)
+            # inverse CDF; the clamp covers u above a last cumulative value rounded just below 1
+            action_T = (cdf_TA < u_T.to(cdf_TA)[:, None]).sum(dim=-1).clamp(max=log_pi_TA.shape[-1] - 1)
         else:
             assert self.forced_action_T is not None and self.forced_action_T.shape == log_pi_TA.shape[:1]
             action_T = self.forced_action_T
@@ -70,6 +93,8 @@ class AdaKRouter(nn.Module):
             z_loss=router_z_loss(logits_TE),
             probs_TN=probs_TE,
             action_T=action_T,
-            log_prob_T=log_pi_TA.gather(-1, action_T[:, None]).squeeze(-1),
+            # not a view: FSDP2 warns about (and an in-place op would break) view outputs that require grad
+            log_prob_T=log_pi_TA.gather(-1, action_T[:, None]).squeeze(-1).clone(),
             entropy_T=-(log_pi_TA.exp() * log_pi_TA).sum(dim=-1),
+            extras={"allocator_log_probs_TA": log_pi_TA},
         )

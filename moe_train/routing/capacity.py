@@ -13,7 +13,8 @@ What a dropped slot becomes:
     there (a token left with no true pick outputs 0); without ``norm_topk_prob`` the other weights are kept.
   * otherwise (``topk``, ``adak``): dropped: slot -1, weight 0, and the remaining weights are NOT renormalised
     (Switch/GShard/Megatron semantics: the token's output simply loses that expert's term).
-The balancing loss keeps the router's own picks (computed before capacity). Counts are recomputed.
+The balancing loss keeps the router's own picks (computed before capacity). ``counts_E`` is recomputed (the
+rows that run); ``selected_counts_E`` (the router's selections, which the expert bias reacts to) is kept.
 
 Under expert parallelism the capacity is per rank-local batch (as Megatron-Core and DeepSpeed-MoE do): every rank
 applies it to its own plan before dispatch, with N its own true assignments, so no communication is needed and

@@ -1,11 +1,22 @@
 """AdaMoE null experts (arXiv 2406.13233): m zero-cost experts join the n true experts.
 
-    z = [W_g x ; W_null x]            (n true logits, then m null logits from a separate linear map)
+    z = [W_g ; W_null] x              (n true logits, then m null logits from a separate linear map, in ONE GEMM)
     p = softmax(z) in fp32,  (w, idx) = topk(p + [b; c], k)     over n + m experts
     (b: optional aux-loss-free expert bias; c: optional compute-budget bias shared by the nulls, budget.py)
     w'_i = w_i / sum_{picked true j} w_j   for true picks (norm_topk_prob), null picks -> slot -1, weight 0
     a token whose picks are all null divides by 1 and outputs 0 (only the residual passes)
     y = sum_{picked true i} w'_i E_i(x)
+
+Ties (``null_tie_break``, config.NULL_TIE_BREAKS). The AdaMoE conversion starts every null gate as an exact copy
+of a true gate (W_null = W_g repeated r = m/n times), so each true expert has r null twins of EQUAL score. Both gates
+go through one GEMM over their concatenated weights, so a twin's logit comes from the same kernel with the same
+reduction over D as its true expert's (bit-identical on CPU in fp32 and bf16, tests/test_routing_fixes.py; CUDA not
+yet measured), and the default ``true_first`` ranks a true expert before its twins at equal score
+(a stable sort, the same on every device and dtype). At step 0 a token's k picks are then its best true expert,
+its r twins, its second true expert, ...: ceil(k / (r + 1)) true experts, the best ones of the original router,
+and renormalised over the true picks their gates are the original top-k gates. For Mixtral n=8, m=16, k=4 that is
+the original top-2 model, function for function (io/convert.py refuses conversions where it would not be).
+``topk`` leaves ties to torch.topk, as the authors' code does (device- and dtype-dependent true experts at step 0).
 
 Balancing: load_balancing_loss with the m null counts averaged into one shared bucket, so it steers the total null
 usage toward m/(n+m) of the selections (about k*n/(n+m) true experts per token). With m = 0 this router is the
@@ -16,12 +27,13 @@ Shape legend: T tokens, D hidden, E = n true experts, Z = m null experts, N = E 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import MoEConfig
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
-from moe_train.routing.budget import update_null_bias
-from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.budget import null_bias_limits, update_null_bias
+from moe_train.routing.plan import RoutingPlan
 from moe_train.routing.topk import renormalize, select_topk
 
 
@@ -32,6 +44,7 @@ class NullExpertRouter(nn.Module):
         self.num_null = cfg.num_null_experts
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.tie_break = cfg.null_tie_break
         self.expert_bias_rate = cfg.expert_bias_rate
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         self.null_gate = nn.Linear(hidden_size, cfg.num_null_experts, bias=False) if cfg.num_null_experts else None
@@ -53,24 +66,27 @@ class NullExpertRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         E = self.num_experts
-        logits_TN = self.gate(x_TD)
-        if self.null_gate is not None:
-            logits_TN = torch.cat([logits_TN, self.null_gate(x_TD)], dim=-1)
+        w_ND = self.gate.weight
+        if self.null_gate is not None:  # one GEMM: a null twin's logit is bit-identical to its true expert's
+            w_ND = torch.cat([w_ND, self.null_gate.weight])
+        logits_TN = F.linear(x_TD, w_ND)
         probs_TN = torch.softmax(logits_TN.float(), dim=-1)
         bias_N = None
         if self.expert_bias is not None or self.null_bias is not None:
             true_b = self.expert_bias if self.expert_bias is not None else probs_TN.new_zeros(E)
             null_b = (self.null_bias if self.null_bias is not None else probs_TN.new_zeros(())).expand(self.num_null)
             bias_N = torch.cat([true_b, null_b])
-        weight_TK, idx_TK = select_topk(probs_TN, self.top_k, bias_N)
+        weight_TK, idx_TK = select_topk(probs_TN, self.top_k, bias_N, self.tie_break)
         true_TK = idx_TK < E
         weight_TK = renormalize(weight_TK, true_TK) if self.norm_topk_prob else weight_TK * true_TK
         counts_N = torch.bincount(idx_TK.reshape(-1), minlength=E + self.num_null)
         expert_idx_TK = torch.where(true_TK, idx_TK, torch.full_like(idx_TK, -1))
+        counts_E = counts_N[:E]
         return RoutingPlan(
             expert_idx_TK=expert_idx_TK,
             weight_TK=weight_TK,
-            counts_E=counts_from_idx(expert_idx_TK, E),
+            counts_E=counts_E,
+            selected_counts_E=counts_E,
             aux_loss=load_balancing_loss(probs_TN, counts_N, self.num_null),
             z_loss=router_z_loss(logits_TN),
             probs_TN=probs_TN,
@@ -81,7 +97,9 @@ class NullExpertRouter(nn.Module):
             update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
 
     def update_budget(self, true_experts_per_token: float) -> None:
-        """After an optimizer step: one PI step toward target_true_experts with the step's measured mean."""
+        """After an optimizer step: one PI step toward target_true_experts with the step's measured mean, the bias
+        held where it can still change a selection (budget.null_bias_limits, anti-windup)."""
         if self.null_bias is not None:
+            lo, hi = null_bias_limits(self.expert_bias)
             update_null_bias(self.null_bias, self.null_bias_integral, true_experts_per_token,
-                             self.target_true_experts, self.budget_kp, self.budget_ki)
+                             self.target_true_experts, self.budget_kp, self.budget_ki, lo, hi)

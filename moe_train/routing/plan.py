@@ -17,7 +17,10 @@ class RoutingPlan:
 
     expert_idx_TK: int64, the true expert of each slot, -1 for a null pick or an unused slot (never computed).
     weight_TK:     float32 gate weight of each slot, 0 where expert_idx_TK is -1; differentiable.
-    counts_E:      int64 number of true assignments per expert (on device: no host sync).
+    counts_E:      int64 number of true assignments per expert (on device: no host sync): the rows that run.
+    selected_counts_E: int64 per-expert true selections made by the router, BEFORE capacity drops; set by the
+                   router, left untouched by capacity (routing/capacity.py). The aux-loss-free expert bias reacts to
+                   it: after drops an overloaded expert can look exactly average. Defaults to counts_E.
     aux_loss / z_loss: unweighted balancing terms (scalar tensors); the model applies the coefficients.
     probs_TN:      router probabilities over the n true (+ m null) experts (fp32), for loss terms and statistics.
     Ada-K only: action_T (chosen action index), log_prob_T (log pi(action | x)), entropy_T.
@@ -33,6 +36,11 @@ class RoutingPlan:
     log_prob_T: Optional[torch.Tensor] = None
     entropy_T: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
+    selected_counts_E: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.selected_counts_E is None:  # a plan no capacity has touched: selections are the assignments
+            self.selected_counts_E = self.counts_E
 
     @property
     def num_tokens(self) -> int:

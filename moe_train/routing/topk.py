@@ -4,6 +4,8 @@
     w <- w / sum(w)          if norm_topk_prob (Mixtral: always; Qwen1.5-MoE: norm_topk_prob=False)
 
 b is the optional aux-loss-free expert bias (selection only, never in w).
+Among exactly equal scores the lower index ranks first (select_topk), so the selection is the same on every device
+and dtype (torch.topk leaves that order to the implementation).
 Shape legend: T tokens, D hidden, E true experts, K slots per token.
 """
 
@@ -19,10 +21,25 @@ from moe_train.routing.balancing import load_balancing_loss, router_z_loss, upda
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 
 
-def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None):
-    """Returns (weight_TK, idx_TK): the k best experts by (probs + bias) and their UNBIASED probabilities."""
+def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None,
+                tie_break: str = "true_first"):
+    """Returns (weight_TK, idx_TK): the k best experts by (probs + bias), best first, and their UNBIASED
+    probabilities. The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
+    these routers).
+
+    tie_break (config.NULL_TIE_BREAKS) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
+    first through a stable descending sort, deterministic on every device and dtype; with the null router's layout
+    (true experts before null experts) a true expert ranks before its null twins. bf16 logits tie between distinct
+    experts often enough (a few tokens per thousand) that a converted model could only reproduce its top-k source
+    if both break ties the same way. ``topk`` leaves the order to torch.topk (device- and dtype-dependent), the
+    authors' AdaMoE behaviour, kept as an option for the null router only.
+    """
     scores = probs_TN if bias_N is None else probs_TN + bias_N
-    _, idx_TK = torch.topk(scores, k, dim=-1)
+    if tie_break == "true_first":
+        idx_TK = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    else:
+        assert tie_break == "topk", tie_break  # validated in config.validate_moe
+        _, idx_TK = torch.topk(scores, k, dim=-1)
     return probs_TN.gather(-1, idx_TK), idx_TK
 
 
@@ -55,12 +72,14 @@ class TopKRouter(nn.Module):
             expert_idx_TK=idx_TK,
             weight_TK=weight_TK,
             counts_E=counts_E,
+            selected_counts_E=counts_E,
             aux_loss=load_balancing_loss(probs_TE, counts_E),
             z_loss=router_z_loss(logits_TE),
             probs_TN=probs_TE,
         )
 
     def update_bias(self, counts_E: torch.Tensor) -> None:
-        """Call after an optimizer step with the step's per-expert counts (summed over micro-batches/ranks)."""
+        """Call after an optimizer step with the step's per-expert SELECTIONS (``plan.selected_counts_E``, before
+        capacity drops, summed over micro-batches/ranks): post-drop counts hide exactly the overload to correct."""
         if self.expert_bias is not None:
             update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)

@@ -60,6 +60,20 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def bf16_compute(cfg: Config, device: torch.device) -> bool:
+    """train.precision resolved: bf16 compute (fp32 master weights and optimizer state) or fp32."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def use_autocast(model: torch.nn.Module, cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast only for a model that FSDP2 does not wrap: a wrapped one computes in bf16 through its
+    MixedPrecisionPolicy (parallelize_model(param_dtype=bf16)); autocast is for the unsharded model only (over FSDP
+    it would all-gather fp32 and cast per op)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return bf16_compute(cfg, device) and not isinstance(model, FSDPModule)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over TRAINABLE parameters only (frozen ones hold no state); no decay on 1-D tensors."""
     t = cfg.train
@@ -90,7 +104,7 @@ def initial_model(cfg: Config) -> MoETransformer:
     if want.router == "null" and have.router == "topk":
         from moe_train.io.convert import add_null_experts
 
-        add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k)
+        add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break)
     elif want.router != have.router:
         raise ValueError(f"model.moe.router={want.router!r} but train.init_from={src!r} holds a {have.router!r} "
                          "model; only top-k -> null (AdaMoE conversion) is done on load")
@@ -122,12 +136,14 @@ def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.devi
     """Validation loss, true experts per token (overall, per layer, per difficulty label), FLOPs vs top-k."""
     was_training = model.training
     model.eval()
+    autocast = use_autocast(model, cfg, device)  # the training precision
     loss_sum, tokens = 0.0, 0
     per_layer_sum: Optional[torch.Tensor] = None
     label_sum: dict[int, float] = {}
     label_n: dict[int, int] = {}
     for inputs, targets, labels in data.val_batches(cfg.train.batch_size):
-        logits, plans = model(inputs.to(device), return_plans=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits, plans = model(inputs.to(device), return_plans=True)
         n = targets.numel()
         loss_sum += lm_loss(logits, targets.to(device)).item() * n
         k_LT = torch.stack([p.true_experts_per_token_T for p in plans]).cpu()
@@ -165,33 +181,51 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
 
 
 class _RoutingAccumulator:
-    """Per-layer counts, tokens and drops summed over the micro-batches of one step (reduced over ranks once)."""
+    """Per-layer counts, tokens and drops summed over the micro-batches of one step (reduced over ranks once).
+
+    counts_LE: the rows that ran (after capacity), for load statistics and true experts per token;
+    selected_LE: the router's selections before capacity drops, for the aux-loss-free expert bias."""
 
     def __init__(self):
-        self.counts_LE = self.tokens_L = self.dropped_L = None
+        self.counts_LE = self.selected_LE = self.tokens_L = self.dropped_L = None
 
     def add(self, plans) -> None:
         counts = torch.stack([p.counts_E for p in plans]).to(torch.float64)
+        selected = torch.stack([p.selected_counts_E for p in plans]).to(torch.float64)
         tokens = torch.tensor([float(p.num_tokens) for p in plans], dtype=torch.float64, device=counts.device)
         dropped = torch.stack([p.extras["capacity"]["num_dropped"].to(torch.float64) if "capacity" in p.extras
                                else counts.new_zeros(()) for p in plans])
         if self.counts_LE is None:
-            self.counts_LE, self.tokens_L, self.dropped_L = counts, tokens, dropped
+            self.counts_LE, self.selected_LE, self.tokens_L, self.dropped_L = counts, selected, tokens, dropped
         else:
-            self.counts_LE, self.tokens_L, self.dropped_L = (self.counts_LE + counts, self.tokens_L + tokens,
-                                                             self.dropped_L + dropped)
+            self.counts_LE, self.selected_LE, self.tokens_L, self.dropped_L = (
+                self.counts_LE + counts, self.selected_LE + selected, self.tokens_L + tokens, self.dropped_L + dropped)
 
     def reduce(self, ctx: ParallelContext) -> dict:
         L, E = self.counts_LE.shape
-        packed = all_reduce_sum(torch.cat([self.counts_LE.reshape(-1), self.tokens_L, self.dropped_L]), ctx)
-        counts_LE, tokens, dropped = packed[:L * E].view(L, E), packed[L * E:L * E + L], packed[L * E + L:]
+        packed = all_reduce_sum(torch.cat([self.counts_LE.reshape(-1), self.selected_LE.reshape(-1), self.tokens_L,
+                                           self.dropped_L]), ctx)  # one collective for all of it
+        counts_LE, selected_LE = packed[:L * E].view(L, E), packed[L * E:2 * L * E].view(L, E)
+        tokens, dropped = packed[2 * L * E:2 * L * E + L], packed[2 * L * E + L:]
         assigned = counts_LE.sum(1)
         imb = [load_imbalance(c, ctx.ep_size) for c in counts_LE]
-        return {"counts_LE": counts_LE,
+        return {"counts_LE": counts_LE, "selected_counts_LE": selected_LE,
                 "true_experts_per_layer": (assigned / tokens.clamp_min(1)).tolist(),
                 "drop_rate": float(dropped.sum() / (assigned + dropped).sum().clamp_min(1)),
                 "expert_imbalance": max(float(i["expert_max_over_mean"]) for i in imb),
                 "rank_imbalance": max(float(i["rank_max_over_mean"]) for i in imb)}
+
+
+def update_routing_state(routers, stats: dict, budget: bool) -> None:
+    """After an optimizer step, from ``_RoutingAccumulator.reduce`` (all ranks' sums: the same state everywhere):
+    the aux-loss-free expert bias from the PRE-drop selections (post-drop counts cap an overloaded expert at the
+    capacity, which can equal the mean and hide the overload), the compute budget from the true experts per token
+    that actually ran."""
+    for router, selected_E, k_mean in zip(routers, stats["selected_counts_LE"], stats["true_experts_per_layer"]):
+        if getattr(router, "expert_bias", None) is not None:
+            router.update_bias(selected_E)
+        if budget:
+            router.update_budget(k_mean)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -226,11 +260,12 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
     apply_trainable(model, cfg)
     model.activation_checkpointing = t.activation_checkpointing
     model = model.to(ctx.device)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and ctx.device.type == "cuda")
     if ctx.distributed:
         from moe_train.parallel.parallelize import parallelize_model
 
-        model = parallelize_model(model, ctx)
+        # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
+        model = parallelize_model(model, ctx, param_dtype=torch.bfloat16 if bf16_compute(cfg, ctx.device) else None)
+    autocast = use_autocast(model, cfg, ctx.device)  # single process: torch.autocast over the fp32 model
     opt = build_optimizer(model, cfg, ctx.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     out_dir = Path(t.out_dir)
@@ -266,8 +301,8 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
         sums = torch.zeros(4, device=ctx.device)  # loss, lm, aux, z (means over micro-batches)
         opt.zero_grad(set_to_none=True)
         for inputs, targets in zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps)):
-            # bf16 autocast (fp32 master weights and optimizer state); routers compute their softmax in fp32
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            # fp32 master weights and optimizer state either way; routers' softmax and the LM loss stay in fp32
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits, plans = model(inputs.to(ctx.device), return_plans=True)
             lm = lm_loss(logits, targets.to(ctx.device))
             terms = routing_losses(plans, cfg.model.moe)
@@ -296,11 +331,7 @@ def _train(cfg: Config, ctx: ParallelContext) -> dict:
         sched.step()
         stats = acc.reduce(ctx)
         per_layer = stats["true_experts_per_layer"]
-        for router, counts_E, k_mean in zip(routers, stats["counts_LE"], per_layer):
-            if getattr(router, "expert_bias", None) is not None:  # all ranks' counts: the same bias everywhere
-                router.update_bias(counts_E)
-            if budget:
-                router.update_budget(k_mean)
+        update_routing_state(routers, stats, budget)
         elapsed = time.perf_counter() - start
         tokens = inputs_all.numel() * ctx.dp_size
         step_flops = 3 * forward_flops_per_token(cfg.model, per_layer, t.seq_len) * tokens

@@ -70,6 +70,10 @@ class VariableKRouting:
     top_k: Optional[int] = None
     k_min: int = 1
     k_max: Optional[int] = None
+    # method "null": order of exactly tied scores (moe_train.config.NULL_TIE_BREAKS): "true_first" ranks a true
+    # expert before its null twins (a null gate loaded as the true gate repeated starts function-preserving when
+    # ceil(top_k / (m/E + 1)) is the source's top-k, see moe_train/io/convert.py); "topk" is the authors' behaviour.
+    null_tie_break: str = "true_first"
     # "variable_k": our all-to-all (VariableKMoELayer, sized by true assignments); "megatron": keep the dispatcher
     # the TransformerConfig names, allowed where Megatron's is exact for variable k (allgather; alltoall without
     # moe_permute_fusion, whose fused kernel sizes its buffer as T * topk).
@@ -92,7 +96,7 @@ class VariableKRouting:
             raise ValueError("TransformerConfig.num_moe_experts is None: a variable-k router needs an MoE config")
         moe = MoEConfig(router=self.method, num_experts=config.num_moe_experts,
                         top_k=config.moe_router_topk if self.top_k is None else self.top_k,
-                        num_null_experts=self.num_null_experts,
+                        num_null_experts=self.num_null_experts, null_tie_break=self.null_tie_break,
                         # Megatron: pre_softmax=False is softmax over the top-k logits = renormalised (Mixtral);
                         # pre_softmax=True keeps the raw probabilities (Qwen1.5-MoE norm_topk_prob=False).
                         norm_topk_prob=not config.moe_router_pre_softmax,

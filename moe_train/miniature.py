@@ -1,0 +1,199 @@
+"""Miniatures: any config at its real parallel layout with tiny dimensions, to check a job before launch.
+
+A 16-GPU Mixtral-8x22B job and its miniature share everything that decides whether the job works: the world size
+and mesh (dp x ep), the experts, null experts, k and router conventions, LoRA and the trainable patterns, the
+precision, activation checkpointing, gradient accumulation, the global batch and its micro-batches, capacity, the
+compute budget, the checkpoint cadence, the HF export and the Ada-K stages. Only sizes shrink: hidden and FFN
+widths, layers, vocabulary, sequence length and the number of steps. What the miniature cannot read is replaced:
+
+  train.init_from  a random model of the same family (read from the real folder's config.json when it is there,
+                   else from the config's model section), written in the same format (HF folder or model.pt);
+  data             the generated difficulty-labelled corpus (in memory).
+
+    moe-train train --config configs/mixtral_8x22b_adamoe.yaml --miniature     # spawns 16 gloo ranks on CPU
+    torchrun --nproc-per-node 16 -m moe_train.cli train --config ... --miniature   # or under any launcher
+
+``--set`` overrides apply to the real config and again to the miniature, so an explicit value always wins.
+Everything is written under ``<train.out_dir>-miniature/`` (``base/`` for the random model, ``run/`` for the job).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from moe_train.config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, to_dict, validate
+
+log = logging.getLogger(__name__)
+
+# The miniature's sizes. Head dim 8 keeps rotary pairs; two layers keep "first / last layer" differences.
+HIDDEN, HEAD_DIM, FFN, LAYERS, VOCAB, SEQ_LEN, MAX_KV_HEADS = 32, 8, 32, 2, 64, 16, 2
+TRAIN_STEPS, ADAK_STEPS, VAL_SEQUENCES = 3, 2, 8
+
+
+def world_size_of(cfg: Config) -> int:
+    """The world size the config is written for: parallel.world_size, else one data-parallel replica (ep)."""
+    return cfg.parallel.world_size or cfg.parallel.ep
+
+
+def _real_architecture(cfg: Config) -> ModelConfig:
+    """The base model's architecture: the real init_from folder's config.json when readable, else model:."""
+    src = cfg.train.init_from
+    if src and (Path(src) / "config.json").is_file():
+        from moe_train.io.hf import config_from_hf, read_hf_config
+
+        try:
+            return config_from_hf(read_hf_config(src), str(Path(src) / "config.json"))
+        except ValueError as e:
+            log.warning("miniature: %s is not usable (%s); using the config's model section", src, e)
+    return cfg.model
+
+
+def shrink_model(m: ModelConfig) -> ModelConfig:
+    """Tiny widths, same family, expert counts, routing and attention layout (GQA ratio capped at 2)."""
+    kv = min(m.num_kv_heads, MAX_KV_HEADS)
+    heads = kv * min(m.num_heads // m.num_kv_heads, 2)
+    return dataclasses.replace(
+        m, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS, num_heads=heads,
+        num_kv_heads=kv, head_dim=HEAD_DIM, max_seq_len=4 * SEQ_LEN,
+        shared_expert_intermediate_size=FFN if m.shared_expert_intermediate_size else 0,
+        moe=copy.deepcopy(m.moe))
+
+
+def _write_base_model(arch: ModelConfig, dst: Path, seed: int) -> None:
+    """A random top-k model of ``arch`` at ``dst`` (HF folder, or model.pt when dst ends in .pt), written once:
+    every rank of a launch may call this; the content is a function of the seed, and the first rename wins."""
+    import torch
+
+    from moe_train.model import build_model
+
+    if dst.exists():
+        return
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}"
+    if dst.suffix == ".pt":
+        from moe_train.train.checkpoint import save_model
+
+        save_model(model, tmp, step=0)
+        os.replace(tmp, dst)
+        return
+    from moe_train.io.hf import to_hf
+
+    to_hf(model, tmp)
+    try:
+        os.rename(tmp, dst)
+    except OSError:  # another rank of this launch wrote the same model first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def miniature_config(cfg: Config, overrides: Optional[list[str]] = None, write_base: bool = True) -> Config:
+    """The miniature of ``cfg`` (validated). Writes the random base model when the config starts from one."""
+    t, a = cfg.train, cfg.adak
+    root = Path(f"{t.out_dir.rstrip('/')}-miniature")
+    mini = copy.deepcopy(cfg)
+    mini.model = shrink_model(cfg.model)
+    world = world_size_of(cfg)
+    mt = mini.train
+    mt.out_dir = str(root / "run")
+    mt.seq_len = SEQ_LEN
+    mt.steps = min(t.steps, TRAIN_STEPS)
+    mt.warmup_steps = min(t.warmup_steps, 1)
+    mt.log_every = 1
+    mt.eval_every = 0
+    if t.checkpoint_every:  # keep the cadence's effect: a checkpoint before the end, one at the end
+        mt.checkpoint_every = max(1, mt.steps - 1)
+    # the global batch stays: it sets the micro-batch per rank, which is part of the layout
+    if t.init_from:
+        arch = _real_architecture(cfg)
+        base_arch = shrink_model(dataclasses.replace(
+            arch, moe=dataclasses.replace(arch.moe, router="topk", num_null_experts=0,
+                                          top_k=arch.moe.resolved_baseline_top_k, baseline_top_k=None,
+                                          target_true_experts=None, k_min=1, k_max=None)))
+        # architecture from the base model, routing from the config (as the trainer does on load)
+        mini.model = shrink_model(dataclasses.replace(arch, moe=cfg.model.moe))
+        is_pt = str(t.init_from).endswith(".pt")
+        base = root / "base" / ("model.pt" if is_pt else "hf")
+        if write_base:
+            _write_base_model(base_arch, base, t.seed)
+        mt.init_from = str(base)
+    d = mini.data
+    d.kind, d.path, d.val_path, d.token_field, d.label_field = "synthetic", None, None, None, None
+    d.tokenizer, d.streaming, d.format = "byte", False, "auto"
+    d.val_sequences = VAL_SEQUENCES
+    d.num_sequences = max(t.batch_size * (max(mt.steps, a.warm_start_steps and ADAK_STEPS) + 2), 2 * t.batch_size)
+    ma = mini.adak
+    ma.warm_start_steps = min(a.warm_start_steps, ADAK_STEPS)
+    ma.ppo_steps = min(a.ppo_steps, ADAK_STEPS)
+    ma.val_every = 0
+    mini.parallel.world_size = world
+    if overrides:
+        mini = apply_overrides(mini, overrides)
+    try:
+        validate(mini)
+    except ConfigError as e:
+        raise ConfigError(f"the miniature of this config is invalid: {e}") from None
+    return mini
+
+
+def run_miniature(config_path: str, overrides: list[str], command: str = "train") -> None:
+    """``moe-train {train,adak} --miniature``: under a launcher (WORLD_SIZE set), run this rank's share; alone,
+    spawn the config's world size of gloo processes on this machine and run them."""
+    from moe_train.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    world = world_size_of(cfg)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 or world == 1:
+        mini = miniature_config(cfg, overrides)
+        _run(command, mini)
+        return
+    mini = miniature_config(cfg, overrides)  # the base model is written once, before the ranks start
+    log.info("miniature: spawning %d gloo ranks (dp %d x ep %d) for %s", world, world // cfg.parallel.ep,
+             cfg.parallel.ep, config_path)
+    spawn_local(command, mini, world)
+
+
+def _run(command: str, cfg: Config) -> None:
+    if command == "adak":
+        from moe_train.train.adak import train_adak
+
+        train_adak(cfg)
+    else:
+        from moe_train.train.trainer import train
+
+        train(cfg)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, command: str, cfg_dict: dict) -> None:
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # many ranks share few cores
+    _run(command, from_dict(Config, cfg_dict))
+
+
+def spawn_local(command: str, cfg: Config, world: int) -> None:
+    """Runs ``command`` on ``world`` local gloo ranks (CPU). Raises if any rank fails."""
+    import torch.multiprocessing as mp
+
+    if world < 1 or world % cfg.parallel.ep:
+        raise ValueError(f"world size {world} must be a positive multiple of parallel.ep={cfg.parallel.ep}")
+    mp.start_processes(_rank_main, args=(world, _free_port(), command, to_dict(cfg)), nprocs=world, join=True,
+                       start_method="spawn")

@@ -4,13 +4,26 @@ Frozen base: every base parameter (gates included) has requires_grad False and t
 per-layer allocators W_p [A, D]. Because no base tensor needs a gradient, a forward with gradients enabled only
 records the allocators' small graphs (the hidden states never require grad).
 
+Precision (adak.dtype): the base may be bf16 (it does not train); the allocators are always fp32 master weights
+(freeze_base upcasts them, load_adak_model never rounds them), so the AdamW state is fp32 and small updates such as
+the paper's weight decay (lr 1e-3 x 0.1 = 1e-4 relative, below bf16's 2^-8 resolution) are not lost. The allocator
+computes in fp32 on the upcast hidden state (moe_train/routing/adak.py); checkpoints store the fp32 allocators
+beside the bf16 base and load back either way.
+
 Warm start (paper Table 11 "Threshold p 0.3"; this reading is unverified, see REFERENCE.md section 2):
     the model runs with every layer forced to the base top-k (the base model's own hidden states); at each layer
     k*_t = the smallest k whose cumulative sorted frozen-router probability reaches p, clipped to [k_min, k_max];
     loss = mean over layers of CE(softmax(x_t W_p), k*_t - k_min).
+    The forward runs with gradients enabled (only the allocators record a graph) and the cross-entropy is taken
+    from the allocator log-probs that each router returns in its plan, so under FSDP2 the backward goes through the
+    parameters FSDP gathered and its hooks reduce the gradient into the sharded allocators.
 
 PPO, one step per batch:
-    rollout   (no grad) every allocator samples a_{l,t} ~ pi_l(. | x_{l,t}); k_{l,t} = k_min + a_{l,t}
+    rollout   (no grad) every allocator samples a_{l,t} ~ pi_l(. | x_{l,t}); k_{l,t} = k_min + a_{l,t}, by inverse
+              CDF from uniforms u_{l,g} drawn for the whole global batch (g = global token position) from one
+              generator seeded with train.seed, the same on every rank; each rank takes its own columns. The
+              actions are therefore a function of (seed, step, global position): 1 process and N ranks sample the
+              same actions for the same global batch (up to float rounding of pi near a CDF boundary).
     reward    r_t = log P(x_{t+1} | x_<=t) under the adapted model - penalty * sum_l k_{l,t}
               (k = true experts actually used; lambda = penalty, 3e-3 in the paper)
     credit    every layer's action at position t gets token t's reward: A_{l,t} = A_t. The action also changes
@@ -23,14 +36,28 @@ PPO, one step per batch:
               batch (+ 1e-8) without re-centring it, so the baseline keeps its meaning.
     update    ppo_epochs passes over the stored actions; each pass re-runs the model with every allocator in
               "forced" mode (the stored actions, so the same hidden states) to get log pi_new(a | x), and takes
-              ppo_minibatches AdamW steps on
+              ppo_minibatches AdamW steps, one per minibatch, on
                   L = -mean_{l,t} min(rho A, clip(rho, 1 - eps, 1 + eps) A) - entropy_coef * mean H,
-                  rho = exp(log pi_new - log pi_old)
+                  rho = exp(log pi_new - log pi_old),  means over the minibatch's GLOBAL (layer, token) actions.
+              A minibatch is a set of GLOBAL sequences: each pass draws one permutation of the global batch from
+              the same generator and cuts it into ppo_minibatches parts (torch.chunk: fewer when the batch is
+              smaller), so the partition does not depend on the world size. Each rank computes its part of every
+              minibatch (the members in its own contiguous slice) as its local sum divided by the minibatch's
+              global action count, times the world size (FSDP2 averages the allocator gradients over all ranks),
+              so the reduced gradient is the single process's. A rank holding none of a minibatch still runs the
+              forward and backward on an empty [0, S] batch (the all-to-all and FSDP's reduce-scatter are
+              collectives) and adds 0.
+              Rollouts (no grad) run in chunks of ceil(global B / ppo_minibatches) of the rank's own sequences:
+              memory per forward as in one process, the same number of forwards on every rank, the same result.
 Distributed (torchrun, parallel.ep): parallelize_model shards the frozen experts and dispatches with all-to-all;
 the allocator decides k before dispatch, so a token sends only its k rows. Batch statistics (means, the advantage
-std, metrics) are over the global batch; allocator gradients are averaged over all ranks (FSDP2).
+std, metrics) are over the global batch; allocator gradients are averaged over all ranks (FSDP2). With equal
+shares per rank (data.py) a warm start or PPO run on N ranks equals the single process on the global batch, for
+any ppo_minibatches (tested to 1e-5 in fp32, including minibatches of which some ranks hold nothing,
+tests/test_adak_distributed.py).
 Metrics per step (metrics.jsonl): reward, log-likelihood, mean k overall / per layer, flops_vs_topk (whole model),
-expert_flops_vs_topk (mean k / base k), clip fraction, approx KL (mean (rho - 1) - log rho), entropy.
+expert_flops_vs_topk (mean k / base k), and, as the mean over the step's minibatches of global minibatch means,
+policy loss, clip fraction, approx KL (mean (rho - 1) - log rho), entropy.
 Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A allocator actions, V vocab.
 """
 
@@ -73,11 +100,19 @@ def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
     return routers
 
 
+def allocators_to_fp32(routers: Sequence[AdaKRouter]) -> None:
+    """The allocators as fp32 master weights, in place (the Parameter objects stay; exact from bf16)."""
+    for r in routers:
+        r.allocator.float()
+
+
 def freeze_base(model: MoETransformer) -> list[nn.Parameter]:
-    """requires_grad False on every parameter except the allocators; returns the allocator weights."""
+    """requires_grad False on every parameter except the allocators, which become fp32 master weights (module
+    docstring: precision); returns the allocator weights. Call before building the optimizer."""
     routers = adak_routers(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    allocators_to_fp32(routers)
     params = [r.allocator.weight for r in routers]
     for p in params:
         p.requires_grad_(True)
@@ -102,23 +137,37 @@ def load_adak_model(cfg: Config) -> MoETransformer:
     if path.is_dir():
         from moe_train.io.hf import from_hf
 
+        # An Ada-K folder's allocators come in the dtype asked for (from_hf casts every tensor); a top-k folder,
+        # the usual start, has none.
         model = from_hf(path, dtype=dtype)
     else:
         from moe_train.train.checkpoint import load_model
 
         model = load_model(path)
         if dtype is not None:
-            model = model.to(dtype)
+            _cast_except_allocators(model, dtype)
     moe = model.config.moe
     if moe.router == "topk":
-        return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)
+        return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)  # fp32 allocators
     if moe.router == "adak":
         k_max = moe.num_experts if cfg.adak.k_max is None else cfg.adak.k_max
         if (moe.k_min, moe.resolved_k_max) != (cfg.adak.k_min, k_max):
             raise ValueError(f"train.init_from={src!r} is an Ada-K model with k in [{moe.k_min}, {moe.resolved_k_max}]"
                              f" but adak.k_min/k_max ask for [{cfg.adak.k_min}, {k_max}]; make them agree")
+        allocators_to_fp32(adak_routers(model))
         return model
     raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k model")
+
+
+def _cast_except_allocators(model: MoETransformer, dtype: torch.dtype) -> None:
+    """model.to(dtype) for the base; an Ada-K model's allocators keep their (fp32 master) values bit for bit."""
+    routers = [layer.moe.router for layer in model.layers if isinstance(layer.moe.router, AdaKRouter)]
+    kept = [r.allocator.weight.detach().float().clone() for r in routers]
+    model.to(dtype)
+    with torch.no_grad():
+        for r, w in zip(routers, kept):
+            r.allocator.float()
+            r.allocator.weight.copy_(w)
 
 
 def set_forced_k(routers: Sequence[AdaKRouter], k: int, num_tokens: int, device: torch.device) -> None:
@@ -146,29 +195,27 @@ def warm_start_labels(probs_TE: torch.Tensor, threshold: float, k_min: int, k_ma
 
 
 def warm_start_loss(model: MoETransformer, inputs_BS: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
-    """Mean over layers of the allocator cross-entropy on the pseudo labels, with the base top-k forward."""
+    """Mean over layers of the allocator cross-entropy on the pseudo labels, with the base top-k forward.
+
+    The forward runs with gradients enabled and the loss comes from the allocator log-probs in the returned plans:
+    under FSDP2 that is the only way the gradient reaches the sharded allocators (a loss built on the side, e.g. in
+    a hook of a no-grad forward, leaves it on FSDP's unsharded copies, where the next backward would pick it up).
+    Only the allocators record a graph: no base tensor requires grad."""
     routers = adak_routers(model)
     T = inputs_BS.numel()
     set_forced_k(routers, model.config.moe.top_k, T, inputs_BS.device)
-    losses, label_k, agree = [], [], []
-
-    def hook(router: AdaKRouter, args, plan):
-        x_TD = args[0].detach()
-        k_T = warm_start_labels(plan.probs_TN.detach(), threshold, router.k_min, router.k_max)
-        with torch.enable_grad():
-            logits_TA = router.allocator(x_TD).float()
-            losses.append(F.cross_entropy(logits_TA, k_T - router.k_min))
-        label_k.append(k_T.float().mean())
-        agree.append((logits_TA.detach().argmax(-1) == k_T - router.k_min).float().mean())
-
-    handles = [r.register_forward_hook(hook) for r in routers]
     try:
-        with torch.no_grad():
-            model(inputs_BS)
+        with torch.enable_grad():
+            _, plans = model(inputs_BS, return_plans=True)
     finally:
-        for h in handles:
-            h.remove()
         set_mode(routers, "greedy")
+    losses, label_k, agree = [], [], []
+    for router, plan in zip(routers, plans):
+        log_pi_TA = plan.extras["allocator_log_probs_TA"]
+        target_T = warm_start_labels(plan.probs_TN.detach(), threshold, router.k_min, router.k_max) - router.k_min
+        losses.append(F.nll_loss(log_pi_TA, target_T))  # = cross-entropy of the allocator logits
+        label_k.append((target_T + router.k_min).float().mean())
+        agree.append((log_pi_TA.detach().argmax(-1) == target_T).float().mean())
     loss = torch.stack(losses).mean()
     return loss, {"label_k": torch.stack(label_k).mean().item(), "label_k_per_layer": [x.item() for x in label_k],
                   "label_acc": torch.stack(agree).mean().item()}
@@ -222,21 +269,27 @@ def compute_advantages(reward_T: torch.Tensor, baseline, normalize: bool, eps: f
 
 
 def ppo_objective(new_log_prob_LT: torch.Tensor, old_log_prob_LT: torch.Tensor, adv_T: torch.Tensor,
-                  clip_eps: float, entropy_LT: Optional[torch.Tensor] = None,
-                  entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Clipped-ratio PPO loss (to minimise) over every (layer, token) action; A_t broadcast over layers."""
+                  clip_eps: float, entropy_LT: Optional[torch.Tensor] = None, entropy_coef: float = 0.0,
+                  num_actions: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Clipped-ratio PPO loss (to minimise) over every (layer, token) action; A_t broadcast over layers.
+
+    The loss and the statistics are sums over the given actions divided by ``num_actions`` (default: their count,
+    i.e. means); ppo_step passes the action count of the whole GLOBAL minibatch, of which these are one rank's
+    part. stats["sums"] holds the float64 sums (surrogate, entropy, clipped count, approx KL) to add over ranks."""
     log_ratio = new_log_prob_LT - old_log_prob_LT
     ratio = log_ratio.exp()
     adv = adv_T[None, :].expand_as(ratio)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    loss = -surrogate.mean()
-    entropy = entropy_LT.mean() if entropy_LT is not None else torch.zeros(())
+    n = ratio.numel() if num_actions is None else num_actions
+    loss = -surrogate.sum() / n
+    entropy_sum = entropy_LT.sum() if entropy_LT is not None else new_log_prob_LT.new_zeros(())
     if entropy_coef:
-        loss = loss - entropy_coef * entropy
+        loss = loss - entropy_coef * entropy_sum / n
     with torch.no_grad():
-        stats = {"clip_frac": ((ratio - 1).abs() > clip_eps).float().mean().item(),
-                 "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-                 "entropy": entropy.item()}
+        sums = torch.stack([surrogate.double().sum(), entropy_sum.double(),
+                            ((ratio - 1).abs() > clip_eps).double().sum(), ((ratio - 1) - log_ratio).double().sum()])
+        stats = {"clip_frac": (sums[2] / n).item(), "approx_kl": (sums[3] / n).item(),
+                 "entropy": (sums[1] / n).item(), "sums": sums}
     return loss, stats
 
 
@@ -257,12 +310,15 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Tensor, penalty: float,
-            mode: str = "sample", forced_action_LT: Optional[torch.Tensor] = None) -> Rollout:
-    """One forward with the allocators in ``mode`` (sample: a ~ pi; greedy: argmax; forced: ``forced_action_LT``);
-    actions, their log-probs and the per-token rewards."""
+            mode: str = "sample", forced_action_LT: Optional[torch.Tensor] = None,
+            uniform_LT: Optional[torch.Tensor] = None) -> Rollout:
+    """One forward with the allocators in ``mode`` (sample: a ~ pi, by inverse CDF from ``uniform_LT`` when given,
+    else from the global RNG; greedy: argmax; forced: ``forced_action_LT``); actions, their log-probs and the
+    per-token rewards."""
     routers = adak_routers(model)
     for i, r in enumerate(routers):
-        r.set_mode(mode, None if forced_action_LT is None else forced_action_LT[i])
+        r.set_mode(mode, None if forced_action_LT is None else forced_action_LT[i],
+                   None if uniform_LT is None else uniform_LT[i])
     try:
         logits, plans = model(inputs_BS, return_plans=True)
     finally:
@@ -303,10 +359,25 @@ def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
 def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter],
              inputs_BS: torch.Tensor, targets_BS: torch.Tensor, a: AdaKConfig, baseline: RewardBaseline,
              grad_clip: float, generator: torch.Generator, ctx: Optional[ParallelContext] = None) -> dict:
-    """Rollout (in ppo_minibatches chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates."""
+    """Rollout (in chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates (module docstring).
+
+    ``inputs_BS`` is this rank's share of the global batch: the ctx.dp_rank-th contiguous B of dp_size * B
+    sequences (moe_train/train/data.py). ``generator`` must be in the same state on every rank: the sampling
+    uniforms and the minibatch permutations are drawn from it for the GLOBAL batch (each step consumes the same
+    amount on every rank and at every world size), and each rank takes its own part (module docstring)."""
     B, S = inputs_BS.shape
-    chunks = [c for c in torch.arange(B).chunk(a.ppo_minibatches) if c.numel()]
-    outs = [rollout(model, inputs_BS[c], targets_BS[c], a.penalty) for c in chunks]
+    distributed = ctx is not None and ctx.distributed
+    dp_size, dp_rank = (ctx.dp_size, ctx.dp_rank) if distributed else (1, 0)
+    B_global, first = dp_size * B, dp_rank * B  # this rank holds global sequences [first, first + B)
+    L = len(adak_routers(model))
+    device = inputs_BS.device
+    uniform_LT = torch.rand(L, B_global * S, generator=generator)[:, first * S:(first + B) * S].to(device)
+    # Rollouts in chunks of at most the global minibatch size (ceil(B_global / ppo_minibatches) sequences): that
+    # bounds activation memory as in one process, without grad the chunking does not change the result, and with
+    # equal shares every rank runs the same number of forwards (the all-to-all needs every rank in each).
+    chunks = torch.arange(B, device=device).split(-(-B_global // a.ppo_minibatches))
+    outs = [rollout(model, inputs_BS[c], targets_BS[c], a.penalty, uniform_LT=uniform_LT[:, _rows(B, S, c)])
+            for c in chunks]
     action_LT = torch.cat([o.action_LT for o in outs], dim=1)
     old_LT = torch.cat([o.old_log_prob_LT for o in outs], dim=1)
     k_LT = torch.cat([o.k_LT for o in outs], dim=1)
@@ -318,26 +389,44 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
                               for c in chunks])
     b = baseline(reward_T, greedy_T, ctx)
     adv_T = compute_advantages(reward_T, b, a.normalize_advantages, ctx=ctx)
-    stats: dict[str, list] = {"clip_frac": [], "approx_kl": [], "entropy": [], "policy_loss": []}
+    # FSDP2 averages the allocator gradients over all ranks (the root unit reduces over the world mesh, divide
+    # factor world_size: parallel/parallelize.py); scaling each rank's loss by it makes the reduced gradient the
+    # gradient of the global minibatch loss.
+    grad_scale = ctx.world_size if distributed else 1
+    sums_M4, counts_M = [], []  # per minibatch: this rank's statistic sums, the global action count
     grad_norm = None
     for _ in range(a.ppo_epochs):
-        perm = torch.randperm(B, generator=generator)
-        for seqs in perm.chunk(a.ppo_minibatches):
-            if not seqs.numel():
-                continue
-            idx = _rows(B, S, seqs.to(inputs_BS.device))
+        perm_global = torch.randperm(B_global, generator=generator)
+        for mb_global in perm_global.chunk(a.ppo_minibatches):
+            # the minibatch is a set of GLOBAL sequences (the same partition at every world size); the loss is the
+            # mean over all its (layer, token) actions: each rank's sum divided by the global count
+            count = L * mb_global.numel() * S
+            seqs = (mb_global[(mb_global >= first) & (mb_global < first + B)] - first).to(device)
+            idx = _rows(B, S, seqs)  # empty when this rank holds none of the minibatch
+            # An empty share still runs the [0, S] forward and the backward: the forward's all-to-all and the
+            # backward's FSDP reduce-scatter are collectives every rank must join; its loss is an empty sum, 0.
             new_LT, ent_LT = forced_log_probs(model, inputs_BS[seqs], action_LT[:, idx])
-            loss, st = ppo_objective(new_LT, old_LT[:, idx], adv_T[idx], a.clip_eps, ent_LT, a.entropy_coef)
+            loss, st = ppo_objective(new_LT, old_LT[:, idx], adv_T[idx], a.clip_eps, ent_LT, a.entropy_coef,
+                                     num_actions=count)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * grad_scale).backward()
             if grad_clip > 0:
                 grad_norm = _clip(params, grad_clip, ctx)
             opt.step()
-            for key in ("clip_frac", "approx_kl", "entropy"):
-                stats[key].append(st[key])
-            stats["policy_loss"].append(loss.item())
+            sums_M4.append(st["sums"])
+            counts_M.append(count)
+    # global statistics per minibatch (one all-reduce for the step), then their mean over the minibatches
+    sums_M4 = torch.stack(sums_M4)
+    if distributed:
+        from moe_train.parallel.parallelize import all_reduce_sum
+
+        sums_M4 = all_reduce_sum(sums_M4, ctx)
+    mean_M4 = sums_M4.cpu() / torch.tensor(counts_M, dtype=torch.float64)[:, None]
+    surrogate_M, entropy_M = mean_M4[:, 0], mean_M4[:, 1]
+    record = {"policy_loss": (-surrogate_M - a.entropy_coef * entropy_M).mean().item(),
+              "clip_frac": mean_M4[:, 2].mean().item(), "approx_kl": mean_M4[:, 3].mean().item(),
+              "entropy": entropy_M.mean().item()}
     per_layer = [global_mean(k_T.float(), ctx).item() for k_T in k_LT]
-    record = {key: global_mean(torch.tensor(v, dtype=torch.float64), ctx).item() for key, v in stats.items()}
     record.update({
         "reward": global_mean(reward_T, ctx).item(),
         "loglik": global_mean(loglik_T, ctx).item(),
@@ -412,7 +501,6 @@ def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelConte
 
         model = parallelize_model(model, ctx)
         params = [r.allocator.weight for r in adak_routers(model)]
-    torch.manual_seed(t.seed + 1_000_003 * ctx.rank)  # each rank samples its own actions
     data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
     out_dir = Path(t.out_dir)
     metrics = MetricsWriter(out_dir, enabled=ctx.is_main)
@@ -431,6 +519,7 @@ def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelConte
         loss, st = warm_start_loss(model, inputs.to(ctx.device), a.warm_start_threshold)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        assert all(p.grad is not None for p in params), "the warm-start gradient did not reach the allocators"
         if t.grad_clip > 0:
             _clip(params, t.grad_clip, ctx)
         opt.step()
@@ -442,6 +531,7 @@ def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelConte
         if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.warm_start_steps):
             print(f"warm start {step + 1}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k {st['label_k']:.2f} "
                   f"acc {st['label_acc']:.3f}", flush=True)
+    opt.zero_grad(set_to_none=True)  # nothing of this stage reaches the PPO optimizer
     if a.warm_start_steps:
         validation["warm_start"] = _validate(model, data, cfg, ctx.device)
         _save(model, ctx, out_dir / "warm_start" / "model.pt", a.warm_start_steps)
@@ -450,7 +540,7 @@ def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelConte
     data.train.load_state_dict({"consumed": 0})
     opt = build_allocator_optimizer(params, a, t)
     baseline = RewardBaseline(a.baseline, a.running_mean_decay)
-    gen = torch.Generator().manual_seed(t.seed)
+    gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
     record = {}
     for step in range(a.ppo_steps):
         start = time.perf_counter()

@@ -236,9 +236,10 @@ def test_adak_miniature_allocators_equal_a_single_process(request, config, tmp_p
         base = _allocators(root / "run" / "final" / "model.pt")  # same keys
         assert ours.keys() == ref.keys() == base.keys() and ours
         for k in ours:
-            assert (ours[k] - ref[k]).abs().max().item() <= ADAK_TOL[mini.adak.dtype], (stage, k)
+            assert (ours[k] - ref[k]).abs().max().item() <= ADAK_TOL, (stage, k)
         assert any((v != 0).any() for v in ours.values()), "the allocators did not train"
 
 
-# fp32: the same sums in another order; bfloat16: the frozen base's hidden states are bf16 (see the docstring)
-ADAK_TOL = {"float32": 1e-5, "bfloat16": 1e-5, "stored": 1e-5}
+
+# The allocators are fp32 masters (the frozen base may be bf16): the ranks sum the same terms in another order.
+ADAK_TOL = 1e-5

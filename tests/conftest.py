@@ -13,6 +13,19 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_report_header(config):
+    """Which machine kind ran the suite: fp32 GEMM kernels (and so the last bits of results) differ between CPUs."""
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    isa = sorted({f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")})
+    return f"cpu flags: {' '.join(isa) or 'unknown'}; torch cpu capability: {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one thread avoids OpenMP stalls when the machine is shared (restored afterwards). Modules opt

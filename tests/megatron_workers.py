@@ -96,6 +96,12 @@ def maxerr(a, b) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def relerr(a, b) -> float:
+    """maxerr over the reference's largest entry when that exceeds 1: fp32 results of different GEMM shapes and CPU
+    kernels, whose rounding grows with the magnitude (gradients reach ~20 here)."""
+    return maxerr(a, b) / (1.0 if b is None or b.numel() == 0 else max(1.0, b.detach().abs().max().item()))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2 ranks: VariableKMoELayer at ep=2 vs the single-rank layer (Megatron's allgather dispatcher, ep=1)
 
@@ -164,17 +170,17 @@ def ep_case(case: str, rank: int, world: int, pg_ep, pg_single) -> dict:
     y, _ = layer(x)
     (y * proj[sl]).sum().backward()  # summed over ranks: the reference loss
 
-    err = {"y": maxerr(y, y_ref[sl]), "x_grad": maxerr(x.grad, xr.grad[sl])}
+    err = {"y": relerr(y, y_ref[sl]), "x_grad": relerr(x.grad, xr.grad[sl])}
     for name, p in layer.named_parameters():
         if name.startswith("experts.local_experts."):
             i = int(name.split(".")[2])
             src = name.replace(f"local_experts.{i}.", f"local_experts.{rank * L + i}.", 1)
-            err[f"grad:{name}"] = maxerr(p.grad, ref_params[src].grad)
+            err[f"grad:{name}"] = relerr(p.grad, ref_params[src].grad)
         else:  # the router sees only this rank's tokens: its gradient sums over ranks
             g = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # None on a rank with no tokens
             dist.all_reduce(g)
             g_ref = ref_params[name].grad
-            err[f"grad:{name}"] = maxerr(g, torch.zeros_like(p) if g_ref is None else g_ref)
+            err[f"grad:{name}"] = relerr(g, torch.zeros_like(p) if g_ref is None else g_ref)
     st = layer.token_dispatcher.last
     plan = layer.router.last_plan
     true_TK = plan.expert_idx_TK >= 0

@@ -45,7 +45,7 @@ def test_layer_outputs_and_all_gradients_match_single_process(request, world):
     for rank, res in enumerate(_results(request, world)):
         for run in res["layers"]:
             for case, r in run["cases"].items():
-                bad = {k: v for k, v in r["err"].items() if not v <= TOL}
+                bad = {k: v for k, v in r["err"].items() if not v <= TOL}  # fp32, relative to |ref| > 1 (W._relerr)
                 assert not bad, f"rank {rank} E={run['num_experts']} {case}: errors above {TOL}: {bad}"
                 assert any(k.startswith("grad:experts.") for k in r["err"]) and any(
                     k.startswith("grad:router.") for k in r["err"])

@@ -42,7 +42,7 @@ from moe_train.parallel.megatron import (VariableKAllToAllDispatcher, VariableKM
                                          router_state_from_moe_train, routing_map_to_slots,
                                          sequential_mlp_state_from_moe_train, topk, with_variable_k)
 
-TOL = 1e-5
+TOL = 1e-5  # fp32 outputs / gradients of two implementations (Megatron's vs ours): relative, see W.relerr
 D = W.D
 
 
@@ -114,11 +114,12 @@ def test_fixed_k_equals_megatron_topk_router(pg, qwen):
         assert layer.load_state_dict(ref.state_dict(), strict=True)
         mu.get_moe_layer_wise_logging_tracker().clear()
         y, gx, grads = run(layer, x, proj)
-        assert W.maxerr(y, y_ref) <= TOL and W.maxerr(gx, gx_ref) <= TOL, name
+        assert W.relerr(y, y_ref) <= TOL and W.relerr(gx, gx_ref) <= TOL, name
         assert set(grads) == set(grads_ref)
-        bad = {n: W.maxerr(grads[n], grads_ref[n]) for n in grads if not W.maxerr(grads[n], grads_ref[n]) <= TOL}
+        bad = {n: W.relerr(grads[n], grads_ref[n]) for n in grads if not W.relerr(grads[n], grads_ref[n]) <= TOL}
         assert not bad, (name, bad)
-        assert abs(tracked("load_balancing_loss") - lb_ref) <= 1e-6 and abs(tracked("z_loss") - z_ref) <= 1e-5
+        assert abs(tracked("load_balancing_loss") - lb_ref) <= 1e-6
+        assert abs(tracked("z_loss") - z_ref) <= 1e-5 * max(1.0, z_ref)  # fp32 mean of squared logsumexp: relative
         with torch.no_grad():
             probs, rmap = layer.router(x)
         assert torch.equal(rmap, map_ref) and W.maxerr(probs, probs_ref) <= 1e-6
@@ -177,21 +178,22 @@ def test_variable_k_equals_moe_train_layer(pg, case, ours):
     ((y_ref * proj.reshape(1, T, D)).sum() + coef * plan.aux_loss + zcoef * plan.z_loss).backward()
 
     y, gx, grads = run(layer, x, proj)
-    assert W.maxerr(y.reshape(1, T, D), y_ref) <= TOL
-    assert W.maxerr(gx.reshape(1, T, D), xr.grad) <= TOL
+    assert W.relerr(y.reshape(1, T, D), y_ref) <= TOL
+    assert W.relerr(gx.reshape(1, T, D), xr.grad) <= TOL
     ref_router = {"weight": mt.router.gate.weight.grad}
     if getattr(mt.router, "null_gate", None) is not None:
         ref_router["null_weight"] = mt.router.null_gate.weight.grad
     for name, g_ref in ref_router.items():
-        assert W.maxerr(grads[f"router.{name}"], g_ref) <= TOL, name
+        assert W.relerr(grads[f"router.{name}"], g_ref) <= TOL, name
     if "router.allocator_weight" in grads:  # greedy k: the allocator is off the output's graph in both
         assert grads["router.allocator_weight"] is None and mt.router.allocator.weight.grad is None
     expert_grads = sequential_mlp_state_from_moe_train(types.SimpleNamespace(
         w_gate=mt.experts.w_gate.grad, w_up=mt.experts.w_up.grad, w_down=mt.experts.w_down.grad), range(4))
     for name, g_ref in expert_grads.items():
-        assert W.maxerr(grads[f"experts.{name}"], g_ref) <= TOL, name
+        assert W.relerr(grads[f"experts.{name}"], g_ref) <= TOL, name
     assert abs(tracked("load_balancing_loss") - plan.aux_loss.item()) <= 1e-6
-    assert abs(tracked("z_loss") - plan.z_loss.item()) <= 1e-5
+    # fp32 mean of squared logsumexp (~99 here: 1e-5 absolute was ~1 ulp): relative
+    assert abs(tracked("z_loss") - plan.z_loss.item()) <= 1e-5 * max(1.0, plan.z_loss.item())
     # Tokens with no true expert: an all-False routing-map row, output exactly 0, never dispatched.
     true_T = (plan.expert_idx_TK >= 0).sum(1)
     assert (true_T == 0).sum() > 0 and (y.reshape(T, D)[true_T == 0] == 0).all()
@@ -214,14 +216,15 @@ def test_padding_is_excluded_from_balancing_terms(pg):
     valid = ~pad_SB.reshape(-1)
     plan = mt.router(x.reshape(-1, D)[valid])  # moe_train's router on the valid tokens only
     assert abs(tracked("load_balancing_loss") - plan.aux_loss.item()) <= 1e-6
-    assert abs(tracked("z_loss") - plan.z_loss.item()) <= 1e-5
+    # fp32 mean of squared logsumexp (~99 here: 1e-5 absolute was ~1 ulp): relative
+    assert abs(tracked("z_loss") - plan.z_loss.item()) <= 1e-5 * max(1.0, plan.z_loss.item())
 
 
 def test_two_ranks_equal_single_rank(tmp_path):
     res = W.spawn("ep_suite", 2, tmp_path)
     for rank, per_case in enumerate(res):
         for case, r in per_case.items():
-            bad = {k: v for k, v in r["err"].items() if not v <= TOL}
+            bad = {k: v for k, v in r["err"].items() if not v <= TOL}  # fp32, relative (W.relerr)
             assert not bad, f"rank {rank} {case}: errors above {TOL}: {bad}"
             assert any(k.startswith("grad:experts.") for k in r["err"]) and "grad:router.weight" in r["err"]
             assert r["rows_sent"] == r["true_local"]  # never a null pick, never T * topk
@@ -300,7 +303,7 @@ def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
             losses.append(loss.item())
             grads.append({n: p.grad for n, p in model.named_parameters()})
         assert abs(losses[0] - losses[1]) <= 1e-6
-        assert all(W.maxerr(grads[1][n], grads[0][n]) <= TOL for n in grads[0])
+        assert all(W.relerr(grads[1][n], grads[0][n]) <= TOL for n in grads[0])
         adamoe_model = GPTModel(config=block_cfg, transformer_layer_spec=get_gpt_decoder_block_spec(
             block_cfg, adamoe(4, top_k=3), use_transformer_engine=False), vocab_size=32, max_sequence_length=16,
             position_embedding_type="rope")
@@ -445,8 +448,8 @@ def test_triton_permutation_backend_in_our_dispatcher(pg):
         x[::2, :, 1] = 5.0  # all-null tokens
         y_ref, gx_ref, grads_ref = run(ref, x, proj)
         y, gx, grads = run(layer, x, proj)
-        assert W.maxerr(y, y_ref) <= TOL and W.maxerr(gx, gx_ref) <= TOL
-        assert all(W.maxerr(grads[n], grads_ref[n]) <= TOL for n in grads_ref)
+        assert W.relerr(y, y_ref) <= TOL and W.relerr(gx, gx_ref) <= TOL
+        assert all(W.relerr(grads[n], grads_ref[n]) <= TOL for n in grads_ref)
         assert layer.token_dispatcher.permute_backend == "triton"
         assert layer.token_dispatcher.last.rows_sent < 10 * 3
     finally:

@@ -11,6 +11,7 @@ setup(
         "moe_train",
         "moe_train.model",
         "moe_train.routing",
+        "moe_train.data",
         "moe_train.train",
         "moe_train.eval",
         "moe_train.io",

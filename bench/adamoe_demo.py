@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from moe_train.config import load_config
-from moe_train.train.synthetic import EASY_LABELS, HARD_LABELS, LABELS
+from moe_train.data import EASY_LABELS, HARD_LABELS, LABELS
 from moe_train.train.trainer import train
 
 

@@ -56,13 +56,27 @@ def _adak(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from moe_train.eval.evaluate import run_eval
+    import json
+    import os
 
-    run_eval(args)
+    if args.lm_eval:
+        # lm-eval and `datasets` must never fetch anything: offline unless the caller decided otherwise. Set here,
+        # in the entry point, before either is imported; the library (run_lm_eval) leaves the environment alone.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from moe_train.eval.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(checkpoint=args.checkpoint, task_files=list(args.task), tokenizer=args.tokenizer,
+                     difficulty=args.difficulty, corpus_sequences=args.corpus_sequences,
+                     corpus_seq_len=args.corpus_seq_len, corpus_seed=args.corpus_seed, generate_prompt=args.generate,
+                     max_new_tokens=args.max_new_tokens, force_k=args.force_k, compare_topk=args.compare_topk,
+                     lm_eval=args.lm_eval, batch_size=args.batch_size, device=args.device, out=args.out)
+    # the job's product: one JSON line per result on stdout
+    run_eval(cfg, on_result=lambda name, rep: print(json.dumps({"result": name, **rep}), flush=True))
 
 
 def _generate_data(args: argparse.Namespace) -> None:
-    from moe_train.train.data import write_generated_corpus
+    from moe_train.data import write_generated_corpus
 
     out = write_generated_corpus(args.out, args.num_sequences, args.val_sequences, args.seq_len, args.vocab_size,
                                  args.seed)
@@ -135,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-topk", action="store_true",
                    help="Ada-K models: also evaluate with k forced to the base top-k, side by side")
     p.add_argument("--lm-eval", action="store_true",
-                   help="also run the --task files through lm-evaluation-harness (offline) and report its metrics")
+                   help="also run the --task files through lm-evaluation-harness (offline: sets HF_DATASETS_OFFLINE=1 "
+                        "and HF_HUB_OFFLINE=1 unless already set) and report its metrics")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write every result to this JSON file")

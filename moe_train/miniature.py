@@ -46,7 +46,7 @@ def _real_architecture(cfg: Config) -> ModelConfig:
     """The base model's architecture: the real init_from folder's config.json when readable, else model:."""
     src = cfg.train.init_from
     if src and (Path(src) / "config.json").is_file():
-        from moe_train.io.hf import config_from_hf, read_hf_config
+        from moe_train.io.hf_config import config_from_hf, read_hf_config
 
         try:
             return config_from_hf(read_hf_config(src), str(Path(src) / "config.json"))
@@ -77,14 +77,13 @@ def _write_base_model(arch: ModelConfig, dst: Path, seed: int) -> None:
         return
     torch.manual_seed(seed)
     model = build_model(arch)
+    if dst.suffix == ".pt":
+        from moe_train.io.model_file import save_model
+
+        save_model(model, dst, step=0)  # atomic; every rank writes the same bytes
+        return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}"
-    if dst.suffix == ".pt":
-        from moe_train.train.checkpoint import save_model
-
-        save_model(model, tmp, step=0)
-        os.replace(tmp, dst)
-        return
     from moe_train.io.hf import to_hf
 
     to_hf(model, tmp)

@@ -38,7 +38,7 @@ from moe_train.model.experts import ExpertShard, GroupedExperts
 from moe_train.model.moe_layer import MoELayer
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext, validate_layout
-from moe_train.routing.balancing import load_balancing_loss
+from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -107,14 +107,13 @@ def _global_aux_hook(ctx: ParallelContext):
             return plan
         E = plan.counts_E.numel()
         num_null = probs_TN.shape[-1] - E
-        counts_N = plan.counts_E.to(torch.float64)
-        if num_null:
-            # Every slot of the null router is a pick, true or null; only the total null count enters the loss
-            # (null counts share one averaged bucket), so the total spread evenly is exact.
-            null_total = plan.expert_idx_TK.numel() - counts_N.sum()
-            counts_N = torch.cat([counts_N, (null_total / num_null).expand(num_null)])
+        counts_E = plan.counts_E.to(torch.float64)
+        # Every slot of the null router is a pick, true or null; only the total null count enters the loss
+        # (null counts share one averaged bucket), so the total spread evenly is exact.
+        null_total = plan.expert_idx_TK.numel() - counts_E.sum()
+        counts_N = null_bucket_counts(counts_E, null_total, num_null)
         dist.all_reduce(counts_N, op=dist.ReduceOp.SUM)
-        plan.aux_loss = load_balancing_loss(probs_TN, counts_N, num_null)
+        plan.aux_loss = load_balancing_loss(probs_TN, counts_N, num_null=num_null)
         return plan
 
     return hook
@@ -146,7 +145,7 @@ def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer],
     for layer in layers:
         # Experts shard on dim 1 (D or F) over the edp mesh, not dim 0: dim 0 is already split over ep, and keeping
         # the two splits on different dims makes each expert weight an ordinary 2-D DTensor (Shard(1) over dp,
-        # Shard(0) over ep; moe_train/train/resume.py) that DCP saves and reshards; it also works with fewer local
+        # Shard(0) over ep; moe_train/io/dcp_checkpoint.py) that DCP saves and reshards; it also works with fewer local
         # experts than edp ranks (torchtitan does the same).
         fully_shard(layer.experts, mesh=edp_mesh, shard_placement_fn=lambda p: Shard(1), mp_policy=mp)
         layer.experts.set_gradient_divide_factor(float(ctx.world_size))  # see the module docstring: scale

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from moe_train.config import AdaKConfig, Config, ConfigError, ModelConfig, MoEConfig, TrainConfig, load_config
-from moe_train.eval.evaluate import eval_routing
+from moe_train.data import generate
+from moe_train.eval.scoring import eval_routing
 from moe_train.io.adak_convert import add_allocators
 from moe_train.model import build_model
 from moe_train.train.adak import (RewardBaseline, build_allocator_optimizer, compute_advantages, forced_log_probs,
                                   freeze_base, ppo_objective, ppo_step, rollout, token_rewards, warm_start_labels,
                                   warm_start_loss)
-from moe_train.train.synthetic import generate
 
 TINY = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
             max_seq_len=64)
@@ -310,7 +310,7 @@ def test_paper_configs_load():
 
 def test_cli_adak_end_to_end(tmp_path):
     from moe_train.cli import main
-    from moe_train.train.checkpoint import load_model, save_model
+    from moe_train.io.model_file import load_model, save_model
 
     base = tiny_base()
     save_model(base, tmp_path / "base.pt")
@@ -411,7 +411,7 @@ def test_ep2_rollouts_rewards_and_gradients_match_one_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from moe_train.train.checkpoint import load_model
+    from moe_train.io.model_file import load_model
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

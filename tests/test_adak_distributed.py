@@ -16,7 +16,7 @@ from moe_train.config import AdaKConfig, Config, TrainConfig, from_dict, to_dict
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.train.adak import (adak_routers, build_allocator_optimizer, freeze_base, load_adak_model, rollout,
                                   train_adak)
-from moe_train.train.checkpoint import load_model, save_model
+from moe_train.io.model_file import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

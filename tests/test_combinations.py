@@ -136,7 +136,7 @@ def single_reference(cfg: Config, world: int) -> Config:
 
 def _write_base(path: Path) -> None:
     from moe_train.model import build_model
-    from moe_train.train.checkpoint import save_model
+    from moe_train.io.model_file import save_model
 
     plain = {k: levels[0] for k, levels in FACTORS.items()}  # a top-k model: what Ada-K starts from
     cfg = base_config(plain, path.parent / "unused", path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_train.config import Config, DataConfig, TrainConfig
-from moe_train.train.data import ByteTokenizer, DataLoader, build_data, pack, write_generated_corpus
+from moe_train.data import ByteTokenizer, DataLoader, build_data, pack, write_generated_corpus
 
 SEQ = 16
 
@@ -180,8 +180,7 @@ def test_generate_data_command_then_train_on_the_files(tmp_path):
 
 
 def test_labels_pack_like_tokens(tmp_path):
-    from moe_train.train.data import write_generated_corpus
-    from moe_train.train.synthetic import generate
+    from moe_train.data import generate, write_generated_corpus
 
     write_generated_corpus(tmp_path / "g", 6, 3, SEQ, 64, seed=9)
     cfg = cfg_for(tmp_path / "g" / "train.jsonl", token_field="tokens", label_field="labels",

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.eval.evaluate import (KStats, TokenIdCodec, build_codec, corpus_report, encode_pair, eval_routing,
-                                     evaluate_multiple_choice, evaluate_perplexity, load_task, rolling_windows,
-                                     score_continuations)
+from moe_train.data import LABELS, generate
+from moe_train.eval.codec import TokenIdCodec, build_codec, encode_pair
 from moe_train.eval.generate import greedy_generate
+from moe_train.eval.report import corpus_report
+from moe_train.eval.scoring import KStats, eval_routing, rolling_windows, score_continuations
+from moe_train.eval.tasks import evaluate_multiple_choice, evaluate_perplexity, load_task
 from moe_train.io.adak_convert import add_allocators
 from moe_train.model import build_model
-from moe_train.train.synthetic import LABELS, generate
 
 DATA = Path(__file__).parent / "data"
 MC, PPL = DATA / "synthetic_mc.jsonl", DATA / "synthetic_ppl.jsonl"
@@ -219,7 +220,7 @@ def test_lm_eval_adapter_agrees_with_our_evaluator(model, tmp_path, monkeypatch)
 
 def test_cli_eval(model, tmp_path, capsys):
     from moe_train.cli import main
-    from moe_train.train.checkpoint import save_model
+    from moe_train.io.model_file import save_model
 
     ckpt = save_model(model, tmp_path / "m.pt")
     out = tmp_path / "res.json"

@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
 from moe_train.config import ModelConfig, MoEConfig  # noqa: E402
-from moe_train.io import hf as hfio  # noqa: E402
+from moe_train.io import safetensors_folder  # noqa: E402
 from moe_train.io.hf import from_hf, to_hf  # noqa: E402
 from moe_train.model import build_model  # noqa: E402
 
@@ -241,7 +241,7 @@ def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     assert json.loads((tmp_path / "bf" / "config.json").read_text())["dtype"] == "bfloat16"
     back = from_hf(tmp_path / "bf", dtype=None)
     assert_same_tensors(back, model)
-    assert hfio.stored_dtype(tmp_path / "bf") == torch.bfloat16
+    assert safetensors_folder.stored_dtype(tmp_path / "bf") == torch.bfloat16
     assert from_hf(tmp_path / "bf").embed_tokens.weight.dtype == torch.float32
 
 
@@ -260,7 +260,7 @@ def test_export_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(hfio, "save_file", crash)
+    monkeypatch.setattr(safetensors_folder, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         to_hf(our_model("mixtral", seed=2), dst, max_shard_size="16KB")
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # untouched
@@ -407,5 +407,5 @@ def test_export_rejects_what_the_format_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="max_shard_size='5 parsecs'"):
         to_hf(our_model(), tmp_path / "c", max_shard_size="5 parsecs")
     assert not any(tmp_path.iterdir())
-    assert hfio.parse_shard_size("2GiB") == 2 * 2**30 and hfio.parse_shard_size("5GB") == 5 * 10**9
-    assert hfio.parse_shard_size(123) == 123
+    assert safetensors_folder.parse_shard_size("2GiB") == 2 * 2**30 and safetensors_folder.parse_shard_size("5GB") == 5 * 10**9
+    assert safetensors_folder.parse_shard_size(123) == 123

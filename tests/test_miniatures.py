@@ -199,7 +199,7 @@ def _check_hf_export(run: Path) -> None:
     """The export loads in transformers and reproduces the final model's logits (the LoRA deltas merged)."""
     from transformers import AutoModelForCausalLM
 
-    from moe_train.train.checkpoint import load_model
+    from moe_train.io.model_file import load_model
 
     ours = load_model(run / "final" / "model.pt").float().eval()
     theirs = AutoModelForCausalLM.from_pretrained(run / "hf", torch_dtype=torch.float32).eval()

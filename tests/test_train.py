@@ -8,9 +8,9 @@ import torch
 
 from moe_train.cli import main
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.eval.flops import expert_share, flops_vs_topk, forward_flops_per_token
-from moe_train.train.checkpoint import load_model, save_model
-from moe_train.train.synthetic import HARD_LABELS, LABELS, generate
+from moe_train.data import HARD_LABELS, LABELS, generate
+from moe_train.io.model_file import load_model, save_model
+from moe_train.model.flops import expert_share, flops_vs_topk, forward_flops_per_token
 
 FIELDS = {"step", "loss", "lm_loss", "aux_loss", "true_experts_per_token", "flops_vs_topk", "tokens_per_s"}
 
@@ -59,7 +59,7 @@ def test_checkpoint_is_atomic_and_corruption_is_detected(tmp_path):
     class Boom(Exception):
         pass
 
-    import moe_train.train.checkpoint as ck
+    import moe_train.io.model_file as ck
 
     real_save = ck.torch.save
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from moe_train.eval.evaluate import eval_routing
+from moe_train.eval.scoring import eval_routing
 from moe_train.model import MoETransformer
 
 

@@ -5,18 +5,20 @@
                             "tokenizer": "ids"}, tasks=[...], task_manager=TaskManager(include_path=dir))
     or an instance: simple_evaluate(model=MoETrainLM(model=m, tokenizer="ids"), ...)
 
-The requests are scored by the same primitives as ``moe-train eval`` (moe_train/eval/evaluate.py: lm-eval's
-context/continuation split, left truncation and rolling windows), so both report the same accuracy. Ada-K models
-run with the greedy allocator (or ``force_k``); ``lm.k_stats.summary()`` holds the mean true experts per token
-over every position the harness scored, and ``lm.report()`` adds the FLOPs versus the top-k baseline.
-``write_task_yaml`` writes an offline task over a local JSONL file (dataset_path: json); run with
-HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 so nothing is fetched.
+The requests are scored by the same primitives as ``moe-train eval`` (moe_train/eval/codec.py and scoring.py:
+lm-eval's context/continuation split, left truncation and rolling windows), so both report the same accuracy. Ada-K
+models run with the greedy allocator (or ``force_k``); ``lm.k_stats.summary()`` holds the mean true experts per
+token over every position the harness scored, and ``lm.report()`` adds the FLOPs versus the top-k baseline.
+``write_task_yaml`` writes an offline task over a local JSONL file (dataset_path: json); ``run_lm_eval`` runs task
+files through the harness. Nothing here touches the environment: run with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+so nothing is fetched (``moe-train eval --lm-eval`` sets both, unless already set, before lm-eval is imported).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 try:
     from lm_eval.api.model import LM
@@ -26,9 +28,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "(lm-eval==0.4.13)") from e
 import torch
 
-from moe_train.eval.evaluate import (KStats, build_codec, encode_pair, eval_routing, flops_fields, load_for_eval,
-                                     prefix_id, rolling_loglikelihood, score_continuations)
+from moe_train.eval.codec import build_codec, encode_pair, prefix_id
 from moe_train.eval.generate import greedy_generate
+from moe_train.eval.scoring import KStats, eval_routing, flops_fields, rolling_loglikelihood, score_continuations
+from moe_train.eval.tasks import load_task
+from moe_train.io import load_any
 from moe_train.model import MoETransformer
 
 
@@ -45,7 +49,7 @@ class MoETrainLM(LM):
             raise ValueError(f"MoETrainLM: unknown model_args {sorted(unused)}; allowed: checkpoint, model, tokenizer,"
                              " batch_size, device, force_k, max_gen_toks")
         self._device = torch.device(device)
-        self.model = (load_for_eval(checkpoint) if model is None else model).to(self._device)
+        self.model = (load_any(checkpoint) if model is None else model).to(self._device)
         self.codec = build_codec(tokenizer, self.model.config.vocab_size)
         if batch_size == "auto" or str(batch_size).startswith("auto"):
             raise ValueError("batch_size='auto' is not supported by the moe_train adapter: give an integer")
@@ -110,8 +114,6 @@ class MoETrainLM(LM):
 def write_task_yaml(name: str, data_file: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     """An offline lm-eval task over a local JSONL file in moe-train eval's format (multiple choice: context /
     choices / gold; perplexity: text). Returns the YAML path; pass out_dir as TaskManager(include_path=...)."""
-    from moe_train.eval.evaluate import load_task
-
     data_file = Path(data_file).resolve()
     kind, _ = load_task(data_file)
     head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
@@ -131,3 +133,25 @@ def write_task_yaml(name: str, data_file: Union[str, Path], out_dir: Union[str, 
     path = out / f"{name}.yaml"
     path.write_text(head + body + "metadata:\n  version: 1.0\n")
     return path
+
+
+def run_lm_eval(model: MoETransformer, task_files: Sequence[str], tokenizer: str, batch_size: int,
+                device: str, force_k: Optional[int] = None) -> dict:
+    """The task files through lm-evaluation-harness (task YAMLs written to a temporary folder): its metrics per
+    file, and the mean true experts per token and FLOPs over everything it scored. Offline: module docstring."""
+    import lm_eval  # the evaluator half of lm-eval (slow to import): only when a run asks for it
+    from lm_eval.tasks import TaskManager
+
+    lm = MoETrainLM(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device, force_k=force_k)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for i, f in enumerate(task_files):
+            name = f"moe_train_{i}_{Path(f).stem}".replace("-", "_").replace(".", "_")
+            write_task_yaml(name, f, tmp)
+            names.append(name)
+        manager = TaskManager(include_path=tmp, include_defaults=False)  # indexing the built-in tasks takes minutes
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
+                                      log_samples=False)
+    out = {f: {k: v for k, v in res["results"][n].items() if isinstance(v, (int, float))}
+           for f, n in zip(task_files, names)}
+    return {"tasks": out, **lm.report()}

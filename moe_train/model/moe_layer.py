@@ -2,7 +2,7 @@
 
 The dispatcher is swappable: LocalDispatcher computes every expert in this process; the expert-parallel
 dispatcher (moe_train.parallel) sends rows to the ranks that hold their experts. Both take the same plan and
-never touch a null slot.
+never touch a null slot. The router and the dispatcher are typed by the protocols of routing/protocols.py.
 Shape legend: B batch, S sequence, T = B*S tokens, D hidden.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 from moe_train.config import ModelConfig
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.model.experts import GroupedExperts, SwiGLU
-from moe_train.routing import RoutingPlan, build_router
+from moe_train.routing import Dispatcher, Router, RoutingPlan, build_router
 from moe_train.routing.capacity import apply_capacity_from_config
 
 
@@ -35,11 +35,11 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D = cfg.hidden_size
-        self.router = build_router(D, cfg.moe)
+        self.router: Router = build_router(D, cfg.moe)
         self.experts = GroupedExperts(cfg.moe.num_experts, D, cfg.intermediate_size, cfg.moe.gemm_backend)
         self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if self.shared_expert is not None else None
-        self.dispatcher = LocalDispatcher(cfg.moe.permute_backend)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.moe.permute_backend)  # parallelize_model swaps it
         self.moe_cfg = cfg.moe  # capacity_factor / drop_policy for apply_capacity
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RoutingPlan]:

@@ -1,18 +1,21 @@
-"""Routers: each returns a RoutingPlan (expert index per slot, -1 for null/unused; slot weights; counts)."""
+"""Routers: each returns a RoutingPlan (expert index per slot, -1 for null/unused; slot weights; counts).
 
-from torch import nn
+The Router / Dispatcher / Experts protocols (routing/protocols.py) are the MoE layer's interfaces.
+"""
 
 from moe_train.config import MoEConfig
 from moe_train.routing.adak import AdaKRouter
 from moe_train.routing.null_experts import NullExpertRouter
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.protocols import Dispatcher, Experts, Router
 from moe_train.routing.topk import TopKRouter
 
 ROUTER_CLASSES = {"topk": TopKRouter, "null": NullExpertRouter, "adak": AdaKRouter}
 
 
-def build_router(hidden_size: int, cfg: MoEConfig) -> nn.Module:
+def build_router(hidden_size: int, cfg: MoEConfig) -> Router:
     return ROUTER_CLASSES[cfg.router](hidden_size, cfg)
 
 
-__all__ = ["RoutingPlan", "counts_from_idx", "TopKRouter", "NullExpertRouter", "AdaKRouter", "build_router"]
+__all__ = ["RoutingPlan", "counts_from_idx", "Router", "Dispatcher", "Experts", "TopKRouter", "NullExpertRouter",
+           "AdaKRouter", "build_router"]

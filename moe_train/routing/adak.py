@@ -92,6 +92,7 @@ class AdaKRouter(nn.Module):
             aux_loss=load_balancing_loss(probs_TE, counts_E),
             z_loss=router_z_loss(logits_TE),
             probs_TN=probs_TE,
+            logits_TN=logits_TE,
             action_T=action_T,
             # not a view: FSDP2 warns about (and an in-place op would break) view outputs that require grad
             log_prob_T=log_pi_TA.gather(-1, action_T[:, None]).squeeze(-1).clone(),

@@ -37,6 +37,18 @@ from moe_train.routing.plan import RoutingPlan
 from moe_train.routing.topk import renormalize, select_topk
 
 
+def null_gate_from_true(weight_ED: torch.Tensor, num_null: int, experts_field: str = "num_experts") -> torch.Tensor:
+    """AdaMoE's initialisation of the null gate: W_null [m, D] = W_g [n, D] repeated r = m/n times, so every true
+    expert starts with r null twins of equal logit (the module docstring: ties). The one implementation, used by
+    NullExpertRouter.init_null_gate_from_true (io/convert.py) and the Megatron router / checkpoint conversion
+    (parallel/megatron). ``experts_field`` names the caller's config field for n in the error message."""
+    E = weight_ED.shape[0]
+    if num_null % E:
+        raise ValueError(f"null-gate initialisation from the true gate needs num_null_experts (={num_null}) to be a "
+                         f"multiple of {experts_field} (={E})")
+    return weight_ED.repeat(num_null // E, 1)
+
+
 class NullExpertRouter(nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()
@@ -58,11 +70,8 @@ class NullExpertRouter(nn.Module):
 
     @torch.no_grad()
     def init_null_gate_from_true(self) -> None:
-        """W_null = W_g repeated m/n times: every true expert starts with m/n null twins of equal logit."""
-        if self.num_null % self.num_experts:
-            raise ValueError(f"null-gate initialisation from the true gate needs num_null_experts (={self.num_null}) "
-                             f"to be a multiple of num_experts (={self.num_experts})")
-        self.null_gate.weight.copy_(self.gate.weight.repeat(self.num_null // self.num_experts, 1))
+        """W_null = W_g repeated m/n times (null_gate_from_true), in place."""
+        self.null_gate.weight.copy_(null_gate_from_true(self.gate.weight, self.num_null))
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         E = self.num_experts
@@ -87,9 +96,10 @@ class NullExpertRouter(nn.Module):
             weight_TK=weight_TK,
             counts_E=counts_E,
             selected_counts_E=counts_E,
-            aux_loss=load_balancing_loss(probs_TN, counts_N, self.num_null),
+            aux_loss=load_balancing_loss(probs_TN, counts_N, num_null=self.num_null),
             z_loss=router_z_loss(logits_TN),
             probs_TN=probs_TN,
+            logits_TN=logits_TN,
         )
 
     def update_bias(self, counts_E: torch.Tensor) -> None:

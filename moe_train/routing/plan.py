@@ -23,6 +23,8 @@ class RoutingPlan:
                    it: after drops an overloaded expert can look exactly average. Defaults to counts_E.
     aux_loss / z_loss: unweighted balancing terms (scalar tensors); the model applies the coefficients.
     probs_TN:      router probabilities over the n true (+ m null) experts (fp32), for loss terms and statistics.
+    logits_TN:     the router logits behind probs_TN (the gate's dtype), for a z-loss over a subset of the tokens
+                   (the Megatron router leaves padding out: routing/balancing.py::router_z_loss).
     Ada-K only: action_T (chosen action index), log_prob_T (log pi(action | x)), entropy_T.
     """
 
@@ -32,6 +34,7 @@ class RoutingPlan:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     probs_TN: Optional[torch.Tensor] = None
+    logits_TN: Optional[torch.Tensor] = None
     action_T: Optional[torch.Tensor] = None
     log_prob_T: Optional[torch.Tensor] = None
     entropy_T: Optional[torch.Tensor] = None

@@ -76,6 +76,7 @@ class TopKRouter(nn.Module):
             aux_loss=load_balancing_loss(probs_TE, counts_E),
             z_loss=router_z_loss(logits_TE),
             probs_TN=probs_TE,
+            logits_TN=logits_TE,
         )
 
     def update_bias(self, counts_E: torch.Tensor) -> None:

@@ -52,8 +52,8 @@ PPO, one step per batch:
 Distributed (torchrun, parallel.ep): parallelize_model shards the frozen experts and dispatches with all-to-all;
 the allocator decides k before dispatch, so a token sends only its k rows. Batch statistics (means, the advantage
 std, metrics) are over the global batch; allocator gradients are averaged over all ranks (FSDP2). With equal
-shares per rank (data.py) a warm start or PPO run on N ranks equals the single process on the global batch, for
-any ppo_minibatches (tested to 1e-5 in fp32, including minibatches of which some ranks hold nothing,
+shares per rank (data/packing.py) a warm start or PPO run on N ranks equals the single process on the global batch,
+for any ppo_minibatches (tested to 1e-5 in fp32, including minibatches of which some ranks hold nothing,
 tests/test_adak_distributed.py).
 Metrics per step (metrics.jsonl): reward, log-likelihood, mean k overall / per layer, flops_vs_topk (whole model),
 expert_flops_vs_topk (mean k / base k), and, as the mean over the step's minibatches of global minibatch means,
@@ -73,8 +73,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import AdaKConfig, Config, TrainConfig, to_dict
-from moe_train.eval.flops import flops_vs_topk
+from moe_train.data import build_data
+from moe_train.eval.report import corpus_report
+from moe_train.io import load_any
 from moe_train.model import MoETransformer
+from moe_train.model.flops import flops_vs_topk
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.routing.adak import AdaKRouter
 
@@ -132,20 +135,13 @@ def load_adak_model(cfg: Config) -> MoETransformer:
     if src is None:
         raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
                          "checkpoint (model.pt) or a Hugging Face folder")
-    path = Path(src)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "stored": None}[cfg.adak.dtype]
-    if path.is_dir():
-        from moe_train.io.hf import from_hf
-
-        # An Ada-K folder's allocators come in the dtype asked for (from_hf casts every tensor); a top-k folder,
-        # the usual start, has none.
-        model = from_hf(path, dtype=dtype)
-    else:
-        from moe_train.train.checkpoint import load_model
-
-        model = load_model(path)
-        if dtype is not None:
-            _cast_except_allocators(model, dtype)
+    # A Hugging Face folder is cast as it is read, an Ada-K folder's allocators included (a top-k folder, the usual
+    # start, has none); a model.pt comes as saved and is cast here, its allocators kept bit for bit. (Not the
+    # folder: model.to would also cast the fp32 RoPE table from_hf builds.)
+    model = load_any(src, dtype=dtype)
+    if dtype is not None and not Path(src).is_dir():
+        _cast_except_allocators(model, dtype)
     moe = model.config.moe
     if moe.router == "topk":
         return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)  # fp32 allocators
@@ -362,7 +358,7 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
     """Rollout (in chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates (module docstring).
 
     ``inputs_BS`` is this rank's share of the global batch: the ctx.dp_rank-th contiguous B of dp_size * B
-    sequences (moe_train/train/data.py). ``generator`` must be in the same state on every rank: the sampling
+    sequences (moe_train/data/packing.py). ``generator`` must be in the same state on every rank: the sampling
     uniforms and the minibatch permutations are drawn from it for the GLOBAL batch (each step consumes the same
     amount on every rank and at every world size), and each rank takes its own part (module docstring)."""
     B, S = inputs_BS.shape
@@ -445,8 +441,8 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
 
 
 def _validate(model: MoETransformer, data, cfg: Config, device: torch.device) -> dict:
-    from moe_train.eval.evaluate import corpus_report
-
+    """The validation report (moe_train/eval/report.py) with the greedy allocator, and the loss increase over the
+    same model run at its base top-k."""
     if data.val_tokens is None:
         return {}
     rep = corpus_report(model, data.val_batches(cfg.train.batch_size), device)
@@ -459,7 +455,7 @@ def _validate(model: MoETransformer, data, cfg: Config, device: torch.device) ->
 def _save(model: MoETransformer, ctx: ParallelContext, path: Path, step: int) -> None:
     """The whole Ada-K model (frozen base + allocators) as one moe_train checkpoint; collective when distributed."""
     from moe_train.parallel.parallelize import full_state_dict
-    from moe_train.train.checkpoint import save_model
+    from moe_train.io.model_file import save_model
 
     state = full_state_dict(model, ctx) if ctx.distributed else None
     if ctx.is_main:
@@ -485,7 +481,6 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optiona
 def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelContext) -> dict:
     import json
 
-    from moe_train.train.data import build_data
     from moe_train.train.metrics import MetricsWriter
 
     t, a = cfg.train, cfg.adak

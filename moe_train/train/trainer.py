@@ -25,17 +25,18 @@ from typing import Optional
 import torch
 
 from moe_train.config import Config, to_dict
-from moe_train.eval.flops import flops_vs_topk, forward_flops_per_token
+from moe_train.data import Data, build_data
+from moe_train.eval.report import corpus_report, validation_metrics
+from moe_train.io import load_any
+from moe_train.io.dcp_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_train.io.model_file import load_model, save_model
 from moe_train.model import MoETransformer, build_model
+from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.parallel.distributed import ParallelContext, destroy_distributed, init_distributed
 from moe_train.parallel.parallelize import all_reduce_mean, all_reduce_sum, clip_grad_norm_, full_state_dict
 from moe_train.routing.capacity import load_imbalance
-from moe_train.train.checkpoint import load_model, save_model
-from moe_train.train.data import Data, build_data
 from moe_train.train.metrics import MetricsWriter
-from moe_train.train.resume import latest_checkpoint, load_checkpoint, save_checkpoint
-from moe_train.train.synthetic import LABELS
 
 # MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
 MOE_TRAINING_KNOBS = ("aux_loss_coef", "z_loss_coef", "expert_bias_rate", "target_true_experts", "budget_kp",
@@ -93,13 +94,7 @@ def initial_model(cfg: Config) -> MoETransformer:
     src = cfg.train.init_from
     if src is None:
         return build_model(cfg.model)
-    path = Path(src)
-    if path.is_dir():
-        from moe_train.io.hf import from_hf
-
-        loaded = from_hf(path)
-    else:
-        loaded = load_model(path)
+    loaded = load_any(src)
     want, have = cfg.model.moe, loaded.config.moe
     if want.router == "null" and have.router == "topk":
         from moe_train.io.convert import add_null_experts
@@ -131,41 +126,12 @@ def apply_trainable(model: torch.nn.Module, cfg: Config) -> None:
             p.requires_grad_(any(pt.search(name) for pt in patterns))
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.device) -> dict:
-    """Validation loss, true experts per token (overall, per layer, per difficulty label), FLOPs vs top-k."""
-    was_training = model.training
-    model.eval()
-    autocast = use_autocast(model, cfg, device)  # the training precision
-    loss_sum, tokens = 0.0, 0
-    per_layer_sum: Optional[torch.Tensor] = None
-    label_sum: dict[int, float] = {}
-    label_n: dict[int, int] = {}
-    for inputs, targets, labels in data.val_batches(cfg.train.batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits, plans = model(inputs.to(device), return_plans=True)
-        n = targets.numel()
-        loss_sum += lm_loss(logits, targets.to(device)).item() * n
-        k_LT = torch.stack([p.true_experts_per_token_T for p in plans]).cpu()
-        per_layer_sum = k_LT.sum(1) if per_layer_sum is None else per_layer_sum + k_LT.sum(1)
-        tokens += n
-        if labels is not None:
-            # the experts a token used at position s, against the difficulty of predicting its target (s + 1)
-            k_T, lab_T = k_LT.mean(0), labels.reshape(-1)
-            for lab in lab_T.unique().tolist():
-                sel = lab_T == lab
-                label_sum[lab] = label_sum.get(lab, 0.0) + float(k_T[sel].sum())
-                label_n[lab] = label_n.get(lab, 0) + int(sel.sum())
-    model.train(was_training)
-    if not tokens:
-        return {}
-    per_layer = (per_layer_sum / tokens).tolist()
-    out = {"val_loss": loss_sum / tokens, "val_true_experts_per_token": sum(per_layer) / len(per_layer),
-           "val_true_experts_per_layer": per_layer,
-           "val_flops_vs_topk": flops_vs_topk(cfg.model, per_layer, cfg.train.seq_len)}
-    if label_n:
-        out["val_true_experts_by_label"] = {LABELS.get(k, str(k)): label_sum[k] / label_n[k] for k in sorted(label_n)}
-    return out
+    """Validation loss, true experts per token (overall, per layer, per difficulty label), FLOPs vs top-k, at the
+    training precision, under the trainer's ``val_*`` names; {} without a held-out split (moe_train/eval/report.py)."""
+    rep = corpus_report(model, data.val_batches(cfg.train.batch_size), device,
+                        autocast=use_autocast(model, cfg, device))
+    return validation_metrics(rep)
 
 
 def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:

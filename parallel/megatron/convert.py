@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from moe_train.parallel.megatron.router import null_weight_from_true
+from moe_train.routing.null_experts import null_gate_from_true
 
 ROUTER_SUFFIX = "router.weight"
 
@@ -39,7 +39,7 @@ def add_null_experts(state_dict: dict, num_null_experts: int) -> dict:
         null_key = key[: -len("weight")] + "null_weight"
         if null_key in state_dict:
             raise ValueError(f"{null_key} already exists: this checkpoint already has null experts")
-        out[null_key] = null_weight_from_true(state_dict[key], num_null_experts).clone()
+        out[null_key] = null_gate_from_true(state_dict[key], num_null_experts, "num_moe_experts").clone()
     return out
 
 

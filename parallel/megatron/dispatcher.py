@@ -20,8 +20,10 @@ One host sync per layer call (as Megatron's alltoall: the splits must be on the 
 from routing_map.sum(0), are exchanged first, and one .tolist() reads both count vectors (sent and received per
 expert) plus the number of true slots, which sizes the permutation (build_permutation(num_rows=...), no sync of
 its own) and checks that no token had more than K experts. No extra stream is used: the count exchange is tiny
-and the blocking read is the only wait before the token all-to-all. On CUDA the collectives run on NCCL through Megatron's
-ep process group; that path is unverified here (no GPU in development).
+and the blocking read is the only wait before the token all-to-all. The exchange, splits, regrouping and row
+statistics are parallel/exchange.py::CountExchange, the same object the native AllToAllDispatcher uses. On CUDA
+the collectives run on NCCL through Megatron's ep process group; that path is unverified here (no GPU in
+development).
 Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E global experts, K slots per token,
 P = ep ranks, L = E/P local experts, N rows this rank sends, R rows it receives.
 """
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
-from moe_train.parallel.dispatcher import DispatchStats, all_to_all_rows, expert_major_order, inverse_order
+from moe_train.parallel.exchange import CountExchange, DispatchStats
 from moe_train.parallel.megatron import compat
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -78,11 +80,10 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         self.max_slots = config.moe_router_topk if max_slots is None else max_slots
         self.permute_backend = permute_backend
         self.last = DispatchStats()
-        self.totals = {"calls": 0, "rows_sent": 0, "rows_received": 0, "rows_sent_remote": 0, "bytes_sent_remote": 0}
         self._state = None
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
-        P, L, E, b = self.ep_size, self.num_local_experts, self.num_experts, self.permute_backend
+        E, b = self.num_experts, self.permute_backend
         assert routing_map.dtype == torch.bool and routing_map.shape == probs.shape, (routing_map.dtype,
                                                                                        routing_map.shape, probs.shape)
         hidden_shape = hidden_states.shape
@@ -91,58 +92,37 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         idx_TK = routing_map_to_slots(routing_map, self.max_slots)
         true_TK = idx_TK >= 0
         w_TK = probs.gather(1, idx_TK.clamp(min=0)) * true_TK
-        send_E = routing_map.sum(0)  # from the map: the count exchange does not wait for the permutation
-        if P > 1:
-            recv_E = torch.empty_like(send_E)  # [P*L]: from each source rank, per local expert
-            dist.all_to_all_single(recv_E, send_E, group=self.ep_group)
-        else:
-            recv_E = send_E
-        # The one host sync of the layer: splits, receive size, the permutation's row count, and the check that
-        # the slot view kept every assignment of the map.
-        host = torch.cat([send_E, recv_E, true_TK.sum().reshape(1)]).tolist()
-        send_counts, recv_counts, num_slots = host[:E], host[E:2 * E], host[-1]
-        if num_slots != sum(send_counts):
-            raise ValueError(f"routing_map holds {sum(send_counts)} assignments but only {num_slots} fit in "
+        # Counts from the map: the exchange does not wait for the permutation. The one host sync also reads the
+        # number of true slots, to check that the slot view kept every assignment of the map.
+        ex = CountExchange.run(routing_map.sum(0), self.ep_group, self.ep_size, self.ep_rank,
+                               extra=true_TK.sum().reshape(1))
+        num_slots = ex.extra[0]
+        if num_slots != ex.rows_sent:
+            raise ValueError(f"routing_map holds {ex.rows_sent} assignments but only {num_slots} fit in "
                              f"max_slots={self.max_slots} per token: some token has more true experts than the "
                              "router declared (VariableKMoELayer reads max_slots from router.max_slots)")
         perm = build_permutation(idx_TK, E, backend=b, num_rows=num_slots)
-        recv_PL = [recv_counts[p * L:(p + 1) * L] for p in range(P)]
-        send_P = [sum(send_counts[p * L:(p + 1) * L]) for p in range(P)]
-        recv_P = [sum(row) for row in recv_PL]
-        R = sum(recv_P)
-        order_R = None
-        if L > 1 and P > 1:  # rows arrive by (source rank, expert): regroup them by local expert
-            order_R = expert_major_order(recv_E.view(P, L), R)
-        tokens_per_expert = torch.tensor([sum(col) for col in zip(*recv_PL)], dtype=torch.long)  # CPU, as Megatron
-        self._state = dict(hidden_shape=hidden_shape, T=T, perm=perm, true_TK=true_TK, send_P=send_P,
-                           recv_P=recv_P, order_R=order_R, tokens_per_expert=tokens_per_expert)
-        self._update_stats(x_TD, send_counts, recv_PL, send_P, recv_P)
+        tokens_per_expert = torch.tensor(ex.recv_counts_L(), dtype=torch.long)  # CPU, as Megatron
+        self._state = dict(hidden_shape=hidden_shape, T=T, perm=perm, true_TK=true_TK, exchange=ex,
+                           tokens_per_expert=tokens_per_expert)
+        self.last = ex.stats(x_TD.shape[1] * x_TD.element_size())
         x_ND = permute(x_TD, perm, backend=b)
         w_N = w_TK.reshape(-1).index_select(0, perm.slot_N)
         return x_ND, w_N
 
     def token_dispatch(self, x_ND: torch.Tensor, w_N: torch.Tensor):
-        s = self._state
-        if self.ep_size == 1:
-            return x_ND, w_N
-        return (all_to_all_rows(x_ND, s["recv_P"], s["send_P"], self.ep_group),
-                all_to_all_rows(w_N, s["recv_P"], s["send_P"], self.ep_group))
+        ex = self._state["exchange"]
+        return ex.dispatch_rows(x_ND), ex.dispatch_rows(w_N)
 
     def dispatch_postprocess(self, x_RD: torch.Tensor, w_R: torch.Tensor):
-        order_R = self._state["order_R"]
-        if order_R is not None:
-            x_RD, w_R = x_RD.index_select(0, order_R), w_R.index_select(0, order_R)
-        return x_RD, self._state["tokens_per_expert"], w_R
+        ex = self._state["exchange"]
+        return ex.to_expert_major(x_RD), self._state["tokens_per_expert"], ex.to_expert_major(w_R)
 
     def combine_preprocess(self, y_RD: torch.Tensor) -> torch.Tensor:
-        order_R = self._state["order_R"]
-        return y_RD if order_R is None else y_RD.index_select(0, inverse_order(order_R))
+        return self._state["exchange"].from_expert_major(y_RD)
 
     def token_combine(self, y_RD: torch.Tensor) -> torch.Tensor:
-        s = self._state
-        if self.ep_size == 1:
-            return y_RD
-        return all_to_all_rows(y_RD, s["send_P"], s["recv_P"], self.ep_group)
+        return self._state["exchange"].combine_rows(y_RD)
 
     def combine_postprocess(self, y_ND: torch.Tensor) -> torch.Tensor:
         s, self._state = self._state, None
@@ -155,17 +135,6 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         else:
             y_TD = unpermute_combine(y_ND, s["perm"], s["true_TK"].to(y_ND.dtype), s["T"], backend=b)
         return y_TD.view(s["hidden_shape"])
-
-    def _update_stats(self, x_TD, send_counts, recv_PL, send_P, recv_P) -> None:
-        me, N, R = self.ep_rank, sum(send_P), sum(recv_P)
-        self.last = DispatchStats(rows_sent=N, rows_received=R, rows_sent_remote=N - send_P[me],
-                                  rows_received_remote=R - recv_P[me],
-                                  bytes_sent_remote=(N - send_P[me]) * x_TD.shape[1] * x_TD.element_size(),
-                                  send_counts_E=send_counts, recv_counts_PL=recv_PL)
-        t = self.totals
-        t["calls"] += 1
-        for key in ("rows_sent", "rows_received", "rows_sent_remote", "bytes_sent_remote"):
-            t[key] += getattr(self.last, key)
 
 
 @contextlib.contextmanager

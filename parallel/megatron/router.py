@@ -26,6 +26,8 @@ bucket, AdaMoE), not T * topk:
     L     = N * sum_i (c~_i / sum_j c~_j) * (sum_{local t} p_{t,i}) / (valid tokens in the tp x cp group)
 
 which equals Megatron's switch_load_balancing_loss_func exactly when k is fixed and there are no null experts.
+Both terms are moe_train's own functions (routing/balancing.py: load_balancing_loss with the tp x cp counts and
+token count, router_z_loss with the padding mask), the ones the native routers and the global aux-loss hook call.
 Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E true experts, m null experts, N = E + m,
 K slots per token, A Ada-K actions.
 """
@@ -44,6 +46,8 @@ from torch.func import functional_call
 from moe_train.config import MoEConfig, validate_moe
 from moe_train.parallel.megatron import compat
 from moe_train.routing import ROUTER_CLASSES, RoutingPlan
+from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts, router_z_loss
+from moe_train.routing.null_experts import null_gate_from_true
 from moe_train.routing.plan import counts_from_idx
 
 from megatron.core.transformer.module import MegatronModule
@@ -164,15 +168,6 @@ def _check_config(config) -> None:
                              f"variable-k router; allowed: {allowed}")
 
 
-def null_weight_from_true(weight_ED: torch.Tensor, num_null: int) -> torch.Tensor:
-    """AdaMoE initialisation: W_null = W_g repeated m/n times (each true expert gets m/n null twins)."""
-    E = weight_ED.shape[0]
-    if num_null % E:
-        raise ValueError(f"initialising the null gate from the true gate needs num_null_experts (={num_null}) to "
-                         f"be a multiple of num_moe_experts (={E})")
-    return weight_ED.repeat(num_null // E, 1)
-
-
 class VariableKRouter(MegatronModule):
     """Megatron router (RouterInterface) running moe_train's top-k / null-expert / Ada-K routing."""
 
@@ -259,8 +254,8 @@ class VariableKRouter(MegatronModule):
         if self.config.moe_router_topk_scaling_factor:
             probs = probs * self.config.moe_router_topk_scaling_factor
         if self.training and torch.is_grad_enabled():
-            valid_T = None if padding_mask is None else ~padding_mask.reshape(-1).to(torch.bool)
-            probs = self._attach_losses(probs, plan, x_TD.to(dtype), valid_T)
+            padding_T = None if padding_mask is None else padding_mask.reshape(-1).to(torch.bool)
+            probs = self._attach_losses(probs, plan, padding_T)
         return probs, routing_map.contiguous()
 
     # ---- balancing terms -----------------------------------------------------------------------------------
@@ -270,14 +265,17 @@ class VariableKRouter(MegatronModule):
                                                                           self.config),
                                  compat.tracker_num_layers(self.config), reduce_group=reduce_group)
 
-    def _attach_losses(self, probs: torch.Tensor, plan: RoutingPlan, x_TD: torch.Tensor,
-                       valid_T: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attach_losses(self, probs: torch.Tensor, plan: RoutingPlan, padding_T: Optional[torch.Tensor]
+                       ) -> torch.Tensor:
+        """The balancing terms of routing/balancing.py on Megatron's groups: counts and token count summed over
+        tp x cp, this rank's probabilities; padding (True) is routed but left out of both terms."""
         E, m = self.num_experts, self.num_null
         scaler = compat.aux_loss_autoscaler()
         true_TK = plan.expert_idx_TK >= 0
-        if valid_T is not None:
-            true_TK = true_TK & valid_T[:, None]
-        n_valid = torch.tensor(float(x_TD.shape[0]), device=x_TD.device) if valid_T is None else valid_T.sum().float()
+        if padding_T is not None:
+            true_TK = true_TK & ~padding_T[:, None]
+        T, device = plan.expert_idx_TK.shape[0], plan.expert_idx_TK.device
+        n_valid = torch.tensor(float(T), device=device) if padding_T is None else (~padding_T).sum().float()
         counts_E = counts_from_idx(torch.where(true_TK, plan.expert_idx_TK, -1), E).float()
         per_token = self.config.calculate_per_token_loss
         # Every token makes exactly top_k picks over E + m: the ones that are not true are null picks.
@@ -291,25 +289,17 @@ class VariableKRouter(MegatronModule):
 
         coeff = self.aux_coeffs.get("aux_loss", 0.0)
         if coeff > 0:
-            c_N = stats[:E]
-            if m:  # AdaMoE: the m null counts share one averaged bucket
-                c_N = torch.cat([c_N, (stats[E] / m).expand(m)])
-            f_N = c_N / c_N.sum().clamp_min(1.0)
-            probs_TN = plan.probs_TN if valid_T is None else plan.probs_TN * valid_T[:, None]
-            aux = f_N.numel() * (f_N * probs_TN.sum(0)).sum() / stats[-1].clamp_min(1.0)
+            counts_N = null_bucket_counts(stats[:E], stats[E], m)
+            aux = load_balancing_loss(plan.probs_TN, counts_N, num_tokens=stats[-1], padding_mask_T=padding_T,
+                                      num_null=m)
             probs = scaler.apply(probs, aux * coeff * (n_valid if per_token else 1.0))
             self._record("load_balancing_loss", aux, self.tp_cp_group)
 
         z_coeff = self.config.moe_z_loss_coeff
         if z_coeff:
             z_coeff = z_coeff / compat.pg_size(self.tp_cp_group)
-            if valid_T is None:
-                z = plan.z_loss
-            else:  # the plan's z-loss averages every token: recompute over the valid ones
-                w = self._params(x_TD.dtype)
-                logits_TN = x_TD @ torch.cat([w["gate.weight"]] + ([w["null_gate.weight"]] if m else [])).t()
-                lse2_T = torch.logsumexp(logits_TN.float(), dim=-1).square()
-                z = (lse2_T * valid_T).sum() / n_valid.clamp_min(1.0)
+            # the plan's z-loss averages every token; with padding, the same term over the valid ones
+            z = plan.z_loss if padding_T is None else router_z_loss(plan.logits_TN, padding_T)
             probs = scaler.apply(probs, z * z_coeff * (n_valid if per_token else 1.0))
             self._record("z_loss", z)
         return probs
@@ -322,8 +312,8 @@ class VariableKRouter(MegatronModule):
         Ada-K's allocator keeps its fresh initialisation (Ada-K trains it from scratch)."""
         if prefix + "weight" in state_dict:
             if self.null_weight is not None and prefix + "null_weight" not in state_dict:
-                state_dict[prefix + "null_weight"] = null_weight_from_true(state_dict[prefix + "weight"],
-                                                                           self.num_null)
+                state_dict[prefix + "null_weight"] = null_gate_from_true(state_dict[prefix + "weight"],
+                                                                         self.num_null, "num_moe_experts")
                 logger.info("%snull_weight missing from the checkpoint: initialised from the true gate "
                             "(AdaMoE conversion)", prefix)
             if self.allocator_weight is not None and prefix + "allocator_weight" not in state_dict:

@@ -1,8 +1,8 @@
-"""Writes the small local evaluation tasks in this folder from the generated corpus (moe_train/train/synthetic.py).
+"""Writes the small local evaluation tasks in this folder from the generated corpus (moe_train/data/generated.py).
 
     python tests/data/make_tasks.py      # deterministic: rewrites synthetic_mc.jsonl and synthetic_ppl.jsonl
 
-Text is space-separated token ids (the ``ids`` tokenizer of moe_train/eval/evaluate.py). The corpus seed (777)
+Text is space-separated token ids (the ``ids`` tokenizer of moe_train/eval/codec.py). The corpus seed (777)
 differs from every training config's data.seed, so these sequences are held out.
 synthetic_mc.jsonl   multiple choice: the context is a corpus prefix, the choices are the true next token and 3
                      distractors of the same kind (digits for digits, brackets for brackets, words for words);
@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from moe_train.train.synthetic import DIGIT0, FIRST_WORD, LABELS, generate
+from moe_train.data.generated import DIGIT0, FIRST_WORD, LABELS, generate
 
 HERE = Path(__file__).parent
 VOCAB, SEQ = 64, 96

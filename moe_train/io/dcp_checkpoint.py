@@ -7,8 +7,9 @@ Layout under <out_dir>/checkpoints/:
                        rng_rank<r>.pt                    each rank's torch RNG state
                        manifest.json                     written LAST: step, world/ep sizes, every file's size+sha256
     latest             the name of the newest complete checkpoint (replaced atomically)
-Atomicity: everything is written into a hidden ``.step_X.tmp`` folder and renamed into place only when complete, so
-a crash mid-save leaves the previous checkpoint as the latest. Verification: the manifest's sizes and checksums are
+Atomicity (io/atomic.py): everything is written into a hidden ``.step_X.tmp`` folder (staging_folder) and swapped
+into place only when complete (commit_folder), then ``latest`` is replaced (write_bytes_atomically), so a crash
+mid-save leaves the previous checkpoint as the latest. Verification: the manifest's sizes and checksums are
 checked before loading; a mismatch raises CheckpointError naming the file and the other complete checkpoints.
 Resharding: DCP stores each tensor with its global shape and the shards' offsets, so a checkpoint saved by N ranks
 loads on M ranks; RNG states exist per saving rank and are reused only when the world size matches.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from moe_train.io.atomic import commit_folder, staging_folder, staging_path, write_bytes_atomically
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.parallelize import checkpoint_view
 
@@ -62,13 +63,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
@@ -97,11 +91,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root = checkpoint_root(out_dir)
     name = f"step_{step:08d}"
-    tmp, final = root / f".{name}.tmp", root / name
+    final = root / name
+    tmp = staging_path(final)  # .step_X.tmp, the same name on every rank
     if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftovers
-        tmp.mkdir()
+        staging_folder(final)  # created empty: a previous crash's leftovers are removed
     _barrier(ctx)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # experts with their global shape
@@ -124,12 +117,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         files = {k: v for part in gathered for k, v in part.items()}
         manifest = {"format": FORMAT, "step": step, "world_size": ctx.world_size, "ep_size": ctx.ep_size,
                     "files": files}
-        _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = root / ".latest.tmp"
-        _fsync_write(pointer_tmp, name.encode())
-        os.replace(pointer_tmp, root / "latest")
+        write_bytes_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        commit_folder(tmp, final)
+        write_bytes_atomically(root / "latest", name.encode())
         for old in complete_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ctx)

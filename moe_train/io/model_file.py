@@ -1,18 +1,18 @@
-"""Model checkpoints written atomically: a crash mid-save leaves the previous file intact.
+"""A whole model in one file (``model.pt``): the final model of a run, or a base model to start from.
 
-Format: one torch file {"format": 1, "model_config": dict, "step": int, "model": state_dict}. (Sharded DCP
-checkpoints with optimizer / data / RNG state come with the full trainer.)
+Format: one torch file {"format": 1, "model_config": dict, "step": int, "model": state_dict}, written atomically
+(io/atomic.py): a crash mid-save leaves the previous file intact. Resumable training state (optimizer, data
+position, RNG, sharded over ranks) is io/dcp_checkpoint.py.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from moe_train.config import ModelConfig, from_dict, to_dict
+from moe_train.io.atomic import write_file_atomically
 from moe_train.model import MoETransformer, build_model
 
 FORMAT = 1
@@ -20,23 +20,10 @@ FORMAT = 1
 
 def save_model(model: MoETransformer, path: str | Path, step: int = 0, state_dict: dict | None = None) -> Path:
     """``state_dict``: the full tensors when the model is parallelized (moe_train.parallel.full_state_dict)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state_dict is None else state_dict
     payload = {"format": FORMAT, "model_config": to_dict(model.config), "step": step,
                "model": {k: v.detach().cpu() for k, v in state.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a half
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_model(path: str | Path) -> MoETransformer:

@@ -1,7 +1,6 @@
-"""Data pipeline: local files through Hugging Face `datasets`, tokenised, packed, sharded over data-parallel ranks,
-resumable from the exact sequence.
+"""Packing documents into training sequences, the resumable data loader, and the assembly of a run's data.
 
-    files (text / jsonl / parquet; a file, a folder or a glob)
+    files (text / jsonl / parquet; a file, a folder or a glob)        moe_train/data/files.py
       -> documents -> token ids (+ EOS after each document)           byte-level tokenizer or a local HF tokenizer
       -> packed sequences of S+1 tokens with stride S                  every token is a target exactly once
       -> global batch of B sequences per step; rank r of n takes the r-th contiguous B/n of it
@@ -16,111 +15,14 @@ Shape legend: B sequences per rank, S sequence length, N sequences.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from moe_train.config import Config, DataConfig
-
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# tokenizers
-
-
-class ByteTokenizer:
-    """UTF-8 bytes 0..255, BOS = 256, EOS = 257: needs model.vocab_size >= 258."""
-
-    vocab_size = 258
-    bos_id, eos_id = 256, 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """A tokenizer from a local folder (tokenizer.json or transformers files); never downloads."""
-
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:
-            raise ValueError(f"data.tokenizer={path!r}: cannot load a tokenizer from this local folder "
-                             f"({type(e).__name__}: {e}); use 'byte' or a folder with tokenizer.json") from e
-        self.vocab_size = len(self.tok)
-        self.eos_id = self.tok.eos_token_id
-        if self.eos_id is None:
-            raise ValueError(f"data.tokenizer={path!r} has no EOS token to separate packed documents")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
-
-
-def build_tokenizer(spec: str):
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# files -> documents
-
-
-def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
-    """(datasets builder name, sorted file list) for a file, a folder or a glob."""
-    if any(c in path for c in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    elif os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix in FORMATS)
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise ValueError(f"data.path={path!r} does not exist (expected a file, a folder or a glob)")
-    if not files:
-        raise ValueError(f"data.path={path!r} matches no data files ({', '.join(sorted(FORMATS))})")
-    if fmt == "auto":
-        kinds = {FORMATS.get(Path(f).suffix) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise ValueError(f"data.path={path!r}: cannot infer one format from the file suffixes "
-                             f"{sorted({Path(f).suffix for f in files})}; set data.format to text, json or parquet")
-        fmt = kinds.pop()
-    return fmt, files
-
-
-def document_ids(cfg: DataConfig, path: str, tokenizer, streaming: bool,
-                 field_override: Optional[str] = None) -> Iterator[list[int]]:
-    """Token ids of every document in file order, each followed by the tokenizer's EOS (pre-tokenised data as is).
-    ``field_override`` reads another pre-tokenised list column instead (per-token labels, data.label_field)."""
-    import datasets
-    from datasets import load_dataset
-
-    datasets.disable_progress_bars()
-    fmt, files = resolve_files(path, cfg.format)
-    ds = load_dataset(fmt, data_files=files, split="train", streaming=streaming)
-    field = field_override or cfg.token_field or cfg.text_field
-    columns = ds.column_names if not streaming else None
-    if columns is not None and field not in columns:
-        key = "label_field" if field_override else "token_field" if cfg.token_field else "text_field"
-        raise ValueError(f"data: the files under {path!r} have no column {field!r} (columns: {columns}); "
-                         f"set data.{key}")
-    for row in ds:
-        if field not in row:
-            raise ValueError(f"data: a record in {path!r} has no field {field!r}")
-        if cfg.token_field or field_override:
-            yield list(row[field])
-        else:
-            yield tokenizer.encode(row[field]) + [tokenizer.eos_id]
+from moe_train.data.files import document_ids, resolve_files
+from moe_train.data.generated import generate
+from moe_train.data.tokenizers import build_tokenizer
 
 
 def pack(docs: Iterator[list[int]], seq_len: int) -> Iterator[list[int]]:
@@ -135,7 +37,6 @@ def pack(docs: Iterator[list[int]], seq_len: int) -> Iterator[list[int]]:
 
 # ----------------------------------------------------------------------------------------------------------
 # the loader
-
 
 class DataLoader:
     """This rank's share of each global batch, in a deterministic order; state = global sequences consumed.
@@ -242,8 +143,6 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
     """Everything about the data is checked here, before any model is built: paths, formats, emptiness, vocab."""
     d, t = cfg.data, cfg.train
     if d.kind == "synthetic":
-        from moe_train.train.synthetic import generate
-
         tokens, labels = generate(d.num_sequences + d.val_sequences, t.seq_len, vocab_size, d.seed)
         loader = DataLoader(tokens[: d.num_sequences], t.batch_size, dp_rank, dp_size, d.seed, shuffle=False)
         return Data(loader, tokens[d.num_sequences:] if d.val_sequences else None,
@@ -280,25 +179,3 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
         if d.label_field:
             val_labels = _packed(d, d.path, None, t.seq_len, d.label_field)[-d.val_sequences:]
     return Data(DataLoader(seqs, t.batch_size, dp_rank, dp_size, d.seed, d.shuffle), val, val_labels)
-
-
-def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
-                           vocab_size: int, seed: int) -> Path:
-    """Writes the generated corpus as train.jsonl / val.jsonl, one sequence per line: {"tokens", "labels"}.
-
-    Train it with data: {kind: files, path: <out>/train.jsonl, val_path: <out>/val.jsonl, token_field: tokens,
-    label_field: labels} (the labels give validation's true experts by difficulty).
-    """
-    from moe_train.train.synthetic import LABELS, generate
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokens, labels = generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
-    for name, lo, hi in (("train", 0, num_sequences), ("val", num_sequences, num_sequences + val_sequences)):
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for i in range(lo, hi):
-                f.write(json.dumps({"tokens": tokens[i].tolist(), "labels": labels[i].tolist()}) + "\n")
-        os.replace(tmp, out / f"{name}.jsonl")
-    (out / "labels.json").write_text(json.dumps({str(k): v for k, v in LABELS.items()}))
-    return out

@@ -1,0 +1,44 @@
+"""The two interfaces of an MoE layer, as structural types (typing.Protocol): what a router and a dispatcher are.
+
+    Router:     x_TD -> RoutingPlan                       (routing/: TopKRouter, NullExpertRouter, AdaKRouter)
+    Dispatcher: (x_TD, plan, experts) -> y_TD             (model/moe_layer.py: LocalDispatcher;
+                                                           parallel/dispatcher.py: AllToAllDispatcher)
+    Experts:    (x_ND rows grouped by expert, counts_E) -> y_ND   (model/experts.py: GroupedExperts)
+
+model/moe_layer.py::MoELayer holds one of each; the Megatron adapter (parallel/megatron) runs a Router under
+Megatron's router interface. Here, beside RoutingPlan, so every layer of the package can name them without importing
+the model.
+Shape legend: T tokens, D hidden, N rows (true assignments), E experts held by the module.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from moe_train.routing.plan import RoutingPlan
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Scores the tokens and returns the layer's routing decision; null and unused slots are -1 in the plan."""
+
+    def __call__(self, x_TD: torch.Tensor) -> RoutingPlan: ...
+
+
+@runtime_checkable
+class Experts(Protocol):
+    """Stacked experts: rows grouped by expert (counts_E rows each, in expert order) in, their outputs out."""
+
+    num_experts: int
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Runs the plan's TRUE slots through the experts and combines them with the plan's weights into y_TD; a null
+    slot is never copied, sent or computed."""
+
+    def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts) -> torch.Tensor: ...

@@ -16,7 +16,7 @@ GPU path: rowwise on compute capability >= 9.0 uses one torch._scaled_grouped_mm
 16 rows, no host sync); otherwise one torch._scaled_mm per expert (a host sync reads the counts). Feature sizes
 must be multiples of 16 (the FP8 tensor-core tile). torch._scaled_mm also runs on CPU (exactly the dequantised
 product), which is how the tests check the recipe; torch._scaled_grouped_mm is CUDA-only.
-Shape legend: N rows grouped by expert, P padded rows, I input features, O output features, E experts.
+Shape legend: N rows grouped by expert, Np padded rows, I input features, O output features, E experts.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def pad_groups(x_NI: torch.Tensor, counts_E: torch.Tensor, align: int, num_rows:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-pad every expert's row block to a multiple of ``align`` rows, on device.
 
-    Returns (x_PI, counts_pad_E, pos_N): x_PI[pos_N[i]] = x_NI[i], pad rows are 0 (they add nothing to any
-    product and are dropped from outputs). P = num_rows if given (exact: the caller synced), else the sync-free
+    Returns (x_NpI, counts_pad_E, pos_N): x_NpI[pos_N[i]] = x_NI[i], pad rows are 0 (they add nothing to any
+    product and are dropped from outputs). Np = num_rows if given (exact: the caller synced), else the sync-free
     upper bound N + (align - 1) * E (rows past the last padded offset are unused). Differentiable in x.
     """
     N, E = x_NI.shape[0], counts_E.shape[0]
@@ -62,9 +62,9 @@ def pad_groups(x_NI: torch.Tensor, counts_E: torch.Tensor, align: int, num_rows:
     start_pad_E = torch.cumsum(counts_pad_E, 0) - counts_pad_E
     expert_N = torch.repeat_interleave(torch.arange(E, device=x_NI.device), counts_E, output_size=N)
     pos_N = torch.arange(N, device=x_NI.device) - start_E[expert_N] + start_pad_E[expert_N]
-    P = num_rows if num_rows is not None else N + (align - 1) * E
-    x_PI = x_NI.new_zeros(P, x_NI.shape[1]).index_copy(0, pos_N, x_NI)
-    return x_PI, counts_pad_E, pos_N
+    Np = num_rows if num_rows is not None else N + (align - 1) * E
+    x_NpI = x_NI.new_zeros(Np, x_NI.shape[1]).index_copy(0, pos_N, x_NI)
+    return x_NpI, counts_pad_E, pos_N
 
 
 def check_fp8_shapes(x_NI: torch.Tensor, w_EIO: torch.Tensor, backend: str) -> None:
@@ -92,14 +92,14 @@ def _scaled_mm_grouped(a_NK: torch.Tensor, sa: torch.Tensor, b_EKO: torch.Tensor
     """
     E, O = b_EKO.shape[0], b_EKO.shape[2]
     if _use_grouped_kernel(a_NK, "rowwise" if rowwise else "tensorwise"):
-        a_PK, counts_pad_E, pos_N = pad_groups(a_NK.view(torch.uint8), counts_E, ALIGN_ROWS)
-        a_PK = a_PK.view(a_NK.dtype)  # index_copy on the raw bytes: FP8 index ops are not implemented everywhere
-        sa_P = torch.ones(a_PK.shape[0], dtype=torch.float32, device=a_NK.device)
-        sa_P[pos_N] = sa.reshape(-1)
+        a_NpK, counts_pad_E, pos_N = pad_groups(a_NK.view(torch.uint8), counts_E, ALIGN_ROWS)
+        a_NpK = a_NpK.view(a_NK.dtype)  # index_copy on the raw bytes: FP8 index ops are not implemented everywhere
+        sa_Np = torch.ones(a_NpK.shape[0], dtype=torch.float32, device=a_NK.device)
+        sa_Np[pos_N] = sa.reshape(-1)
         offs = torch.cumsum(counts_pad_E, 0, dtype=torch.int32)
-        y_PO = torch._scaled_grouped_mm(a_PK, b_EKO, sa_P, sb.reshape(E, O).contiguous(), offs=offs,
+        y_NpO = torch._scaled_grouped_mm(a_NpK, b_EKO, sa_Np, sb.reshape(E, O).contiguous(), offs=offs,
                                         out_dtype=torch.bfloat16)
-        return y_PO.index_select(0, pos_N).to(out_dtype)
+        return y_NpO.index_select(0, pos_N).to(out_dtype)
     outs, start = [], 0
     for e, m in enumerate(counts_E.tolist()):
         if m:

@@ -16,7 +16,8 @@ torch.autocast the operands are cast to the autocast dtype (autocast has no rule
 autograd Functions, so without this fp32 master weights would run the GEMM in fp32); otherwise operands of one
 dtype run in it, and a bf16/fp16 operand meeting an fp32 one runs in the low precision. The result has the compute
 dtype; x and w get gradients in their own dtypes. FP8 backends quantise from the compute dtype; their wgrad runs in it.
-Shape legend: N rows (true assignments), P padded rows, I input features, O output features, E experts.
+Shape legend (docs/shapes.md): N rows (true assignments), Np padded rows, I input features, O output features,
+E experts.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import weakref
 
 import torch
 
+from moe_train.config import GEMM_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
-
-BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
 
 
 _LOW = (torch.bfloat16, torch.float16)

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+from moe_train.config import PERMUTE_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
+
 _TRITON_MODULE = "moe_train.kernels.triton_permute"
 
 

@@ -15,7 +15,7 @@ Null slots are never read, written or multiplied: rows are indexed through row_T
 
 Triton reads TRITON_INTERPRET when a kernel is DEFINED (``@triton.jit`` at import of this module): to run these
 kernels on CPU tensors, set TRITON_INTERPRET=1 before this module is first imported (tests import a fresh copy).
-Shape legend: T tokens, K slots per token, M = T*K flat slots, D hidden, E experts, N true rows, B blocks of slots.
+Shape legend: T tokens, K slots per token, M = T*K flat slots, D hidden, E experts, N true rows, Bk blocks of slots.
 """
 
 from __future__ import annotations
@@ -90,25 +90,25 @@ def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: int = BUILD
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return empty, empty.clone(), torch.zeros(E, dtype=torch.int64, device=dev), empty.reshape(T, K)
     nb = triton.cdiv(M, block)
-    hist_BE = torch.empty(nb, E, dtype=torch.int32, device=dev)
-    bad_B = torch.empty(nb, dtype=torch.int32, device=dev)
-    _block_histogram_kernel[(nb,)](idx_M, hist_BE, bad_B, M, E, BLOCK=block, EB=expert_chunk)
-    hist_BE = hist_BE.to(torch.int64)
-    counts_E = hist_BE.sum(0)
+    hist_BkE = torch.empty(nb, E, dtype=torch.int32, device=dev)
+    bad_Bk = torch.empty(nb, dtype=torch.int32, device=dev)
+    _block_histogram_kernel[(nb,)](idx_M, hist_BkE, bad_Bk, M, E, BLOCK=block, EB=expert_chunk)
+    hist_BkE = hist_BkE.to(torch.int64)
+    counts_E = hist_BkE.sum(0)
     # Base row of (block b, expert e): rows of all earlier experts + rows of expert e in earlier blocks.
     start_E = torch.cumsum(counts_E, 0) - counts_E
-    base_BE = (start_E[None, :] + torch.cumsum(hist_BE, 0) - hist_BE).contiguous()
+    base_BkE = (start_E[None, :] + torch.cumsum(hist_BkE, 0) - hist_BkE).contiguous()
     if num_rows is not None:
         num_true, num_bad = num_rows, 0
     else:
-        num_true, num_bad = torch.stack([counts_E.sum(), bad_B.sum().to(torch.int64)]).tolist()  # the one host sync
+        num_true, num_bad = torch.stack([counts_E.sum(), bad_Bk.sum().to(torch.int64)]).tolist()  # the one host sync
     if num_bad:
         raise ValueError(f"expert_idx holds {num_bad} ids outside [-1, {E}) (num_experts={E}); "
                          "valid ids are 0..num_experts-1, and -1 for null / unused slots")
     row_M = torch.empty(M, dtype=torch.int64, device=dev)
     slot_N = torch.empty(num_true, dtype=torch.int64, device=dev)
     token_N = torch.empty(num_true, dtype=torch.int64, device=dev)
-    _destination_kernel[(nb,)](idx_M, base_BE, row_M, slot_N, token_N, M, E, K, BLOCK=block, EB=expert_chunk)
+    _destination_kernel[(nb,)](idx_M, base_BkE, row_M, slot_N, token_N, M, E, K, BLOCK=block, EB=expert_chunk)
     return slot_N, token_N, counts_E, row_M.reshape(T, K)
 
 

@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A user mistake in a config: the message names the key, the value and what is allowed."""
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The one definition of every list of valid names a config can hold. validate() checks against these; the modules
+# that implement them import them from here (this module imports nothing torch-heavy):
+#   ROUTERS          moe_train.routing.ROUTER_CLASSES, parallel/megatron/router.py (VariableKRouting.method)
+#   FAMILIES         moe_train/io/hf_config.py (the Hugging Face model_type of each family)
+#   DROP_POLICIES    moe_train/routing/capacity.py
+#   GEMM_BACKENDS    moe_train/kernels/grouped_gemm.py (BACKENDS)
+#   PERMUTE_BACKENDS moe_train/kernels/permute.py (BACKENDS)
+#   LORA_TARGETS     moe_train/model/lora.py (TARGETS)
+#   DATA_FORMATS     moe_train/data/files.py ("auto" or a datasets builder name)
+#   SCHEDULES, PRECISIONS, ADAK_DTYPES, ADAK_BASELINES: moe_train/train/
+# (Ada-K router modes are not config-facing: moe_train.routing.adak.MODES.)
 ROUTERS = ("topk", "null", "adak")
 # How the null router ranks experts of EXACTLY equal score (AdaMoE's twin-initialised null gates tie bit for bit
 # with their true expert after conversion). The one list of allowed values; routing/topk.py:select_topk applies it.
@@ -37,6 +49,12 @@ DROP_POLICIES = ("weight", "position")
 SCHEDULES = ("cosine", "constant")
 DATA_KINDS = ("synthetic", "files")
 DATA_FORMATS = ("auto", "text", "json", "parquet")
+GEMM_BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
+PERMUTE_BACKENDS = ("auto", "torch", "triton")
+LORA_TARGETS = ("attention", "experts")
+PRECISIONS = ("auto", "fp32", "bf16")
+ADAK_DTYPES = ("float32", "bfloat16", "stored")
+ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
 
 
 @dataclass
@@ -192,9 +210,6 @@ class ParallelConfig:
     global_aux_loss: bool = False
 
 
-ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
-
-
 @dataclass
 class AdaKConfig:
     """Ada-K training (``moe-train adak``): allocator warm start, then PPO, on a frozen base model.
@@ -203,7 +218,8 @@ class AdaKConfig:
     converted (routers become AdaKRouter with the same gate, k in [k_min, k_max], FLOPs baseline = its top_k).
     ``train.batch_size``, ``train.seq_len``, ``train.seed``, ``train.beta1/beta2``, ``train.grad_clip``,
     ``train.log_every`` and ``train.out_dir`` apply; ``train.steps`` / ``train.lr`` do not (see below).
-    Defaults are the paper's (REFERENCE.md section 2); items marked unverified there are configurable here.
+    Defaults are the paper's (Ada-K, arXiv 2410.10456, Table 11; docs/references.md section 2); items marked
+    unverified there are configurable here.
     """
 
     k_min: int = 1  # whether the paper allows k=0 is unverified
@@ -242,10 +258,6 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------------------
 # dict <-> dataclass
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -428,11 +440,10 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.capacity_factor", e.capacity_factor, "must be > 0, or null for dropless routing")
     if e.drop_policy not in DROP_POLICIES:
         _fail(f"{p}.drop_policy", e.drop_policy, f"one of {DROP_POLICIES}")
-    gemm_backends = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
-    if e.gemm_backend not in gemm_backends:
-        _fail(f"{p}.gemm_backend", e.gemm_backend, f"one of {gemm_backends} (see moe_train.kernels.grouped_gemm)")
-    if e.permute_backend not in ("auto", "torch", "triton"):
-        _fail(f"{p}.permute_backend", e.permute_backend, "one of ('auto', 'torch', 'triton')")
+    if e.gemm_backend not in GEMM_BACKENDS:
+        _fail(f"{p}.gemm_backend", e.gemm_backend, f"one of {GEMM_BACKENDS} (see moe_train.kernels.grouped_gemm)")
+    if e.permute_backend not in PERMUTE_BACKENDS:
+        _fail(f"{p}.permute_backend", e.permute_backend, f"one of {PERMUTE_BACKENDS}")
 
 
 def validate(cfg: Config) -> None:
@@ -464,13 +475,13 @@ def validate(cfg: Config) -> None:
             _fail(f"train.trainable[{i}]", pattern, f"a valid regular expression ({err})")
     if t.lora_rank < 0:
         _fail("train.lora_rank", t.lora_rank, "must be >= 0 (0 = no LoRA)")
-    bad = sorted(set(t.lora_targets) - {"attention", "experts"})
+    bad = sorted(set(t.lora_targets) - set(LORA_TARGETS))
     if bad:
-        _fail("train.lora_targets", t.lora_targets, "a list drawn from ['attention', 'experts']")
+        _fail("train.lora_targets", t.lora_targets, f"a list drawn from {list(LORA_TARGETS)}")
     if t.max_bad_steps < 0:
         _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        _fail("train.precision", t.precision, "one of ('auto', 'fp32', 'bf16')")
+    if t.precision not in PRECISIONS:
+        _fail("train.precision", t.precision, f"one of {PRECISIONS}")
     if t.checkpoint_every < 0 or t.keep_last < 0:
         _fail("train.checkpoint_every" if t.checkpoint_every < 0 else "train.keep_last",
               t.checkpoint_every if t.checkpoint_every < 0 else t.keep_last, "must be >= 0")
@@ -528,8 +539,8 @@ def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
             _fail(f"{p}.{key}", getattr(a, key), "must be >= 1")
     if not 0 < a.warm_start_threshold <= 1:
         _fail(f"{p}.warm_start_threshold", a.warm_start_threshold, "must be in (0, 1]")
-    if a.dtype not in ("float32", "bfloat16", "stored"):
-        _fail(f"{p}.dtype", a.dtype, "one of ('float32', 'bfloat16', 'stored')")
+    if a.dtype not in ADAK_DTYPES:
+        _fail(f"{p}.dtype", a.dtype, f"one of {ADAK_DTYPES}")
     if a.baseline not in ADAK_BASELINES:
         _fail(f"{p}.baseline", a.baseline, f"one of {ADAK_BASELINES}")
     if not 0 <= a.running_mean_decay < 1:

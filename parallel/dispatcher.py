@@ -15,7 +15,8 @@ Host syncs per layer call: one. The router's per-expert counts are exchanged fir
 the receive buffer, the splits and the permutation (build_permutation(num_rows=...) then needs no sync of its own).
 The exchange, the splits, the regrouping and the row statistics are parallel/exchange.py::CountExchange, which
 Megatron's dispatcher (parallel/megatron/dispatcher.py) uses too.
-Shape legend: T tokens on this rank, K slots, D hidden, E global experts, P = ep ranks, L = E/P local experts,
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+T tokens on this rank, K slots, D hidden, E global experts, P = ep ranks, L = E/P local experts,
 N rows this rank sends (its true assignments), R rows it receives.
 """
 

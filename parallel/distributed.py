@@ -14,14 +14,19 @@ Layout (ranks row-major on the mesh, rank = dp_idx * ep + ep_idx):
 The rank and world come only from RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT: torchrun sets them,
 Slurm and MPI launch scripts export them (launch/). Single process (WORLD_SIZE unset or 1, ep=1): no process group.
 Backend: NCCL with one GPU per rank (cuda:LOCAL_RANK) when CUDA is available, gloo on CPU otherwise.
+
+init_distributed / destroy_distributed make and tear down the groups; ``distributed(...)`` is the one context
+manager a job runs in (it tears the groups down also when the job fails). What the groups are used for lives beside:
+parallelize.py (expert shards, FSDP2), dispatcher.py (all-to-all), collectives.py, state.py.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +51,6 @@ class ParallelContext:
     mesh: Optional[Any] = None  # torch.distributed DeviceMesh when distributed, dims ("dp", "ep")
     ep_group: Optional[Any] = None
     edp_group: Optional[Any] = None  # expert-data-parallel group: ranks holding the same expert shard
-    # Added by the expert-parallel runtime:
     edp_size: int = 1
     edp_rank: int = 0
     world_mesh: Optional[Any] = None  # 1-D mesh over all ranks (non-expert parameters)
@@ -173,6 +177,22 @@ def destroy_distributed(ctx: ParallelContext) -> None:
     """Tears the process groups down (call once at the end of a run, on every rank)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(cfg: ParallelConfig, num_experts: int, ctx: Optional[ParallelContext] = None
+                ) -> Iterator[ParallelContext]:
+    """The process groups of one run: ``ctx`` when the caller made them (the caller tears them down), else made from
+    the launch environment here and torn down on exit, also when the run fails (a dead rank must not leave the
+    others waiting in a collective of the next job in this process)."""
+    if ctx is not None:
+        yield ctx
+        return
+    ctx = init_distributed(cfg, num_experts)
+    try:
+        yield ctx
+    finally:
+        destroy_distributed(ctx)
 
 
 def barrier(ctx: ParallelContext) -> None:

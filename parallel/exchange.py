@@ -13,7 +13,8 @@ CountExchange holds all of it (host counts and splits, the on-device receive cou
 row statistics of the call; AllToAllDispatcher (parallel/dispatcher.py, native) and VariableKAllToAllDispatcher
 (parallel/megatron/dispatcher.py) both build one per call. Both row all-to-alls are autograd functions whose
 backward is the reverse exchange with swapped splits. On one ep rank nothing is communicated.
-Shape legend: E global experts, P = ep ranks, L = E/P local experts, N rows this rank sends (its true
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+E global experts, P = ep ranks, L = E/P local experts, N rows this rank sends (its true
 assignments), R rows it receives, D hidden.
 """
 

@@ -1,8 +1,9 @@
-"""Applies expert + data parallelism to a plain model, and the helpers a distributed training loop needs.
+"""Applies expert + data parallelism to a plain model: expert sharding, all-to-all dispatchers, FSDP2.
 
 parallelize_model(model, ctx), on every rank, with the same full model on every rank (same seed or checkpoint):
-  1. each MoE layer keeps only its expert shard: experts [ep_rank*L, (ep_rank+1)*L) of every stacked per-expert
-     tensor (base weights and LoRA adapters alike), and gets an AllToAllDispatcher over the ep group (ep > 1);
+  1. each MoE layer keeps only its expert shard: experts [ep_rank*E_local, (ep_rank+1)*E_local) (E_local = E/ep) of
+     every stacked per-expert tensor (base weights and LoRA adapters alike), recorded in ``experts.ep_shard`` (an
+     ExpertShard), and gets an AllToAllDispatcher over the ep group (ep > 1);
   2. optional global aux loss: a forward hook on every router replaces plan.aux_loss by the loss computed from
      the per-expert counts summed over all ranks (the probabilities stay local);
   3. gradient reduction by FSDP2 ``fully_shard`` with two meshes (the torchtitan layout):
@@ -19,16 +20,17 @@ parallelize_model(model, ctx), on every rank, with the same full model on every 
      fully_shard call (torchtitan's mixed precision; the caller runs no autocast); None keeps the parameters' dtype.
 
 Under FSDP2 every parameter is a DTensor shard; each element of every parameter lives on exactly one rank (non-
-expert parameters: Shard(0) over the world; experts: Shard(0) over edp x disjoint over ep). clip_grad_norm_ uses
-that to get the global norm with one all-reduce. full_state_dict gathers plain full tensors (stacked experts in
-global order) for saving; sharded DCP checkpoints (optimizer state, resume at another world size) are a later
-issue. Buffers (e.g. the aux-loss-free expert_bias) are not sharded: keep them identical on every rank by
-updating them with counts summed over all ranks (all_reduce_sum).
+expert parameters: Shard(0) over the world; experts: Shard(0) over edp x disjoint over ep). The helpers for the
+loop live beside this module: moe_train/parallel/collectives.py (all_reduce_sum / all_reduce_mean,
+clip_grad_norm_) and moe_train/parallel/state.py (full_state_dict / full_grads for plain full tensors, and
+checkpoint_view for sharded DCP checkpoints, moe_train/io/dcp_checkpoint.py, which resume at another world size).
+Buffers (e.g. the aux-loss-free expert_bias) are not sharded: keep them identical on every rank by updating them
+with counts summed over all ranks (all_reduce_sum).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,34 +38,19 @@ from torch import nn
 
 from moe_train.model.experts import ExpertShard, GroupedExperts
 from moe_train.model.moe_layer import MoELayer
+from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_  # noqa: F401 (re-export)
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext, validate_layout
+from moe_train.parallel.state import full_state_dict  # noqa: F401 (re-export)
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts
+
+# Re-exported above for moe_train/train/ (trainer.py, adak.py), which import them from here until the Trainer
+# rewrite lands; new code imports them from moe_train.parallel.collectives / moe_train.parallel.state.
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
-
-# ----------------------------------------------------------------------------------------------------------
-# small collectives for the loop (no-ops in a single process)
-
-
-def all_reduce_sum(t: torch.Tensor, ctx: ParallelContext, group=None) -> torch.Tensor:
-    """Sum over all ranks (or ``group``); returns a new tensor, the input is untouched."""
-    out = t.detach().clone()
-    if ctx.distributed:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
-
-
-def all_reduce_mean(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    out = all_reduce_sum(t.to(torch.float64) if not t.is_floating_point() else t, ctx)
-    return out / ctx.world_size
-
-
-# ----------------------------------------------------------------------------------------------------------
-# parallelize
 
 
 @torch.no_grad()
@@ -81,9 +68,9 @@ def _check_replicas_identical(model: nn.Module, ctx: ParallelContext) -> None:
 
 @torch.no_grad()
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
-    """Keeps experts [ep_rank*L, (ep_rank+1)*L) (L = E/ep) of EVERY stacked per-expert tensor of the module (the base
-    weights and e.g. LoRA adapters alike: GroupedExperts.stacked_parameters) as new parameters, and records the block
-    in ``experts.ep_shard`` (gathering and checkpointing read it)."""
+    """Keeps experts [ep_rank*E_local, (ep_rank+1)*E_local) (E_local = E/ep) of EVERY stacked per-expert tensor of
+    the module (the base weights and e.g. LoRA adapters alike: GroupedExperts.stacked_parameters) as new parameters,
+    and records the block in ``experts.ep_shard`` (parallel/state.py's gathers and checkpoint view read it)."""
     assert experts.ep_shard is None, "experts are already sharded"
     E = experts.num_experts
     assert E % ep_size == 0, (E, ep_size)  # validate_layout checked the config
@@ -184,99 +171,3 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, param_dtype: Optio
             layer.router.register_forward_hook(_global_aux_hook(ctx))
     _apply_fsdp(model, ctx, layers, param_dtype)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# after backward / for saving
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, ctx: ParallelContext) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ for the parallelized model: the global L2 norm over all ranks' shards (one
-    all-reduce; every element lives on exactly one rank), then every local grad scaled by
-    min(1, max_norm / (norm + 1e-6)), as torch does. Returns the total norm (the same on every rank)."""
-    params = [p for p in parameters if p.grad is not None]
-    if not ctx.distributed:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [_local(p.grad) for p in params]
-    sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
-    for g in grads:
-        sq += g.float().square().sum()
-    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-    total = sq.sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total
-
-
-def _expert_param_names(model: nn.Module) -> set[str]:
-    """Fully qualified names of every ep-sharded stacked expert tensor (base weights, LoRA adapters, ...)."""
-    names = set()
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, GroupedExperts) and mod.ep_shard is not None:
-            names.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.stacked_parameters())
-    return names
-
-
-def _gather_full(named: Iterable[tuple[str, Optional[torch.Tensor]]], expert_names: set[str],
-                 ctx: ParallelContext) -> dict[str, Optional[torch.Tensor]]:
-    out = {}
-    for name, t in named:  # the same order on every rank: every collective below is matched
-        if t is None:
-            out[name] = None
-            continue
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        if name in expert_names and ctx.ep_size > 1:
-            parts = [torch.empty_like(t) for _ in range(ctx.ep_size)]
-            dist.all_gather(parts, t.contiguous(), group=ctx.ep_group)
-            t = torch.cat(parts, 0)  # ep ranks hold consecutive expert blocks
-        out[name] = t.detach()
-    return out
-
-
-def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """Plain full tensors, keys and shapes as in the unparallelized model (collective: call on every rank)."""
-    sd = model.state_dict()
-    if not ctx.distributed:
-        return {k: v.detach() for k, v in sd.items()}
-    return _gather_full(sd.items(), _expert_param_names(model), ctx)
-
-
-def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[torch.Tensor]]:
-    """Full gradients by parameter name (None where a parameter has none); collective, for tests and debugging."""
-    named = [(n, p.grad) for n, p in model.named_parameters()]
-    if not ctx.distributed:
-        return {n: None if g is None else g.detach() for n, g in named}
-    return _gather_full(named, _expert_param_names(model), ctx)
-
-
-
-def checkpoint_view(model_sd: dict, optim_sd: dict, model: nn.Module, ctx: ParallelContext) -> tuple[dict, dict]:
-    """The state dicts as DCP should see them: every stacked expert tensor (base weights and LoRA adapters, and their
-    optimizer moments) as a 2-D DTensor over the (dp, ep) mesh with its GLOBAL shape [E, ...] (Shard(1) over dp from
-    FSDP, Shard(0) over ep from the expert split), aliasing the local shard. Without this, the ep ranks' different
-    expert blocks would share one name and shape and DCP would keep only one of them. Other entries pass through
-    unchanged; a checkpoint saved this way loads at any world size and ep (DCP reshards)."""
-    if not ctx.distributed or ctx.ep_size == 1:
-        return model_sd, optim_sd
-    from torch.distributed.tensor import DTensor, Shard
-
-    names = _expert_param_names(model)
-
-    def lift(t):
-        if not isinstance(t, DTensor) or t.dim() == 0:
-            return t
-        shape = (t.shape[0] * ctx.ep_size, *t.shape[1:])
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t.to_local(), ctx.mesh, [Shard(1), Shard(0)], run_check=False, shape=shape,
-                                  stride=stride)
-
-    model_view = {k: lift(v) if k in names else v for k, v in model_sd.items()}
-    state = {k: ({n: lift(v) for n, v in s.items()} if k in names else s) for k, s in optim_sd.get("state", {}).items()}
-    return model_view, {**optim_sd, "state": state}

@@ -67,7 +67,7 @@ def run_jobs(ep: int, jobs: list[dict]) -> dict:
     allocator weights, the metrics train_adak returned, the local allocator shard's dtype and the stranded grads."""
     from moe_train.config import from_dict, validate
     from moe_train.parallel.distributed import init_distributed
-    from moe_train.parallel.parallelize import full_state_dict
+    from moe_train.parallel.state import full_state_dict
     from moe_train.train.adak import load_adak_model, train_adak
 
     ctx = None

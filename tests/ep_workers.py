@@ -246,7 +246,9 @@ def _global_batch(world: int, per_rank: int = 2, seq: int = 8):
 def model_checks(ctx, mcfg: ModelConfig) -> dict:
     from moe_train.model import build_model
     from moe_train.model.loss import lm_loss, routing_losses
-    from moe_train.parallel.parallelize import clip_grad_norm_, full_grads, full_state_dict, parallelize_model
+    from moe_train.parallel.collectives import clip_grad_norm_
+    from moe_train.parallel.parallelize import parallelize_model
+    from moe_train.parallel.state import full_grads, full_state_dict
 
     torch.manual_seed(0)
     ref = build_model(mcfg)

@@ -51,7 +51,7 @@ def _train_steps(model, inputs, targets, moe_cfg, ctx=None):
     """STEPS AdamW steps on one batch; returns (loss per step, full grads of the first step, the final state).
     With a ctx: the rank's losses averaged over ranks, gathered full gradients and state."""
     from moe_train.model.loss import lm_loss, routing_losses
-    from moe_train.parallel.parallelize import full_grads, full_state_dict
+    from moe_train.parallel.state import full_grads, full_state_dict
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.1)
     losses, grads = [], None

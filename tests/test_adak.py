@@ -349,7 +349,8 @@ def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from moe_train.config import ParallelConfig
     from moe_train.parallel.distributed import destroy_distributed, init_distributed
-    from moe_train.parallel.parallelize import full_grads, full_state_dict, parallelize_model
+    from moe_train.parallel.parallelize import parallelize_model
+    from moe_train.parallel.state import full_grads, full_state_dict
     from moe_train.train.adak import train_adak
 
     ctx = init_distributed(ParallelConfig(ep=2, rendezvous_timeout_s=60), 4)

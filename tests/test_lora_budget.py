@@ -5,8 +5,33 @@ import torch
 
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model import build_model
-from moe_train.model.lora import LoRAGroupedExperts, LoRALinear, apply_lora, merge_lora
+from moe_train.model.experts import GroupedExperts
+from moe_train.model.lora import LoRAGroupedExperts, LoRALinear, apply_lora
 from moe_train.routing import NullExpertRouter
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Folds every LoRA delta into its base weight and restores plain modules, in place (the library merges state
+    dicts instead: moe_train.model.lora.merge_lora_state_dict)."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mod = getattr(attn, name)
+            if isinstance(mod, LoRALinear):
+                mod.base.weight += (mod.lora_B @ mod.lora_A) * mod.scale
+                setattr(attn, name, mod.base)
+        ex = layer.moe.experts
+        if isinstance(ex, LoRAGroupedExperts):
+            plain = GroupedExperts.__new__(GroupedExperts)
+            torch.nn.Module.__init__(plain)
+            plain.num_experts, plain.backend, plain.ep_shard = ex.num_experts, ex.backend, ex.ep_shard
+            for name in ("gate", "up", "down"):
+                w = getattr(ex, f"w_{name}")
+                w += torch.bmm(getattr(ex, f"lora_{name}_A"), getattr(ex, f"lora_{name}_B")) * ex.scale
+                setattr(plain, f"w_{name}", w)
+            layer.moe.experts = plain
+    return model
 
 
 def tiny(router="null"):

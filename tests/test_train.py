@@ -84,7 +84,7 @@ def test_flops_mixtral_8x7b_expert_share_and_adamoe_reduction():
     mixtral = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                           num_kv_heads=8, max_seq_len=4096, moe=MoEConfig(num_experts=8, top_k=2))
     share = expert_share(mixtral, seq_len=512)
-    assert 0.86 < share < 0.89  # REFERENCE.md: ~0.876
+    assert 0.86 < share < 0.89  # AdaMoE (arXiv 2406.13233, docs/references.md): ~0.876
     # hand count of one layer at 1 true expert: the expert part is 3 * 2 * D * F
     two = forward_flops_per_token(mixtral, 2.0, 512)
     one = forward_flops_per_token(mixtral, 1.0, 512)

@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from moe_train.config import DataConfig
+from moe_train.config import DATA_FORMATS, DataConfig
 
+# file suffix -> datasets builder; the builders are config.DATA_FORMATS (the one list) less "auto"
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+assert set(FORMATS.values()) == set(DATA_FORMATS) - {"auto"}, (FORMATS, DATA_FORMATS)
 
 
 def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
@@ -29,7 +31,8 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[str]]:
         kinds = {FORMATS.get(Path(f).suffix) for f in files}
         if None in kinds or len(kinds) != 1:
             raise ValueError(f"data.path={path!r}: cannot infer one format from the file suffixes "
-                             f"{sorted({Path(f).suffix for f in files})}; set data.format to text, json or parquet")
+                             f"{sorted({Path(f).suffix for f in files})}; set data.format to one of "
+                             f"{', '.join(f for f in DATA_FORMATS if f != 'auto')}")
         fmt = kinds.pop()
     return fmt, files
 

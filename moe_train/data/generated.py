@@ -9,7 +9,7 @@ Each target token carries a difficulty label (LABELS) describing how hard it is 
 evaluation can relate the experts a token uses to its difficulty. Nothing is downloaded; the corpus is a pure
 function of (num_sequences, seq_len, vocab_size, seed). ``write_generated_corpus`` stores it as jsonl files for the
 file-backed pipeline (``moe-train generate-data``).
-Shape legend: N sequences, S sequence length (inputs; the stored rows have S + 1 tokens).
+Shape legend (docs/shapes.md): B sequences, S sequence length (inputs; the stored rows have S + 1 tokens).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _segment(rng: np.random.Generator, num_words: int) -> tuple[list[int], list[
 
 
 def generate(num_sequences: int, seq_len: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (tokens_N(S+1), labels_N(S+1)) int64; labels[i, j] is the difficulty of predicting tokens[i, j]."""
+    """Returns (tokens_B(S+1), labels_B(S+1)) int64; labels[i, j] is the difficulty of predicting tokens[i, j]."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"the synthetic corpus needs model.vocab_size >= {MIN_VOCAB}, got {vocab_size}")
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ keeps its share, and a resume skips the consumed sequences by re-reading them. T
 the count of global sequences consumed, so it is the same on every rank and after a change of world size.
 Pre-tokenised data (``token_field``, e.g. the generated corpus written by ``moe-train generate-data``) skips the
 tokenizer. Nothing is downloaded: tokenizers load from local folders only.
-Shape legend: B sequences per rank, S sequence length, N sequences.
+Shape legend (docs/shapes.md): B sequences per rank, S sequence length; n the number of source sequences.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def pack(docs: Iterator[list[int]], seq_len: int) -> Iterator[list[int]]:
 class DataLoader:
     """This rank's share of each global batch, in a deterministic order; state = global sequences consumed.
 
-    Global sequence g of a map-style source is sequences[perm_e[g % N]] with e = g // N (epoch), perm_e a seeded
+    Global sequence g of a map-style source is sequences[perm_e[g % n]] with e = g // n (epoch), perm_e a seeded
     permutation (identity when shuffle is off). A stream is read in order and restarted at its end; global indices
     keep counting across epochs.
     """

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from moe_train.io.atomic import commit_folder, staging_folder, staging_path, write_bytes_atomically
 from moe_train.parallel.distributed import ParallelContext
-from moe_train.parallel.parallelize import checkpoint_view
+from moe_train.parallel.state import checkpoint_view
 
 MANIFEST = "manifest.json"
 FORMAT = 1

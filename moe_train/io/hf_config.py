@@ -17,12 +17,12 @@ from typing import Any, Union
 
 import torch
 
-from moe_train.config import ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
+from moe_train.config import FAMILIES, ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
 
 CONFIG_NAME = "config.json"
 MOE_TRAIN_KEY = "moe_train"
 
-MODEL_TYPES = ("mixtral", "qwen2_moe")
+MODEL_TYPES = FAMILIES  # a family is named by its Hugging Face model_type (config.FAMILIES is the one list)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 # transformers 5.23 class defaults, used where config.json leaves a field out (what transformers itself would do).

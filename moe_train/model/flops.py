@@ -3,13 +3,13 @@
 Forward FLOPs per token (2 per multiply-add), summed over layers:
   attention projections  2*D*(H*Hd) [q] + 2*2*D*(G*Hd) [k, v] + 2*(H*Hd)*D [o]
   attention scores       2*2*ctx*H*Hd with ctx the mean causal context, (S+1)/2 for sequence length S
-  router                 2*D*N (N = true + null experts) + 2*D*A for an Ada-K allocator with A actions
+  router                 2*D*(E+Z) (true + null experts) + 2*D*A for an Ada-K allocator with A actions
   experts                k_true * 3 * 2*D*F (SwiGLU: gate, up, down) for k_true true experts per token
   shared expert          3 * 2*D*Fs + 2*D (Qwen2-MoE; its sigmoid gate)
   lm head (once)         2*D*V
 Training costs 3x the forward. ``flops_vs_topk`` divides the FLOPs at the measured true experts per token by the
 FLOPs of the same model with its baseline top-k (``moe.baseline_top_k``) and a plain top-k router; 1 - that ratio
-is the "FLOPs reduction" of REFERENCE.md section 1.
+is the "FLOPs reduction" of AdaMoE (arXiv 2406.13233; docs/references.md section 1).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
     W x  ->  W x + (alpha / r) * B (A x),   A: r x in (small random), B: out x r (zeros): the start equals the base
 For experts every projection gets a stacked pair per expert, A [E, in, r] and B [E, r, out], computed with the same
-grouped GEMM over the rows each expert received, so null picks still cost nothing. ``merge_lora`` folds the
-deltas into the base weights (for export) and restores plain modules.
+grouped GEMM over the rows each expert received, so null picks still cost nothing. ``merge_lora_state_dict`` folds
+the deltas into the base weights of a (gathered) full state dict: the final saved model is a plain model.
 Shape legend: N rows grouped by expert, D hidden, F expert FFN width, E experts, r rank.
 """
 
@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_train.config import LORA_TARGETS as TARGETS  # the one list (config.py validates against it too)
 from moe_train.kernels.grouped_gemm import grouped_mm
 from moe_train.model.experts import GroupedExperts
-
-TARGETS = ("attention", "experts")
 
 
 class LoRALinear(nn.Module):
@@ -32,11 +31,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        self.base.weight += (self.lora_B @ self.lora_A) * self.scale
-        return self.base
 
 
 class LoRAGroupedExperts(GroupedExperts):
@@ -67,17 +61,6 @@ class LoRAGroupedExperts(GroupedExperts):
         h = F.silu(self._proj(x_ND, "gate", counts_E)) * self._proj(x_ND, "up", counts_E)
         return self._proj(h, "down", counts_E)
 
-    @torch.no_grad()
-    def merged(self) -> GroupedExperts:
-        plain = GroupedExperts.__new__(GroupedExperts)
-        nn.Module.__init__(plain)
-        plain.num_experts, plain.backend, plain.ep_shard = self.num_experts, self.backend, self.ep_shard
-        for name in ("gate", "up", "down"):
-            w = getattr(self, f"w_{name}")
-            w += torch.bmm(getattr(self, f"lora_{name}_A"), getattr(self, f"lora_{name}_B")) * self.scale
-            setattr(plain, f"w_{name}", w)
-        return plain
-
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = TARGETS) -> nn.Module:
     """Adds LoRA in place to the chosen targets of every decoder layer; returns the model."""
@@ -91,19 +74,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ..
                 setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha))
         if "experts" in targets:
             layer.moe.experts = LoRAGroupedExperts(layer.moe.experts, rank, alpha)
-    return model
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every LoRA delta into its base weight and restores plain modules (in place)."""
-    for layer in model.layers:
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            mod = getattr(attn, name)
-            if isinstance(mod, LoRALinear):
-                setattr(attn, name, mod.merged())
-        if isinstance(layer.moe.experts, LoRAGroupedExperts):
-            layer.moe.experts = layer.moe.experts.merged()
     return model
 
 

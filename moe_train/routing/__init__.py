@@ -3,14 +3,14 @@
 The Router / Dispatcher / Experts protocols (routing/protocols.py) are the MoE layer's interfaces.
 """
 
-from moe_train.config import MoEConfig
+from moe_train.config import ROUTERS, MoEConfig
 from moe_train.routing.adak import AdaKRouter
 from moe_train.routing.null_experts import NullExpertRouter
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.protocols import Dispatcher, Experts, Router
 from moe_train.routing.topk import TopKRouter
 
-ROUTER_CLASSES = {"topk": TopKRouter, "null": NullExpertRouter, "adak": AdaKRouter}
+ROUTER_CLASSES = dict(zip(ROUTERS, (TopKRouter, NullExpertRouter, AdaKRouter)))  # config.ROUTERS, in its order
 
 
 def build_router(hidden_size: int, cfg: MoEConfig) -> Router:

@@ -22,7 +22,8 @@ Shape legend: T tokens, D hidden, E true experts, K = k_max slots, A actions.
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +100,17 @@ class AdaKRouter(nn.Module):
             entropy_T=-(log_pi_TA.exp() * log_pi_TA).sum(dim=-1),
             extras={"allocator_log_probs_TA": log_pi_TA},
         )
+
+
+@contextmanager
+def routing_mode(routers: Sequence[AdaKRouter], mode: str, actions: Optional[Sequence[torch.Tensor]] = None,
+                 uniforms: Optional[Sequence[torch.Tensor]] = None) -> Iterator[None]:
+    """Every router in ``mode`` for the forwards inside the block (``actions[l]``: layer l's forced actions;
+    ``uniforms[l]``: its sampling uniforms), back to greedy, the inference mode, on exit, also after an error."""
+    try:
+        for i, r in enumerate(routers):
+            r.set_mode(mode, None if actions is None else actions[i], None if uniforms is None else uniforms[i])
+        yield
+    finally:
+        for r in routers:
+            r.set_mode("greedy")

@@ -5,7 +5,8 @@ summed over all ranks) and the Megatron router (parallel/megatron/router.py: cou
 mask, Megatron's loss scaling). Each caller chooses the group its counts are reduced over and passes the reduced
 counts in, as Megatron's switch_load_balancing_loss_func takes ``tokens_per_expert`` and ``total_num_tokens``;
 these functions never communicate.
-Shape legend: T tokens (this rank's), N scored experts (n true + m null), E true experts.
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+T tokens (this rank's), N scored experts (n true + m null), E true experts.
 """
 
 from __future__ import annotations

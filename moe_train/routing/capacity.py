@@ -19,7 +19,7 @@ rows that run); ``selected_counts_E`` (the router's selections, which the expert
 Under expert parallelism the capacity is per rank-local batch (as Megatron-Core and DeepSpeed-MoE do): every rank
 applies it to its own plan before dispatch, with N its own true assignments, so no communication is needed and
 an expert receives at most C_p rows from each source rank p.
-Shape legend: T tokens, K slots, E true experts, S = T*K flat slots.
+Shape legend (docs/shapes.md): T tokens, K slots, E true experts, M = T*K flat slots.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from typing import Optional
 
 import torch
 
+from moe_train.config import DROP_POLICIES  # the one list (config.py validates against it too)
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.topk import renormalize
-
-DROP_POLICIES = ("weight", "position")
 
 
 def expert_capacity(num_assignments: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -46,24 +45,24 @@ def capacity_keep_mask(expert_idx_TK: torch.Tensor, weight_TK: torch.Tensor, num
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy={drop_policy!r} is not allowed: one of {DROP_POLICIES}")
     E = num_experts
-    idx_S = expert_idx_TK.reshape(-1)
-    S = idx_S.numel()
-    dev = idx_S.device
+    idx_M = expert_idx_TK.reshape(-1)
+    M = idx_M.numel()
+    dev = idx_M.device
     if drop_policy == "weight":
         # Largest weight first; a stable sort keeps the earlier slot first among equal weights.
-        order_S = torch.argsort(-weight_TK.detach().reshape(-1).float(), stable=True)
+        order_M = torch.argsort(-weight_TK.detach().reshape(-1).float(), stable=True)
     else:
-        order_S = torch.arange(S, device=dev)
-    key_S = torch.where(idx_S < 0, E, idx_S)[order_S]
-    by_expert = torch.argsort(key_S, stable=True)
-    order_S, key_S = order_S[by_expert], key_S[by_expert]
-    counts = torch.bincount(key_S, minlength=E + 1)
+        order_M = torch.arange(M, device=dev)
+    key_M = torch.where(idx_M < 0, E, idx_M)[order_M]
+    by_expert = torch.argsort(key_M, stable=True)
+    order_M, key_M = order_M[by_expert], key_M[by_expert]
+    counts = torch.bincount(key_M, minlength=E + 1)
     start = torch.cumsum(counts, 0) - counts
-    rank_in_expert_S = torch.arange(S, device=dev) - start[key_S]
-    keep_sorted = (rank_in_expert_S < capacity_TK) & (key_S < E)
-    keep_S = torch.empty_like(keep_sorted)
-    keep_S[order_S] = keep_sorted
-    return keep_S.view_as(expert_idx_TK)
+    rank_in_expert_M = torch.arange(M, device=dev) - start[key_M]
+    keep_sorted = (rank_in_expert_M < capacity_TK) & (key_M < E)
+    keep_M = torch.empty_like(keep_sorted)
+    keep_M[order_M] = keep_sorted
+    return keep_M.view_as(expert_idx_TK)
 
 
 def apply_capacity(plan: RoutingPlan, capacity_factor: Optional[float], drop_policy: str = "weight", *,

@@ -21,7 +21,8 @@ the original top-2 model, function for function (io/convert.py refuses conversio
 Balancing: load_balancing_loss with the m null counts averaged into one shared bucket, so it steers the total null
 usage toward m/(n+m) of the selections (about k*n/(n+m) true experts per token). With m = 0 this router is the
 top-k router exactly. With norm_topk_prob=False (Qwen1.5-MoE convention) the true picks keep their raw p.
-Shape legend: T tokens, D hidden, E = n true experts, Z = m null experts, N = E + Z, K slots per token.
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+T tokens, D hidden, E = n true experts, Z = m null experts, N = E + Z, K slots per token.
 """
 
 from __future__ import annotations

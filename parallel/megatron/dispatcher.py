@@ -24,7 +24,8 @@ and the blocking read is the only wait before the token all-to-all. The exchange
 statistics are parallel/exchange.py::CountExchange, the same object the native AllToAllDispatcher uses. On CUDA
 the collectives run on NCCL through Megatron's ep process group; that path is unverified here (no GPU in
 development).
-Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E global experts, K slots per token,
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+S sequence, B micro-batch, T = S*B tokens, D hidden, E global experts, K slots per token,
 P = ep ranks, L = E/P local experts, N rows this rank sends, R rows it receives.
 """
 

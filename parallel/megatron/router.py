@@ -28,7 +28,8 @@ bucket, AdaMoE), not T * topk:
 which equals Megatron's switch_load_balancing_loss_func exactly when k is fixed and there are no null experts.
 Both terms are moe_train's own functions (routing/balancing.py: load_balancing_loss with the tp x cp counts and
 token count, router_z_loss with the padding mask), the ones the native routers and the global aux-loss hook call.
-Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, E true experts, m null experts, N = E + m,
+Shape legend (docs/shapes.md, with its exceptions for N and L):
+S sequence, B micro-batch, T = S*B tokens, D hidden, E true experts, m null experts, N = E + m,
 K slots per token, A Ada-K actions.
 """
 
@@ -43,7 +44,7 @@ from typing import Optional
 import torch
 from torch.func import functional_call
 
-from moe_train.config import MoEConfig, validate_moe
+from moe_train.config import ROUTERS, MoEConfig, validate_moe
 from moe_train.parallel.megatron import compat
 from moe_train.routing import ROUTER_CLASSES, RoutingPlan
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts, router_z_loss
@@ -54,7 +55,7 @@ from megatron.core.transformer.module import MegatronModule
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("topk", "null", "adak")
+METHODS = ROUTERS  # moe_train's routers (config.ROUTERS is the one list)
 DISPATCHERS = ("variable_k", "megatron")
 LOSS_TYPES = ("aux_loss", "none")
 

@@ -63,6 +63,7 @@ Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A al
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +73,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.config import AdaKConfig, Config, TrainConfig, to_dict
-from moe_train.data import build_data
+from moe_train.config import AdaKConfig, Config, TrainConfig
 from moe_train.eval.report import corpus_report
 from moe_train.io import load_any
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
-from moe_train.parallel.distributed import ParallelContext
-from moe_train.routing.adak import AdaKRouter
+from moe_train.parallel.distributed import ParallelContext, distributed
+from moe_train.parallel.parallelize import all_reduce_sum, clip_grad_norm_
+from moe_train.routing.adak import AdaKRouter, routing_mode
+from moe_train.train.metrics import logger
+from moe_train.train.trainer import Trainer
 
 # ----------------------------------------------------------------------------------------------------------
 # model preparation
@@ -89,8 +92,6 @@ def global_mean(x: torch.Tensor, ctx: Optional[ParallelContext] = None) -> torch
     """Mean over every element on every rank (the local mean in one process)."""
     if ctx is None or not ctx.distributed:
         return x.mean()
-    from moe_train.parallel.parallelize import all_reduce_sum
-
     s = all_reduce_sum(torch.stack([x.detach().double().sum(), x.new_tensor(x.numel(), dtype=torch.float64)]), ctx)
     return (s[0] / s[1]).to(x.dtype)
 
@@ -166,16 +167,12 @@ def _cast_except_allocators(model: MoETransformer, dtype: torch.dtype) -> None:
             r.allocator.weight.copy_(w)
 
 
-def set_forced_k(routers: Sequence[AdaKRouter], k: int, num_tokens: int, device: torch.device) -> None:
-    """Forces every token of every layer to k experts (clipped to the action range) for the next forward."""
-    for r in routers:
-        a = min(max(k, r.k_min), r.k_max) - r.k_min
-        r.set_mode("forced", torch.full((num_tokens,), a, dtype=torch.long, device=device))
-
-
-def set_mode(routers: Sequence[AdaKRouter], mode: str) -> None:
-    for r in routers:
-        r.set_mode(mode)
+def forced_k_actions(routers: Sequence[AdaKRouter], k: int, num_tokens: int,
+                     device: torch.device) -> list[torch.Tensor]:
+    """Per layer, the actions that give every token k experts (clipped to the layer's action range), for
+    ``routing_mode(routers, "forced", actions)``."""
+    return [torch.full((num_tokens,), min(max(k, r.k_min), r.k_max) - r.k_min, dtype=torch.long, device=device)
+            for r in routers]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,13 +195,9 @@ def warm_start_loss(model: MoETransformer, inputs_BS: torch.Tensor, threshold: f
     a hook of a no-grad forward, leaves it on FSDP's unsharded copies, where the next backward would pick it up).
     Only the allocators record a graph: no base tensor requires grad."""
     routers = adak_routers(model)
-    T = inputs_BS.numel()
-    set_forced_k(routers, model.config.moe.top_k, T, inputs_BS.device)
-    try:
-        with torch.enable_grad():
-            _, plans = model(inputs_BS, return_plans=True)
-    finally:
-        set_mode(routers, "greedy")
+    base_k = forced_k_actions(routers, model.config.moe.top_k, inputs_BS.numel(), inputs_BS.device)
+    with routing_mode(routers, "forced", base_k), torch.enable_grad():
+        _, plans = model(inputs_BS, return_plans=True)
     losses, label_k, agree = [], [], []
     for router, plan in zip(routers, plans):
         log_pi_TA = plan.extras["allocator_log_probs_TA"]
@@ -311,14 +304,8 @@ def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Te
     """One forward with the allocators in ``mode`` (sample: a ~ pi, by inverse CDF from ``uniform_LT`` when given,
     else from the global RNG; greedy: argmax; forced: ``forced_action_LT``); actions, their log-probs and the
     per-token rewards."""
-    routers = adak_routers(model)
-    for i, r in enumerate(routers):
-        r.set_mode(mode, None if forced_action_LT is None else forced_action_LT[i],
-                   None if uniform_LT is None else uniform_LT[i])
-    try:
+    with routing_mode(adak_routers(model), mode, forced_action_LT, uniform_LT):
         logits, plans = model(inputs_BS, return_plans=True)
-    finally:
-        set_mode(routers, "greedy")
     action_LT = torch.stack([p.action_T for p in plans])
     k_LT = torch.stack([p.true_mask_TK.sum(dim=-1) for p in plans])
     reward_T, loglik_T = token_rewards(logits, targets_BS, k_LT, penalty)
@@ -329,22 +316,14 @@ def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Te
 def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor,
                      action_LT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_new(a | x)_LT, entropy_LT) with every layer forced to the stored actions; differentiable in W_p."""
-    routers = adak_routers(model)
-    for r, a_T in zip(routers, action_LT):
-        r.set_mode("forced", a_T)
-    try:
+    with routing_mode(adak_routers(model), "forced", action_LT):
         _, plans = model(inputs_BS, return_plans=True)
-    finally:
-        set_mode(routers, "greedy")
     return torch.stack([p.log_prob_T for p in plans]), torch.stack([p.entropy_T for p in plans])
 
 
 def _clip(params: Sequence[nn.Parameter], max_norm: float, ctx: Optional[ParallelContext]) -> float:
-    if ctx is not None and ctx.distributed:
-        from moe_train.parallel.parallelize import clip_grad_norm_
-
-        return clip_grad_norm_(params, max_norm, ctx).item()
-    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    """The trainer's clipping (the global norm over all ranks; torch's own in one process) as a float."""
+    return clip_grad_norm_(params, max_norm, ParallelContext() if ctx is None else ctx).item()
 
 
 def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
@@ -411,11 +390,18 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
             opt.step()
             sums_M4.append(st["sums"])
             counts_M.append(count)
-    # global statistics per minibatch (one all-reduce for the step), then their mean over the minibatches
-    sums_M4 = torch.stack(sums_M4)
-    if distributed:
-        from moe_train.parallel.parallelize import all_reduce_sum
+    rollout_stats = Rollout(inputs_BS, targets_BS, action_LT, old_LT, k_LT, reward_T, loglik_T)
+    return _ppo_record(model, rollout_stats, b, sums_M4, counts_M, grad_norm, a, ctx)
 
+
+def _ppo_record(model: MoETransformer, ro: Rollout, b, sums_M4: list[torch.Tensor], counts_M: list[int],
+                grad_norm: Optional[float], a: AdaKConfig, ctx: Optional[ParallelContext]) -> dict:
+    """The step's metrics: global statistics per minibatch (one all-reduce for the step), then their mean over the
+    minibatches; the rollout's figures as global-batch means."""
+    S = ro.inputs_BS.shape[1]
+    reward_T, loglik_T, k_LT = ro.reward_T, ro.loglik_T, ro.k_LT
+    sums_M4 = torch.stack(sums_M4)
+    if ctx is not None and ctx.distributed:
         sums_M4 = all_reduce_sum(sums_M4, ctx)
     mean_M4 = sums_M4.cpu() / torch.tensor(counts_M, dtype=torch.float64)[:, None]
     surrogate_M, entropy_M = mean_M4[:, 0], mean_M4[:, 1]
@@ -440,26 +426,120 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
 # the run
 
 
-def _validate(model: MoETransformer, data, cfg: Config, device: torch.device) -> dict:
-    """The validation report (moe_train/eval/report.py) with the greedy allocator, and the loss increase over the
-    same model run at its base top-k."""
-    if data.val_tokens is None:
-        return {}
-    rep = corpus_report(model, data.val_batches(cfg.train.batch_size), device)
-    base = corpus_report(model, data.val_batches(cfg.train.batch_size), device, force_k=model.config.moe.top_k)
-    rep["base_val_loss"] = base["val_loss"]
-    rep["val_loss_increase"] = rep["val_loss"] / base["val_loss"] - 1
-    return rep
+class AdaKTrainer(Trainer):
+    """Ada-K on the shared Trainer: the model is the frozen base with its allocators, and ``fit`` runs the two
+    stages, each with its own AdamW over the allocators (the paper lists them separately): the warm start, then PPO
+    over the same data from its start. Setup, metrics, logging, clipping and the final save are the Trainer's."""
+
+    tensorboard = False  # metrics.jsonl only (its records mix stages and nested validation reports)
+
+    def check_batch_layout(self, cfg: Config) -> None:
+        pass  # no gradient accumulation: every step takes the rank's whole share (the data split checks that)
+
+    def load_model(self, cfg: Config) -> MoETransformer:
+        return load_adak_model(cfg)
+
+    def prepare_model(self, model: MoETransformer) -> torch.nn.Module:
+        model = model.to(self.ctx.device)
+        freeze_base(model)
+        if self.ctx.distributed:
+            # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
+            # allocator decides k before dispatch, so each token sends only its k rows.
+            from moe_train.parallel.parallelize import parallelize_model
+
+            model = parallelize_model(model, self.ctx)
+        self.params = [r.allocator.weight for r in adak_routers(model)]  # what the stages' optimizers train
+        return model
+
+    def setup_optimizer(self) -> int:
+        return 0  # each stage makes its own optimizer; Ada-K runs are short and do not resume
+
+    def validate(self) -> dict:
+        """The validation report (moe_train/eval/report.py) with the greedy allocator, and the loss increase over
+        the same model run at its base top-k."""
+        if self.data.val_tokens is None:
+            return {}
+        B, device = self.cfg.train.batch_size, self.ctx.device
+        rep = corpus_report(self.model, self.data.val_batches(B), device)
+        base = corpus_report(self.model, self.data.val_batches(B), device, force_k=self.cfg.model.moe.top_k)
+        rep["base_val_loss"] = base["val_loss"]
+        rep["val_loss_increase"] = rep["val_loss"] / base["val_loss"] - 1
+        return rep
+
+    def fit(self) -> dict:
+        a = self.cfg.adak
+        self.model.eval()  # no dropout anywhere; mode flags only
+        validation = {"before": self.validate()}
+        self.warm_start()
+        if a.warm_start_steps:
+            validation["warm_start"] = self.validate()
+            self.save_model_file("warm_start", a.warm_start_steps)
+        record = self.ppo()
+        validation["final"] = self.validate()
+        path = self.save_model_file("final", a.ppo_steps)
+        if self.ctx.is_main:
+            (self.out_dir / "validation.json").write_text(json.dumps(validation, indent=1))
+        self.log_validation(validation["final"])
+        logger.info(f"saved {path}")
+        return {"last_step": record, "validation": validation}
+
+    def warm_start(self) -> None:
+        """Stage 1: the allocators learn the pseudo labels of the frozen router (module docstring)."""
+        t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
+        opt = build_allocator_optimizer(self.params, a, t)
+        for step in range(1, a.warm_start_steps + 1):
+            start = time.perf_counter()
+            inputs, _ = self.data.train.next_batch()
+            loss, st = warm_start_loss(self.model, inputs.to(ctx.device), a.warm_start_threshold)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            assert all(p.grad is not None for p in self.params), "the warm-start gradient did not reach the allocators"
+            if t.grad_clip > 0:
+                _clip(self.params, t.grad_clip, ctx)
+            opt.step()
+            st = {k: [_mean_over_ranks(x, ctx) for x in v] if isinstance(v, list) else _mean_over_ranks(v, ctx)
+                  for k, v in st.items()}
+            record = {"stage": "warm_start", "step": step, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
+                      "seconds": time.perf_counter() - start}
+            self.metrics.write(record)
+            if step % t.log_every == 0 or step == a.warm_start_steps:
+                logger.info(f"warm start {step}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k "
+                            f"{st['label_k']:.2f} acc {st['label_acc']:.3f}")
+        opt.zero_grad(set_to_none=True)  # nothing of this stage reaches the PPO optimizer
+
+    def ppo(self) -> dict:
+        """Stage 2: PPO over the same data from its start (each stage is one pass in the paper); the last record."""
+        t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
+        self.data.train.load_state_dict({"consumed": 0})
+        opt = build_allocator_optimizer(self.params, a, t)
+        baseline = RewardBaseline(a.baseline, a.running_mean_decay)
+        gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
+        record: dict = {}
+        for step in range(1, a.ppo_steps + 1):
+            start = time.perf_counter()
+            inputs, targets = self.data.train.next_batch()
+            record = ppo_step(self.model, opt, self.params, inputs.to(ctx.device), targets.to(ctx.device), a,
+                              baseline, t.grad_clip, gen, ctx)
+            record = {"stage": "ppo", "step": step, **record, "seconds": time.perf_counter() - start}
+            if a.val_every and step % a.val_every == 0 and step < a.ppo_steps:
+                record["validation"] = self.validate()
+            self.metrics.write(record)
+            if step % t.log_every == 0 or step == a.ppo_steps:
+                logger.info(f"ppo {step}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
+                            f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} "
+                            f"kl {record['approx_kl']:.4f} clip {record['clip_frac']:.3f} H {record['entropy']:.3f}")
+        return record
+
+    def log_validation(self, fin: dict) -> None:
+        if fin:
+            logger.info(f"validation: loss {fin['val_loss']:.4f} (top-{self.cfg.model.moe.top_k} base "
+                        f"{fin['base_val_loss']:.4f}, {100 * fin['val_loss_increase']:+.2f}%) mean k "
+                        f"{fin['mean_k']:.3f} expert FLOPs vs top-k {fin['expert_flops_vs_topk']:.3f} whole-model "
+                        f"FLOPs vs top-k {fin['flops_vs_topk']:.3f}")
 
 
-def _save(model: MoETransformer, ctx: ParallelContext, path: Path, step: int) -> None:
-    """The whole Ada-K model (frozen base + allocators) as one moe_train checkpoint; collective when distributed."""
-    from moe_train.parallel.parallelize import full_state_dict
-    from moe_train.io.model_file import save_model
-
-    state = full_state_dict(model, ctx) if ctx.distributed else None
-    if ctx.is_main:
-        save_model(model, path, step=step, state_dict=state)
+def _mean_over_ranks(x: float, ctx: ParallelContext) -> float:
+    return global_mean(torch.tensor(x, dtype=torch.float64), ctx).item()
 
 
 def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optional[ParallelContext] = None) -> dict:
@@ -467,98 +547,5 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optiona
 
     ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted). Without a
     ``ctx`` the process groups come from the launch environment (torchrun, launch/) and are torn down at the end."""
-    from moe_train.parallel.distributed import destroy_distributed, init_distributed
-
-    if ctx is not None:
-        return _train_adak(cfg, model, ctx)
-    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
-    try:
-        return _train_adak(cfg, model, ctx)
-    finally:
-        destroy_distributed(ctx)
-
-
-def _train_adak(cfg: Config, model: Optional[MoETransformer], ctx: ParallelContext) -> dict:
-    import json
-
-    from moe_train.train.metrics import MetricsWriter
-
-    t, a = cfg.train, cfg.adak
-    torch.manual_seed(t.seed)
-    model = load_adak_model(cfg) if model is None else model
-    cfg.model = model.config
-    model = model.to(ctx.device)
-    params = freeze_base(model)
-    if ctx.distributed:
-        # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
-        # allocator decides k before dispatch, so each token sends only its k rows.
-        from moe_train.parallel.parallelize import parallelize_model
-
-        model = parallelize_model(model, ctx)
-        params = [r.allocator.weight for r in adak_routers(model)]
-    data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
-    out_dir = Path(t.out_dir)
-    metrics = MetricsWriter(out_dir, enabled=ctx.is_main)
-    if ctx.is_main:
-        import yaml
-
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    model.eval()  # no dropout anywhere; mode flags only
-    validation: dict = {"before": _validate(model, data, cfg, ctx.device)}
-
-    # Stage 1: warm start (one optimizer, re-created for PPO: the paper lists the stages separately).
-    opt = build_allocator_optimizer(params, a, t)
-    for step in range(a.warm_start_steps):
-        start = time.perf_counter()
-        inputs, _ = data.train.next_batch()
-        loss, st = warm_start_loss(model, inputs.to(ctx.device), a.warm_start_threshold)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        assert all(p.grad is not None for p in params), "the warm-start gradient did not reach the allocators"
-        if t.grad_clip > 0:
-            _clip(params, t.grad_clip, ctx)
-        opt.step()
-        st = {k: global_mean(torch.tensor(v, dtype=torch.float64), ctx).item() if k != "label_k_per_layer"
-              else [global_mean(torch.tensor(x, dtype=torch.float64), ctx).item() for x in v] for k, v in st.items()}
-        record = {"stage": "warm_start", "step": step + 1, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
-                  "seconds": time.perf_counter() - start}
-        metrics.write(record)
-        if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.warm_start_steps):
-            print(f"warm start {step + 1}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k {st['label_k']:.2f} "
-                  f"acc {st['label_acc']:.3f}", flush=True)
-    opt.zero_grad(set_to_none=True)  # nothing of this stage reaches the PPO optimizer
-    if a.warm_start_steps:
-        validation["warm_start"] = _validate(model, data, cfg, ctx.device)
-        _save(model, ctx, out_dir / "warm_start" / "model.pt", a.warm_start_steps)
-
-    # Stage 2: PPO over the same data from its start (each stage is one pass in the paper).
-    data.train.load_state_dict({"consumed": 0})
-    opt = build_allocator_optimizer(params, a, t)
-    baseline = RewardBaseline(a.baseline, a.running_mean_decay)
-    gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
-    record = {}
-    for step in range(a.ppo_steps):
-        start = time.perf_counter()
-        inputs, targets = data.train.next_batch()
-        record = ppo_step(model, opt, params, inputs.to(ctx.device), targets.to(ctx.device), a, baseline,
-                          t.grad_clip, gen, ctx)
-        record = {"stage": "ppo", "step": step + 1, **record, "seconds": time.perf_counter() - start}
-        if a.val_every and (step + 1) % a.val_every == 0 and step + 1 < a.ppo_steps:
-            record["validation"] = _validate(model, data, cfg, ctx.device)
-        metrics.write(record)
-        if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == a.ppo_steps):
-            print(f"ppo {step + 1}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
-                  f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} kl {record['approx_kl']:.4f} "
-                  f"clip {record['clip_frac']:.3f} H {record['entropy']:.3f}", flush=True)
-    validation["final"] = _validate(model, data, cfg, ctx.device)
-    _save(model, ctx, out_dir / "final" / "model.pt", a.ppo_steps)
-    if ctx.is_main:
-        (out_dir / "validation.json").write_text(json.dumps(validation, indent=1))
-        fin = validation["final"]
-        if fin:
-            print(f"validation: loss {fin['val_loss']:.4f} (top-{cfg.model.moe.top_k} base {fin['base_val_loss']:.4f},"
-                  f" {100 * fin['val_loss_increase']:+.2f}%) mean k {fin['mean_k']:.3f} expert FLOPs vs top-k "
-                  f"{fin['expert_flops_vs_topk']:.3f} whole-model FLOPs vs top-k {fin['flops_vs_topk']:.3f}",
-                  flush=True)
-        print(f"saved {out_dir / 'final' / 'model.pt'}", flush=True)
-    return {"last_step": record, "validation": validation}
+    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx) as ctx:
+        return AdaKTrainer(cfg, ctx, model).fit()

@@ -1,10 +1,25 @@
-"""Per-step metrics: one JSON object per line in <out_dir>/metrics.jsonl, and a short console line."""
+"""What a run reports: one JSON object per step in <out_dir>/metrics.jsonl, TensorBoard scalars, and the human
+progress lines on the ``moe_train.train`` logger (the CLI sends them to stdout; a library caller configures
+logging as it likes)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
+
+import torch.distributed as dist
+
+
+def _main_rank_only(record: logging.LogRecord) -> bool:
+    """N ranks, one log: only the process of global rank 0 (or a process without a process group) emits."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# One logger for the trainer and Ada-K, filtered at the logger itself so every handler sees rank 0 only.
+logger = logging.getLogger("moe_train.train")
+logger.addFilter(_main_rank_only)
 
 
 class MetricsWriter:
@@ -27,3 +42,29 @@ class MetricsWriter:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class TensorBoard:
+    """Numeric metrics as TensorBoard scalars under <out_dir>/tb; a no-op when disabled or not installed."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning("tensorboard is not installed: no event files (pip install tensorboard, or "
+                           "train.tensorboard: false)")
+            return
+        self.writer = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

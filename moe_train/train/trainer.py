@@ -1,9 +1,11 @@
-"""The training loop: one function from a validated Config to a trained model, metrics and checkpoints.
+"""The Trainer: from a validated Config to a trained model, metrics and checkpoints (pre-training, AdaMoE
+fine-tuning, and, through its subclass in train/adak.py, Ada-K).
 
 Model, parallelism and loop stay separate (torchtitan): the model is built plain (or loaded, and converted to
 AdaMoE when the config asks for null experts on a top-k checkpoint), LoRA and freezing are applied, then
 ``parallelize_model`` applies expert/data parallelism when the launch is distributed. The loop only sees a module
-that maps input_ids to (logits, routing plans).
+that maps input_ids to (logits, routing plans). ``train(cfg)`` is the entry point: ``Trainer(cfg, ctx).fit()``
+inside the run's process groups.
 
 Per optimizer step: grad_accum_steps micro-batches (loss / accum each), NaN/inf guard (the step is skipped on every
 rank and counted), clipping over all ranks' shards, AdamW, LR schedule, then the routing state updates that must be
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from moe_train.config import Config, to_dict
 from moe_train.data import Data, build_data
@@ -33,10 +36,10 @@ from moe_train.io.model_file import load_model, save_model
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model.loss import lm_loss, routing_losses
-from moe_train.parallel.distributed import ParallelContext, destroy_distributed, init_distributed
+from moe_train.parallel.distributed import ParallelContext, distributed
 from moe_train.parallel.parallelize import all_reduce_mean, all_reduce_sum, clip_grad_norm_, full_state_dict
 from moe_train.routing.capacity import load_imbalance
-from moe_train.train.metrics import MetricsWriter
+from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
 
 # MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
 MOE_TRAINING_KNOBS = ("aux_loss_coef", "z_loss_coef", "expert_bias_rate", "target_true_experts", "budget_kp",
@@ -134,18 +137,6 @@ def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.devi
     return validation_metrics(rep)
 
 
-def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
-    """Trains as configured; returns the last step's metrics (plus validation figures). Without a ``ctx`` the
-    process groups are created from the launch environment and torn down at the end."""
-    if ctx is not None:
-        return _train(cfg, ctx)
-    ctx = init_distributed(cfg.parallel, cfg.model.moe.num_experts)
-    try:
-        return _train(cfg, ctx)
-    finally:
-        destroy_distributed(ctx)
-
-
 class _RoutingAccumulator:
     """Per-layer counts, tokens and drops summed over the micro-batches of one step (reduced over ranks once).
 
@@ -200,168 +191,241 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process RSS)
 
 
-def _tensorboard(out_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed: no event files (pip install tensorboard, or train.tensorboard: false)")
-        return None
-    return SummaryWriter(str(out_dir / "tb"))
+class Trainer:
+    """One run from a validated Config, torchtitan style: ``__init__`` is the setup (model, data, parallelism,
+    optimizer, resume, output folder); ``fit`` repeats train_step / update routing state / log / validate /
+    checkpoint and ends with ``finish`` (final validation, the whole model in one file).
 
+    This class is pre-training and AdaMoE fine-tuning. Ada-K (train/adak.py ``AdaKTrainer``) overrides the model
+    loading and preparation, the validation and ``fit`` (its warm-start and PPO stages) and shares the rest. The
+    caller's Config is never modified: ``self.cfg`` is a copy with the model section the loaded model brought."""
 
-def _train(cfg: Config, ctx: ParallelContext) -> dict:
-    t = cfg.train
-    micro_rows = t.batch_size // ctx.dp_size
-    if t.batch_size % ctx.dp_size or micro_rows % t.grad_accum_steps:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by data-parallel size {ctx.dp_size} x "
-                         f"train.grad_accum_steps={t.grad_accum_steps}")
-    torch.manual_seed(t.seed)
-    model = initial_model(cfg)
-    cfg = dataclasses.replace(cfg, model=model.config)  # a checkpoint or HF folder brings its own architecture
-    if t.seq_len > cfg.model.max_seq_len:
-        raise ValueError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
-    data = build_data(cfg, cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
-    apply_trainable(model, cfg)
-    model.activation_checkpointing = t.activation_checkpointing
-    model = model.to(ctx.device)
-    if ctx.distributed:
-        from moe_train.parallel.parallelize import parallelize_model
+    tensorboard = True  # Ada-K writes metrics.jsonl only
 
-        # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
-        model = parallelize_model(model, ctx, param_dtype=torch.bfloat16 if bf16_compute(cfg, ctx.device) else None)
-    autocast = use_autocast(model, cfg, ctx.device)  # single process: torch.autocast over the fp32 model
-    opt = build_optimizer(model, cfg, ctx.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    out_dir = Path(t.out_dir)
-    start_step, bad_steps = 0, 0
-    resume_path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(out_dir) if t.resume else None)
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model, opt, ctx)
-        sched.load_state_dict(state["scheduler"])
-        data.train.load_state_dict(state["data"])
-        start_step, bad_steps = state["step"], state["bad_steps"]
+    def __init__(self, cfg: Config, ctx: ParallelContext, model: Optional[MoETransformer] = None):
+        self.ctx = ctx
+        self.check_batch_layout(cfg)  # a bad config fails before any model is built
+        torch.manual_seed(cfg.train.seed)
+        model = self.load_model(cfg) if model is None else model
+        self.cfg = dataclasses.replace(cfg, model=model.config)  # a checkpoint or HF folder brings its architecture
+        if cfg.train.seq_len > self.cfg.model.max_seq_len:
+            raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds the model's "
+                             f"max_seq_len={self.cfg.model.max_seq_len}")
+        self.data = build_data(self.cfg, self.cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
+        self.model = self.prepare_model(model)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.start_step = self.setup_optimizer()
+        self.metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, resume_step=self.start_step)
+        self.tb = TensorBoard(self.out_dir, self.tensorboard and cfg.train.tensorboard and ctx.is_main)
         if ctx.is_main:
-            print(f"resumed from {resume_path} at step {start_step}", flush=True)
-    metrics = MetricsWriter(out_dir, enabled=ctx.is_main, resume_step=start_step)
-    tb = _tensorboard(out_dir, t.tensorboard and ctx.is_main)
-    if ctx.is_main:
-        import yaml
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        self.routers = [layer.moe.router for layer in self.model.layers]
 
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    routers = [layer.moe.router for layer in model.layers]
-    budget = cfg.model.moe.target_true_experts is not None
-    record: dict = {}
-    t0 = time.perf_counter()
-    model.train()
+    # ------------------------------------------------------------------------------------------------------
+    # setup (Ada-K overrides load_model, prepare_model, setup_optimizer and check_batch_layout)
 
-    def checkpoint(step_done: int) -> None:
-        save_checkpoint(out_dir, step_done, model, opt, {"scheduler": sched.state_dict(),
-                        "data": data.train.state_dict(), "bad_steps": bad_steps}, ctx, t.keep_last)
+    def check_batch_layout(self, cfg: Config) -> None:
+        micro_rows = cfg.train.batch_size // self.ctx.dp_size
+        if cfg.train.batch_size % self.ctx.dp_size or micro_rows % cfg.train.grad_accum_steps:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by data-parallel size "
+                             f"{self.ctx.dp_size} x train.grad_accum_steps={cfg.train.grad_accum_steps}")
 
-    for step in range(start_step, t.steps):
+    def load_model(self, cfg: Config) -> MoETransformer:
+        return initial_model(cfg)
+
+    def prepare_model(self, model: MoETransformer) -> torch.nn.Module:
+        """LoRA and freezing, then expert/data parallelism when distributed."""
+        apply_trainable(model, self.cfg)
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        model = model.to(self.ctx.device)
+        if self.ctx.distributed:
+            from moe_train.parallel.parallelize import parallelize_model
+
+            # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
+            bf16 = bf16_compute(self.cfg, self.ctx.device)
+            model = parallelize_model(model, self.ctx, param_dtype=torch.bfloat16 if bf16 else None)
+        return model
+
+    def setup_optimizer(self) -> int:
+        """AdamW and the LR schedule, restored with the data position from a checkpoint when resuming; returns the
+        number of optimizer steps already taken."""
+        t = self.cfg.train
+        self.autocast = use_autocast(self.model, self.cfg, self.ctx.device)  # single process: autocast over fp32
+        self.opt = build_optimizer(self.model, self.cfg, self.ctx.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
+        self.budget = self.cfg.model.moe.target_true_experts is not None
+        self.bad_steps = 0
+        path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(self.out_dir) if t.resume else None)
+        if path is None:
+            return 0
+        state = load_checkpoint(path, self.model, self.opt, self.ctx)
+        self.sched.load_state_dict(state["scheduler"])
+        self.data.train.load_state_dict(state["data"])
+        self.bad_steps = state["bad_steps"]
+        logger.info(f"resumed from {path} at step {state['step']}")
+        return state["step"]
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> dict:
+        """Trains to train.steps; returns the last step's metrics plus the final validation figures."""
+        t = self.cfg.train
+        record: dict = {}
+        t0 = time.perf_counter()
+        self.model.train()
+        for step in range(self.start_step + 1, t.steps + 1):  # step: optimizer steps done after this one
+            step_record = self.train_step(step)
+            if step_record is None:  # non-finite loss: skipped, counted, nothing else to report
+                continue
+            record = step_record
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                record.update(self.validate())
+            self.metrics.write(record)
+            self.tb.write(record, step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+                self.checkpoint(step)
+            if step % t.log_every == 0 or step == t.steps:
+                self.log_progress(record, step, t0)
+        return self.finish(record)
+
+    def train_step(self, step: int) -> Optional[dict]:
+        """One optimizer step over grad_accum_steps micro-batches, then the routing state updates; the step's
+        metrics, or None when the loss was not finite on some rank and the step was skipped."""
+        t, ctx = self.cfg.train, self.ctx
         start = time.perf_counter()
-        inputs_all, targets_all = data.train.next_batch()
+        inputs_all, targets_all = self.data.train.next_batch()
+        scalars, acc = self.forward_backward(inputs_all, targets_all)
+        if not math.isfinite(scalars[0]):
+            self.skip_step(step, scalars[0])
+            return None
+        # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process)
+        grad_norm = clip_grad_norm_(self.model.parameters(), t.grad_clip, ctx) if t.grad_clip > 0 else None
+        self.opt.step()
+        self.sched.step()
+        stats = acc.reduce(ctx)
+        update_routing_state(self.routers, stats, self.budget)
+        elapsed = time.perf_counter() - start
+        return self.step_record(step, scalars, stats, grad_norm, inputs_all.numel() * ctx.dp_size, elapsed)
+
+    def forward_backward(self, inputs_all: torch.Tensor, targets_all: torch.Tensor
+                         ) -> tuple[list[float], _RoutingAccumulator]:
+        """Gradients of the step's loss (the mean over micro-batches); the loss terms as means over ranks (every
+        rank sees the same values: one skip decision) and the routing counts of every micro-batch."""
+        t, ctx = self.cfg.train, self.ctx
         acc = _RoutingAccumulator()
         sums = torch.zeros(4, device=ctx.device)  # loss, lm, aux, z (means over micro-batches)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         for inputs, targets in zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps)):
             # fp32 master weights and optimizer state either way; routers' softmax and the LM loss stay in fp32
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits, plans = model(inputs.to(ctx.device), return_plans=True)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits, plans = self.model(inputs.to(ctx.device), return_plans=True)
             lm = lm_loss(logits, targets.to(ctx.device))
-            terms = routing_losses(plans, cfg.model.moe)
+            terms = routing_losses(plans, self.cfg.model.moe)
             loss = lm + terms["aux_loss"] + terms["z_loss"]
             (loss / t.grad_accum_steps).backward()
             sums += torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"]]).detach().float() / t.grad_accum_steps
             acc.add(plans)
-        scalars = all_reduce_mean(sums, ctx).tolist()  # every rank sees the same values: one skip decision
-        if not math.isfinite(scalars[0]):
-            bad_steps += 1
-            opt.zero_grad(set_to_none=True)
-            if ctx.is_main:
-                print(f"step {step + 1}: non-finite loss {scalars[0]}, step skipped ({bad_steps}/{t.max_bad_steps})",
-                      flush=True)
-            metrics.write({"step": step + 1, "skipped": True, "loss": scalars[0], "bad_steps": bad_steps})
-            if bad_steps > t.max_bad_steps:
-                raise TrainingError(f"{bad_steps} non-finite losses (train.max_bad_steps={t.max_bad_steps}): "
-                                    "lower train.lr, check the data, or raise the limit")
-            sched.step()
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-                checkpoint(step + 1)
-            continue
-        # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process)
-        grad_norm = clip_grad_norm_(model.parameters(), t.grad_clip, ctx) if t.grad_clip > 0 else None
-        opt.step()
-        sched.step()
-        stats = acc.reduce(ctx)
+        return all_reduce_mean(sums, ctx).tolist(), acc
+
+    def skip_step(self, step: int, loss: float) -> None:
+        t = self.cfg.train
+        self.bad_steps += 1
+        self.opt.zero_grad(set_to_none=True)
+        logger.warning(f"step {step}: non-finite loss {loss}, step skipped ({self.bad_steps}/{t.max_bad_steps})")
+        self.metrics.write({"step": step, "skipped": True, "loss": loss, "bad_steps": self.bad_steps})
+        if self.bad_steps > t.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} non-finite losses (train.max_bad_steps={t.max_bad_steps}): "
+                                "lower train.lr, check the data, or raise the limit")
+        self.sched.step()  # the schedule counts skipped steps too: a resumed run lands on the same LR
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            self.checkpoint(step)
+
+    def step_record(self, step: int, scalars: list[float], stats: dict, grad_norm: Optional[torch.Tensor],
+                    tokens: int, elapsed: float) -> dict:
+        t, m = self.cfg.train, self.cfg.model
         per_layer = stats["true_experts_per_layer"]
-        update_routing_state(routers, stats, budget)
-        elapsed = time.perf_counter() - start
-        tokens = inputs_all.numel() * ctx.dp_size
-        step_flops = 3 * forward_flops_per_token(cfg.model, per_layer, t.seq_len) * tokens
+        step_flops = 3 * forward_flops_per_token(m, per_layer, t.seq_len) * tokens
         record = {
-            "step": step + 1,
+            "step": step,
             "loss": scalars[0], "lm_loss": scalars[1], "aux_loss": scalars[2], "z_loss": scalars[3],
             "true_experts_per_token": sum(per_layer) / len(per_layer),
             "true_experts_per_layer": per_layer,
-            "flops_vs_topk": flops_vs_topk(cfg.model, per_layer, t.seq_len),
+            "flops_vs_topk": flops_vs_topk(m, per_layer, t.seq_len),
             "tokens_per_s": tokens / elapsed,
-            "tflops_per_device": step_flops / elapsed / ctx.world_size / 1e12,
-            "lr": sched.get_last_lr()[0],
+            "tflops_per_device": step_flops / elapsed / self.ctx.world_size / 1e12,
+            "lr": self.sched.get_last_lr()[0],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "drop_rate": stats["drop_rate"],
             "expert_imbalance": stats["expert_imbalance"],
             "rank_imbalance": stats["rank_imbalance"],
-            "peak_memory_mb": _peak_memory_mb(ctx.device),
-            "bad_steps": bad_steps,
+            "peak_memory_mb": _peak_memory_mb(self.ctx.device),
+            "bad_steps": self.bad_steps,
         }
         if t.peak_tflops:
             record["mfu"] = record["tflops_per_device"] / t.peak_tflops
-        if budget:
-            record["null_bias_per_layer"] = [float(r.null_bias) for r in routers]
-        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-            record.update(evaluate(model, data, cfg, ctx.device))
-        metrics.write(record)
-        if tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    tb.add_scalar(key, value, step + 1)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < t.steps:
-            checkpoint(step + 1)
-        if ctx.is_main and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
-            done = step + 1
-            eta = (time.perf_counter() - t0) / (done - start_step) * (t.steps - done)
-            bar = "#" * int(20 * done / t.steps)
-            print(f"[{bar:<20}] step {done}/{t.steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
-                  f"experts/token {record['true_experts_per_token']:.2f} flops/topk {record['flops_vs_topk']:.3f} "
-                  f"tok/s {record['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
-    if start_step < t.steps:
-        checkpoint(t.steps)
-    final = evaluate(model, data, cfg, ctx.device)
-    record.update(final)
-    if final and ctx.is_main:
-        metrics.write({"step": t.steps, **final})
-        print(f"validation loss {final['val_loss']:.4f} true experts/token {final['val_true_experts_per_token']:.2f}"
-              f" flops/topk {final['val_flops_vs_topk']:.3f}", flush=True)
-        if "val_true_experts_by_label" in final:
-            print("true experts by difficulty: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in final["val_true_experts_by_label"].items()), flush=True)
-    if tb is not None:
-        tb.close()
-    state = full_state_dict(model, ctx) if ctx.distributed else model.state_dict()  # collective when distributed
-    if ctx.is_main:
-        if t.lora_rank:
-            from moe_train.model.lora import merge_lora_state_dict
+        if self.budget:
+            record["null_bias_per_layer"] = [float(r.null_bias) for r in self.routers]
+        return record
 
-            state = merge_lora_state_dict(state, t.lora_alpha)  # the final model is a plain model
-        save_model(model, out_dir / "final" / "model.pt", step=t.steps, state_dict=state)
-        print(f"saved {out_dir / 'final' / 'model.pt'}", flush=True)
-        if t.export_hf:
-            export_hf(out_dir / "final" / "model.pt", out_dir / "hf")
-            print(f"exported {out_dir / 'hf'}", flush=True)
-    return record
+    def log_progress(self, record: dict, step: int, t0: float) -> None:
+        t = self.cfg.train
+        eta = (time.perf_counter() - t0) / (step - self.start_step) * (t.steps - step)
+        bar = "#" * int(20 * step / t.steps)
+        logger.info(f"[{bar:<20}] step {step}/{t.steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
+                    f"experts/token {record['true_experts_per_token']:.2f} flops/topk {record['flops_vs_topk']:.3f} "
+                    f"tok/s {record['tokens_per_s']:.0f} eta {eta:.0f}s")
+
+    def validate(self) -> dict:
+        return evaluate(self.model, self.data, self.cfg, self.ctx.device)
+
+    def checkpoint(self, step: int) -> None:
+        """The resumable state (sharded over ranks: io/dcp_checkpoint.py)."""
+        save_checkpoint(self.out_dir, step, self.model, self.opt, {"scheduler": self.sched.state_dict(),
+                        "data": self.data.train.state_dict(), "bad_steps": self.bad_steps}, self.ctx,
+                        self.cfg.train.keep_last)
+
+    def finish(self, record: dict) -> dict:
+        """The last checkpoint, the final validation, the whole model in out_dir/final/model.pt (and hf/)."""
+        t = self.cfg.train
+        if self.start_step < t.steps:
+            self.checkpoint(t.steps)
+        final = self.validate()
+        record.update(final)
+        if final:
+            self.metrics.write({"step": t.steps, **final})
+            logger.info(f"validation loss {final['val_loss']:.4f} true experts/token "
+                        f"{final['val_true_experts_per_token']:.2f} flops/topk {final['val_flops_vs_topk']:.3f}")
+            if "val_true_experts_by_label" in final:
+                logger.info("true experts by difficulty: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in final["val_true_experts_by_label"].items()))
+        self.tb.close()
+        path = self.save_model_file("final", t.steps, merge_lora=bool(t.lora_rank))
+        logger.info(f"saved {path}")
+        if self.ctx.is_main and t.export_hf:
+            export_hf(path, self.out_dir / "hf")
+            logger.info(f"exported {self.out_dir / 'hf'}")
+        return record
+
+    def save_model_file(self, name: str, step: int, merge_lora: bool = False) -> Path:
+        """The whole model as out_dir/<name>/model.pt, written by rank 0; collective when distributed (every
+        rank contributes its expert shards)."""
+        state = full_state_dict(self.model, self.ctx) if self.ctx.distributed else self.model.state_dict()
+        path = self.out_dir / name / "model.pt"
+        if self.ctx.is_main:
+            if merge_lora:
+                from moe_train.model.lora import merge_lora_state_dict
+
+                state = merge_lora_state_dict(state, self.cfg.train.lora_alpha)  # the final model is a plain model
+            save_model(self.model, path, step=step, state_dict=state)
+        return path
+
+
+def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
+    """Trains as configured; returns the last step's metrics (plus validation figures). Without a ``ctx`` the
+    process groups are created from the launch environment and torn down at the end."""
+    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx) as ctx:
+        return Trainer(cfg, ctx).fit()
 
 
 def export_hf(model_path: Path, hf_dir: Path) -> None:

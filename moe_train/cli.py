@@ -158,19 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging() -> None:
-    """Messages on stderr; the training progress (the ``moe_train.train`` logger, rank 0 only) on stdout, where
-    the train and adak jobs have always printed it, as eval prints its results."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    progress = logging.getLogger("moe_train.train")
-    if not progress.handlers:
-        progress.addHandler(logging.StreamHandler(sys.stdout))
-        progress.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
+    from moe_train.train.metrics import configure_logging
+
     configure_logging()
     args = build_parser().parse_args(argv)
     try:

@@ -184,7 +184,7 @@ def _rank_main(rank: int, world: int, port: int, command: str, cfg_dict: dict) -
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from moe_train.cli import configure_logging
+    from moe_train.train.metrics import configure_logging
 
     torch.set_num_threads(1)  # many ranks share few cores
     configure_logging()  # a spawned rank starts with Python's defaults, not the parent's logging set-up

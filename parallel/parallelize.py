@@ -38,14 +38,9 @@ from torch import nn
 
 from moe_train.model.experts import ExpertShard, GroupedExperts
 from moe_train.model.moe_layer import MoELayer
-from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_  # noqa: F401 (re-export)
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext, validate_layout
-from moe_train.parallel.state import full_state_dict  # noqa: F401 (re-export)
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts
-
-# Re-exported above for moe_train/train/ (trainer.py, adak.py), which import them from here until the Trainer
-# rewrite lands; new code imports them from moe_train.parallel.collectives / moe_train.parallel.state.
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -79,7 +79,7 @@ from moe_train.io import load_any
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.parallelize import all_reduce_sum, clip_grad_norm_
+from moe_train.parallel.collectives import all_reduce_sum, clip_grad_norm_
 from moe_train.routing.adak import AdaKRouter, routing_mode
 from moe_train.train.metrics import logger
 from moe_train.train.trainer import Trainer

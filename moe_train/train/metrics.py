@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,16 @@ def _main_rank_only(record: logging.LogRecord) -> bool:
 # One logger for the trainer and Ada-K, filtered at the logger itself so every handler sees rank 0 only.
 logger = logging.getLogger("moe_train.train")
 logger.addFilter(_main_rank_only)
+
+
+def configure_logging() -> None:
+    """The command line's set-up (also for ranks that --miniature spawns, which start with Python's defaults):
+    messages on stderr; the training progress (this logger, rank 0 only) on stdout, where the train and adak jobs
+    have always printed it, as eval prints its results."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+        logger.propagate = False
 
 
 class MetricsWriter:

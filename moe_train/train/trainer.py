@@ -37,7 +37,8 @@ from moe_train.model import MoETransformer, build_model
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.parallelize import all_reduce_mean, all_reduce_sum, clip_grad_norm_, full_state_dict
+from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_
+from moe_train.parallel.state import full_state_dict
 from moe_train.routing.capacity import load_imbalance
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
 

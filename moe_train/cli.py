@@ -27,14 +27,22 @@ def _train(args: argparse.Namespace) -> None:
         print(topo.describe())
         return
     apply_launch_env()  # mpirun / srun variables -> RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    from moe_train.preflight import check_train_inputs
+
+    check_train_inputs(cfg, os.environ, overwrite=args.overwrite)  # every input, before process groups and model
     from moe_train.train.trainer import train
 
     train(cfg)
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from moe_train.io.convert import convert_to_adamoe
 
+    if Path(args.dst).exists() and not args.overwrite and Path(args.dst).resolve() != Path(args.src).resolve():
+        raise ValueError(f"--dst {args.dst!r} already exists; convert refuses to replace it: choose a new folder or "
+                         f"pass --overwrite")
     dst = convert_to_adamoe(args.src, args.dst, num_null_experts=args.num_null_experts, top_k=args.top_k,
                             baseline_top_k=args.baseline_top_k, null_tie_break=args.null_tie_break)
     print(f"wrote AdaMoE model to {dst}")
@@ -52,6 +60,13 @@ def _adak(args: argparse.Namespace) -> None:
         run_miniature(args.config, args.set, "adak")
         return
     cfg = load_config(args.config, args.set)
+    import os
+
+    from moe_train.parallel.launch import apply_launch_env
+    from moe_train.preflight import check_train_inputs
+
+    apply_launch_env()
+    check_train_inputs(cfg, os.environ, overwrite=True, adak=True)
     train_adak(cfg)
 
 
@@ -76,8 +91,15 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate_data(args: argparse.Namespace) -> None:
-    from moe_train.data import write_generated_corpus
+    from pathlib import Path
 
+    from moe_train.data import MIN_VOCAB, write_generated_corpus
+
+    if args.vocab_size < MIN_VOCAB:
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the generated corpus needs at least "
+                         f"{MIN_VOCAB} tokens")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; give a folder (made if missing)")
     out = write_generated_corpus(args.out, args.num_sequences, args.val_sequences, args.seq_len, args.vocab_size,
                                  args.seed)
     print(f"wrote {out / 'train.jsonl'} ({args.num_sequences} sequences) and {out / 'val.jsonl'} "
@@ -87,6 +109,20 @@ def _generate_data(args: argparse.Namespace) -> None:
 
 MINIATURE_HELP = ("run this config at its real world size and mesh with tiny dimensions on CPU (gloo): spawns the "
                   "ranks itself, or runs under torchrun/srun/mpirun; see moe_train/miniature.py")
+
+
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo (argparse prints the error naming the option and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,17 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.steps=10 (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved topology (nodes, ranks, dp/ep layout) and exit without training")
-    p.add_argument("--procs-per-node", type=int, default=None,
+    p.add_argument("--procs-per-node", type=_at_least(1), default=None,
                    help="processes (GPUs) per node for --dry-run when the environment does not say")
-    p.add_argument("--nnodes", type=int, default=None, help="nodes for --dry-run when the environment does not say")
+    p.add_argument("--nnodes", type=_at_least(1), default=None,
+                   help="nodes for --dry-run when the environment does not say")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train even though train.out_dir holds a finished run (final/), replacing its final model")
     p.add_argument("--miniature", action="store_true", help=MINIATURE_HELP)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate-data", help="write the difficulty-labelled synthetic corpus as jsonl files")
     p.add_argument("--out", required=True, help="output folder (train.jsonl, val.jsonl, labels.json)")
-    p.add_argument("--num-sequences", type=int, default=4096)
-    p.add_argument("--val-sequences", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence are seq_len + 1")
+    p.add_argument("--num-sequences", type=_at_least(1), default=4096)
+    p.add_argument("--val-sequences", type=_at_least(0), default=64)
+    p.add_argument("--seq-len", type=_at_least(1), default=128, help="tokens per sequence are seq_len + 1")
     p.add_argument("--vocab-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate_data)
@@ -123,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-tie-break", default="true_first", choices=NULL_TIE_BREAKS,
                    help="true_first (default): function-preserving conversion, refused where it cannot be; topk: the "
                         "AdaMoE authors' exact twins with torch.topk's tie order (moe_train/io/convert.py)")
+    p.add_argument("--overwrite", action="store_true", help="replace --dst when it already exists")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("adak", help="Ada-K: warm-start then PPO-train per-layer k allocators on a frozen MoE model")
@@ -166,12 +206,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except ConfigError as e:
-        print(f"moe-train: config error: {e}", file=sys.stderr)
+        print(f"moe-train: config error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        print(f"moe-train: error: {e}", file=sys.stderr)
+    except ValueError as e:  # every user mistake (data, checkpoints, launch layout, refusals) is a ValueError
+        print(f"moe-train: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not isinstance(e, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                              FileExistsError)) and e.errno != 28:  # 28: ENOSPC
+            raise  # unexpected: keep the traceback
+        print(f"moe-train: error: {e.strerror or e}: {e.filename!r}" if e.filename else f"moe-train: error: {e}",
+              file=sys.stderr)
+        return 2
+    except Exception as e:
+        from moe_train.parallel.distributed import RendezvousError
+        from moe_train.train.trainer import TrainingError
+
+        if isinstance(e, TrainingError):  # the run itself failed (diverged): 1, not a user mistake's 2
+            print(f"moe-train: training failed: {_one_line(e)}", file=sys.stderr)
+            return 1
+        if not isinstance(e, RendezvousError):
+            raise
+        print(f"moe-train: launch error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -171,6 +171,10 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted); 0 = keep all
     resume: bool = True  # continue from out_dir's latest complete checkpoint when there is one
     resume_from: Optional[str] = None  # an explicit checkpoint folder (wins over resume)
+    # A resume refuses a config that differs from the checkpoint's in what matters (architecture, routing, LoRA,
+    # data, batch...; moe_train/train/fingerprint.py); these keys or sections (e.g. [model.moe.aux_loss_coef],
+    # [data], ["*"] for any) are let through. LR, steps, schedule, cadences may always change.
+    resume_allow_changes: list[str] = field(default_factory=list)
     export_hf: bool = False  # also write a Hugging Face folder (out_dir/hf) at the end
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     activation_checkpointing: bool = False
@@ -324,10 +328,22 @@ def to_dict(cfg: Any) -> dict:
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
     """Loads a YAML config, applies ``key.sub=value`` overrides, validates, returns a :class:`Config`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {str(path)!r} is a directory, not a YAML file: give the file itself, e.g. "
+                          f"--config {str(path / 'config.yaml')!r}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (undecodable byte at offset {e.start}): "
+                          f"save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    data = _parse_yaml(text, f"config file {str(path)!r}")
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r} is empty: write the sections you change (model / train / data "
+                          f"/ parallel), or `{{}}` to train on every default on purpose")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections model/train/data/parallel")
     _set_keys(data, overrides or [])
@@ -345,10 +361,23 @@ def _set_keys(data: dict, overrides: list[str]) -> None:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is inside a value, not a section")
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}: the value")
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, a syntax error becoming a ConfigError with its line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -368,8 +397,19 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Every float of a config section (nested sections too) is finite: YAML's .inf / .nan are never meaningful."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            _fail(where, value, "must be a finite number (YAML .inf / .nan are not allowed here)")
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     p = prefix
+    _check_finite(m, p)
     if m.family not in FAMILIES:
         _fail(f"{p}.family", m.family, f"one of {FAMILIES}")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -446,9 +486,30 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.permute_backend", e.permute_backend, f"one of {PERMUTE_BACKENDS}")
 
 
+def _is_config_key(key: str) -> bool:
+    """Whether ``key`` (dotted) names a field or a section of Config (``launch`` holds the world and ep sizes
+    stored with a checkpoint)."""
+    parts = key.split(".")
+    if parts[0] == "launch":
+        return len(parts) == 1 or (len(parts) == 2 and parts[1] in ("world_size", "ep_size"))
+    tp: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return False
+        tp = hints[part]
+    return True
+
+
 def validate(cfg: Config) -> None:
+    _check_finite(cfg, "")
     validate_model(cfg.model)
     t = cfg.train
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            _fail(f"train.{key}", getattr(t, key), "must be in [0, 1)")
     for key in ("steps", "batch_size", "seq_len", "log_every"):
         if getattr(t, key) < 1:
             _fail(f"train.{key}", getattr(t, key), "must be >= 1")
@@ -480,6 +541,10 @@ def validate(cfg: Config) -> None:
         _fail("train.lora_targets", t.lora_targets, f"a list drawn from {list(LORA_TARGETS)}")
     if t.max_bad_steps < 0:
         _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
+    for i, key in enumerate(t.resume_allow_changes):
+        if key != "*" and not _is_config_key(key):
+            _fail(f"train.resume_allow_changes[{i}]", key, "a config key or section such as model.hidden_size, "
+                  "model.moe, data, or \"*\" for any")
     if t.precision not in PRECISIONS:
         _fail("train.precision", t.precision, f"one of {PRECISIONS}")
     if t.checkpoint_every < 0 or t.keep_last < 0:

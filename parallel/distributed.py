@@ -23,10 +23,10 @@ parallelize.py (expert shards, FSDP2), dispatcher.py (all-to-all), collectives.p
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,10 @@ from moe_train.config import ParallelConfig
 
 class RendezvousError(RuntimeError):
     """The ranks could not meet at MASTER_ADDR:MASTER_PORT within parallel.rendezvous_timeout_s."""
+
+
+class StartRefused(ValueError):
+    """Rank 0 refused to start (e.g. another run holds out_dir): every other rank fails with rank 0's message."""
 
 
 @dataclass
@@ -129,12 +133,49 @@ def _rendezvous(env: Mapping[str, str], rank: int, world: int, timeout_s: float)
     return store
 
 
-def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Mapping[str, str]] = None
-                     ) -> ParallelContext:
-    """Reads the launch environment, validates the layout, creates the process groups and the device mesh."""
+def _agree_on_start(store, rank: int, world: int, on_main: Callable[[], None], timeout_s: float) -> None:
+    """Rank 0 runs ``on_main`` (takes the out_dir lock) after the rendezvous but before any process group; its
+    outcome reaches the other ranks through the rendezvous store, so a refusal fails every rank at once with rank
+    0's message (exit code 2 everywhere) instead of leaving them waiting in init_process_group until a timeout.
+    The store (not a lock taken by every rank) because only rank 0's host can see its lock on a node-local out_dir."""
+    key = f"moe_train/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one decision per attempt
+    if rank == 0:
+        try:
+            on_main()
+        except BaseException as e:
+            kind = "refused" if isinstance(e, ValueError) else "failed"
+            store.set(key, f"{kind}\n{e}")
+            try:  # rank 0 may host the store: stay until every rank has read the decision (or the timeout)
+                store.wait([f"{key}/read/{r}" for r in range(1, world)], timedelta(seconds=timeout_s))
+            except Exception:  # noqa: BLE001 - a rank that never came does not change rank 0's own error
+                pass
+            raise
+        store.set(key, "ok\n")
+        return
+    try:
+        decision, _, message = store.get(key).decode().partition("\n")  # waits up to the store's timeout
+    except (RuntimeError, TimeoutError, OSError) as e:
+        raise RendezvousError(f"rank {rank}: rank 0 did not say whether the run may start within {timeout_s:g} s "
+                              f"(parallel.rendezvous_timeout_s); see rank 0's log. Cause: {type(e).__name__}") from e
+    store.set(f"{key}/read/{rank}", "1")
+    if decision == "refused":
+        raise StartRefused(message)
+    if decision != "ok":
+        raise RuntimeError(f"rank {rank}: rank 0 failed before the run started: {message}")
+
+
+def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Mapping[str, str]] = None,
+                     on_main: Optional[Callable[[], None]] = None) -> ParallelContext:
+    """Reads the launch environment, validates the layout, creates the process groups and the device mesh.
+
+    ``on_main``: run by rank 0 before any process group exists (the out_dir lock); a ValueError it raises is raised
+    on every rank (StartRefused on the others), see _agree_on_start."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+    from moe_train.parallel.launch import die_with_launcher
+
     env = os.environ if env is None else env
+    die_with_launcher(env)  # before anything slow: a worker whose launcher is gone must not train on
     world = _env_int(env, "WORLD_SIZE", 1)
     rank = _env_int(env, "RANK", 0)
     local_rank = _env_int(env, "LOCAL_RANK", 0)
@@ -148,6 +189,8 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
                          f"to run at another size")
     device, backend = _pick_device(local_rank)
     if world == 1:
+        if on_main is not None:
+            on_main()
         return ParallelContext(local_rank=local_rank, device=device, global_aux_loss=cfg.global_aux_loss)
 
     if dist.is_initialized():
@@ -156,8 +199,12 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
             raise ValueError(f"a default process group already exists with rank {dist.get_rank()} of "
                              f"{dist.get_world_size()}, but the environment says RANK={rank} WORLD_SIZE={world}")
         backend = dist.get_backend()
+        if on_main is not None:
+            _agree_with_groups(rank, on_main)
     else:
         store = _rendezvous(env, rank, world, cfg.rendezvous_timeout_s)
+        if on_main is not None:
+            _agree_on_start(store, rank, world, on_main, cfg.rendezvous_timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=cfg.collective_timeout_s), **kwargs)
@@ -179,20 +226,46 @@ def destroy_distributed(ctx: ParallelContext) -> None:
         dist.destroy_process_group()
 
 
+def _agree_with_groups(rank: int, on_main: Callable[[], None]) -> None:
+    """_agree_on_start over existing process groups (a caller made them): rank 0's outcome broadcast to all."""
+    outcome = [None]
+    if rank == 0:
+        try:
+            on_main()
+        except BaseException as e:
+            outcome = [("refused" if isinstance(e, ValueError) else "failed", str(e))]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if rank != 0 and outcome[0] is not None:
+        kind, message = outcome[0]
+        raise StartRefused(message) if kind == "refused" else RuntimeError(f"rank 0 failed at start: {message}")
+
+
 @contextmanager
-def distributed(cfg: ParallelConfig, num_experts: int, ctx: Optional[ParallelContext] = None
-                ) -> Iterator[ParallelContext]:
+def distributed(cfg: ParallelConfig, num_experts: int, ctx: Optional[ParallelContext] = None, *,
+                exclusive: Optional[ContextManager] = None) -> Iterator[ParallelContext]:
     """The process groups of one run: ``ctx`` when the caller made them (the caller tears them down), else made from
     the launch environment here and torn down on exit, also when the run fails (a dead rank must not leave the
-    others waiting in a collective of the next job in this process)."""
-    if ctx is not None:
-        yield ctx
-        return
-    ctx = init_distributed(cfg, num_experts)
-    try:
-        yield ctx
-    finally:
-        destroy_distributed(ctx)
+    others waiting in a collective of the next job in this process).
+
+    ``exclusive``: a context manager rank 0 enters before the process groups exist and leaves after they are torn
+    down (the out_dir lock, moe_train/io/lock.py); a ValueError on entering fails every rank with its message."""
+    with ExitStack() as stack:
+        on_main = (lambda: stack.enter_context(exclusive)) if exclusive is not None else None
+        if ctx is not None:
+            if on_main is not None:
+                if ctx.distributed:
+                    _agree_with_groups(ctx.rank, on_main)
+                else:
+                    on_main()
+            yield ctx
+            return
+        ctx = init_distributed(cfg, num_experts, on_main=on_main)
+        try:
+            yield ctx
+        finally:
+            destroy_distributed(ctx)
 
 
 def barrier(ctx: ParallelContext) -> None:

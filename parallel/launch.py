@@ -9,17 +9,67 @@ torch.distributed needs RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (
     srun (a task per GPU, no torchrun)
                       SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST.
 MASTER_PORT defaults to 29500 when the launcher does not set it. Variables already set are never overridden.
+
+When the launcher dies (die_with_launcher): a worker that outlives it keeps training and saving, and a restart
+then makes a second writer, so each worker asks the kernel for SIGTERM when its parent dies (Linux
+prctl(PR_SET_PDEATHSIG)), only where the parent IS the launcher:
+    torchrun          the worker's parent is the elastic agent (the torchrun process): set.
+    mpirun            the parent is mpirun or the MPI daemon (orted / prted) on each node: set. Open MPI also kills
+                      its ranks itself when mpirun goes, this covers the daemon being SIGKILLed.
+    srun              the parent is slurmstepd, which Slurm keeps and which ends the tasks with the step (scancel,
+                      time limit, a killed srun): Slurm's own mechanism, nothing set.
+    no launcher       a plain `moe-train train` (its parent is a shell, nohup, tmux...): nothing set, so closing a
+                      terminal never kills a run that was meant to outlive it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
 DEFAULT_PORT = "29500"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+log = logging.getLogger(__name__)
+
+
+def launcher_of(env: Mapping[str, str]) -> Optional[str]:
+    """The launcher that started this process as a worker and is its parent, or None (module docstring)."""
+    if "TORCHELASTIC_RUN_ID" in env:  # set by torchrun's agent for its workers only
+        return "torchrun"
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        return "mpirun"
+    return None
+
+
+def die_with_launcher(env: Optional[Mapping[str, str]] = None) -> bool:
+    """SIGTERM to this process when its parent (the launcher) dies; True when set. Linux only; idempotent.
+
+    The kernel sends the signal when the parent exits; if the parent died before this call, it never will, so
+    the parent is checked again after setting it: a worker orphaned meanwhile (re-parented) stops now. (Not
+    "parent is pid 1": in a container torchrun itself may be pid 1. A launcher gone before the first getppid
+    cannot be told apart here; then the rendezvous fails, torchrun's agent store having gone with it.)"""
+    env = os.environ if env is None else env
+    launcher = launcher_of(env)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(f"prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): this worker will not stop by "
+                    f"itself if {launcher} dies")
+        return False
+    if os.getppid() != parent:
+        log.error(f"the {launcher} launcher that started this worker is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -129,7 +129,11 @@ def _packed(cfg: DataConfig, path: str, tokenizer, seq_len: int, field_override:
     if not rows:
         raise ValueError(f"data.path={path!r}: the corpus is shorter than one sequence of train.seq_len + 1 = "
                          f"{seq_len + 1} tokens (empty dataset?)")
-    return torch.tensor(rows, dtype=torch.long)
+    try:
+        return torch.tensor(rows, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"data: {path!r} holds token ids that are not integers ({e}); "
+                         f"token ids must be integers in [0, model.vocab_size)") from None
 
 
 def _check_vocab(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
@@ -155,7 +159,7 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
                          f"{vocab_size}: use a model with a vocabulary at least that large or another tokenizer")
     val = val_labels = None
     if d.val_path:
-        resolve_files(d.val_path, d.format)
+        resolve_files(d.val_path, d.format, "data.val_path")
         val = _packed(d, d.val_path, tokenizer, t.seq_len)[: d.val_sequences or None]
         _check_vocab(val, vocab_size, f"data.val_path={d.val_path!r}")
         if d.label_field:  # packed exactly like the tokens, so label j belongs to token j

@@ -9,7 +9,9 @@ Layout under <out_dir>/checkpoints/:
     latest             the name of the newest complete checkpoint (replaced atomically)
 Atomicity (io/atomic.py): everything is written into a hidden ``.step_X.tmp`` folder (staging_folder) and swapped
 into place only when complete (commit_folder), then ``latest`` is replaced (write_bytes_atomically), so a crash
-mid-save leaves the previous checkpoint as the latest. Verification: the manifest's sizes and checksums are
+mid-save leaves the previous checkpoint as the latest; its hidden leftovers are removed when the next run starts
+(remove_stale_temporaries). Retention (keep_last) prunes only steps before the one just saved
+(prune_checkpoints). Verification: the manifest's sizes and checksums are
 checked before loading; a mismatch raises CheckpointError naming the file and the other complete checkpoints.
 Resharding: DCP stores each tensor with its global shape and the shards' offsets, so a checkpoint saved by N ranks
 loads on M ranks; RNG states exist per saving rank and are reused only when the world size matches.
@@ -30,7 +32,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moe_train.io.atomic import commit_folder, staging_folder, staging_path, write_bytes_atomically
+from moe_train.io.atomic import (commit_folder, remove_leftovers, staging_folder, staging_path,
+                                 write_bytes_atomically)
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.state import checkpoint_view
 
@@ -78,11 +81,17 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
     root = checkpoint_root(out_dir)
     pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if path.is_dir():
-            return path
     done = complete_checkpoints(out_dir)
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        path = root / name
+        if name.startswith("step_") and "/" not in name and path.is_dir():
+            return path
+        if done:  # an empty, torn or stale pointer: the newest complete checkpoint is the truth
+            import logging
+
+            logging.getLogger(__name__).warning(f"{pointer} names {name!r}, not a checkpoint here; using the newest "
+                                                f"complete checkpoint {done[-1].name} instead")
     return done[-1] if done else None
 
 
@@ -120,10 +129,29 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         write_bytes_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         commit_folder(tmp, final)
         write_bytes_atomically(root / "latest", name.encode())
-        for old in complete_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out_dir, final, keep_last)
     _barrier(ctx)
     return final
+
+
+def prune_checkpoints(out_dir: str | Path, newest: Path, keep_last: int) -> None:
+    """Retention after ``newest`` was committed: it and the keep_last - 1 checkpoints before it stay. Only older
+    steps go: a run resumed from an earlier checkpoint (train.resume_from, e.g. back before a divergence) sorts
+    below the abandoned trajectory's later steps, and pruning by name alone would delete the checkpoint it just
+    wrote; the later ones are left to the user."""
+    if keep_last <= 0:
+        return
+    older = [p for p in complete_checkpoints(out_dir) if p.name < newest.name]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        assert old != newest
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """The hidden staging folders (``.step_X.tmp``), swapped-out old folders (``.step_X.old-*``) and pointer temp
+    files (``.latest.*.tmp``) that a crash or a full disk left in <out_dir>/checkpoints. Rank 0 of the run that
+    owns out_dir, before its first save; never a complete checkpoint or a user's file."""
+    return remove_leftovers(checkpoint_root(out_dir), r"step_\d{8}|latest")
 
 
 def verify_checkpoint(path: Path) -> dict:

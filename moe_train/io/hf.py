@@ -23,9 +23,24 @@ import torch
 from moe_train.io.atomic import write_folder_atomically
 from moe_train.io.hf_config import CONFIG_NAME, config_from_hf, config_to_hf, read_hf_config, write_hf_config
 from moe_train.io.hf_weights import WeightImporter, export_state_dict, import_state_dict
-from moe_train.io.safetensors_folder import (SafetensorsFolder, copy_non_weight_files, parse_shard_size,
-                                             write_safetensors)
+from moe_train.io.safetensors_folder import (SafetensorsFolder, SafetensorsHeaders, copy_non_weight_files,
+                                             parse_shard_size, write_safetensors)
+from moe_train.config import ModelConfig
 from moe_train.model.decoder import MoETransformer, RotaryEmbedding
+
+
+def check_hf(path: Union[str, Path]) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder, after checking everything from_hf needs without reading a weight:
+    config.json present, parseable and supported, every safetensors file complete (its header and size), every
+    tensor present with the shape config.json implies and none left over. ValueError naming the file otherwise."""
+    folder = Path(path)
+    cfg = config_from_hf(read_hf_config(folder), f"{folder / CONFIG_NAME}")
+    with torch.device("meta"):
+        expected = MoETransformer(cfg).state_dict()
+    imp = WeightImporter(SafetensorsHeaders(folder), None, folder)
+    import_state_dict(imp, cfg, expected)  # meta tensors: shapes only
+    imp.check_all_used(cfg.family)
+    return cfg
 
 
 def from_hf(path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32) -> MoETransformer:
@@ -35,8 +50,7 @@ def from_hf(path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32
     device and the loaded tensors are assigned into it (no random init, no second full copy of the weights).
     """
     folder = Path(path)
-    hf = read_hf_config(folder)
-    cfg = config_from_hf(hf, f"{folder / CONFIG_NAME}")
+    cfg = check_hf(folder)  # config, file completeness and every shape, before any weight is read
     with torch.device("meta"):
         skeleton = MoETransformer(cfg)
     expected = skeleton.state_dict()

@@ -79,6 +79,80 @@ class SafetensorsFolder:
         return self._where[name].get_tensor(name)
 
 
+_SAFETENSORS_DTYPES = {**_SAFETENSORS_FLOATS, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_header(file: Path) -> dict:
+    """A safetensors file's JSON header, after checking that the file holds every byte the header promises (a
+    truncated or half-copied file is named here, before any weight is read)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError("its header is cut off")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e}); it is truncated or corrupted: "
+                         f"copy or download it again") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{str(file)!r} is truncated: its header promises {8 + n + end} bytes, the file has {size}; "
+                         f"copy or download it again")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+class SafetensorsHeaders:
+    """SafetensorsFolder's interface from the files' headers alone: shapes and dtypes, and meta tensors from get().
+    Checks a folder (every file present, complete, its tensors' shapes) without reading any weight."""
+
+    def __init__(self, folder: Path):
+        single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_INDEX_NAME
+        if single.is_file():
+            self._where = {name: meta for name, meta in _read_header(single).items()}
+            self.files = {single.name: single}
+        elif index.is_file():
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
+            self.files = {name: folder / name for name in sorted(set(weight_map.values()))}
+            headers = {}
+            for name, file in self.files.items():
+                if not file.is_file():
+                    raise ValueError(f"{index} lists shard {name!r}, which is missing from {str(folder)!r}")
+                headers[name] = _read_header(file)
+            self._where = {}
+            for tensor_name, file_name in weight_map.items():
+                if tensor_name not in headers[file_name]:
+                    raise ValueError(f"{index} says {tensor_name!r} is in {file_name!r}, but that shard lacks it")
+                self._where[tensor_name] = headers[file_name][tensor_name]
+        else:
+            raise ValueError(f"{str(folder)!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}; only safetensors "
+                             f"checkpoints are read (re-save .bin checkpoints with save_pretrained)")
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> list[int]:
+        return [int(d) for d in self._where[name]["shape"]]
+
+    def dtype_name(self, name: str) -> str:
+        return self._where[name]["dtype"]
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype = _SAFETENSORS_DTYPES.get(self.dtype_name(name), torch.float32)
+        return torch.empty(self.shape(name), dtype=dtype, device="meta")
+
+
 def stored_dtype(path: Union[str, Path]) -> torch.dtype:
     """The floating dtype a checkpoint's tensors are stored in (e.g. to convert bf16 -> bf16 without upcasting)."""
     with ExitStack() as stack:

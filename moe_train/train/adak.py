@@ -76,12 +76,14 @@ from torch import nn
 from moe_train.config import AdaKConfig, Config, TrainConfig
 from moe_train.eval.report import corpus_report
 from moe_train.io import load_any
+from moe_train.io.lock import OutDirLock
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
 from moe_train.parallel.distributed import ParallelContext, distributed
 from moe_train.parallel.collectives import all_reduce_sum, clip_grad_norm_
 from moe_train.routing.adak import AdaKRouter, routing_mode
 from moe_train.train.metrics import logger
+from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
 from moe_train.train.trainer import Trainer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,6 +468,7 @@ class AdaKTrainer(Trainer):
         rep["val_loss_increase"] = rep["val_loss"] / base["val_loss"] - 1
         return rep
 
+    @handles_stop_signals
     def fit(self) -> dict:
         a = self.cfg.adak
         self.model.eval()  # no dropout anywhere; mode flags only
@@ -505,6 +508,7 @@ class AdaKTrainer(Trainer):
             if step % t.log_every == 0 or step == a.warm_start_steps:
                 logger.info(f"warm start {step}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k "
                             f"{st['label_k']:.2f} acc {st['label_acc']:.3f}")
+            self.stop_if_preempted_adak("warm_start", step)
         opt.zero_grad(set_to_none=True)  # nothing of this stage reaches the PPO optimizer
 
     def ppo(self) -> dict:
@@ -528,7 +532,19 @@ class AdaKTrainer(Trainer):
                 logger.info(f"ppo {step}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
                             f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} "
                             f"kl {record['approx_kl']:.4f} clip {record['clip_frac']:.3f} H {record['entropy']:.3f}")
+            self.stop_if_preempted_adak("ppo", step)
         return record
+
+    def stop_if_preempted_adak(self, stage: str, step: int) -> None:
+        """After a warm-start or PPO step: when a stop signal reached any rank (one small all-reduce per step; an
+        Ada-K step has no scalar all-reduce to share), every rank ends the run here with Preempted (exit code 0).
+        Ada-K writes no resumable checkpoint: the allocators trained so far are lost and a new run starts over."""
+        if not self.preemption.agree_now(self.ctx):
+            return
+        rank_log.info(f"rank {self.ctx.rank}: {self.preemption.reason()}: stopping after {stage} step {step}")
+        logger.warning(f"stopped by {self.preemption.reason()} after {stage} step {step}: Ada-K has no resumable "
+                       "checkpoint, a new run starts over")
+        raise Preempted(step, self.preemption.reason(), None)
 
     def log_validation(self, fin: dict) -> None:
         if fin:
@@ -547,5 +563,5 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optiona
 
     ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted). Without a
     ``ctx`` the process groups come from the launch environment (torchrun, launch/) and are torn down at the end."""
-    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx) as ctx:
+    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx, exclusive=OutDirLock(cfg.train.out_dir)) as ctx:
         return AdaKTrainer(cfg, ctx, model).fit()

@@ -4,13 +4,17 @@ logging as it likes)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
+
+from moe_train.io.atomic import write_bytes_atomically
 
 
 def _main_rank_only(record: logging.LogRecord) -> bool:
@@ -33,9 +37,32 @@ def configure_logging() -> None:
         logger.propagate = False
 
 
+def read_records(path: Path) -> list[tuple[bytes, dict]]:
+    """The records of a metrics.jsonl (each with its line), tolerantly: a line that is not a JSON object (the torn
+    last line a full disk or a kill mid-write leaves, e.g. ``{"step": 5, "lo`` without its newline) is dropped
+    with a warning naming the file and line, so it never blocks a resume; metrics are a log, not training state."""
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            record = None
+        if not isinstance(record, dict):
+            logger.warning(f"{path}: line {number} is not a complete JSON record (a torn write?); dropped: "
+                           f"{line[:80]!r}")
+            continue
+        records.append((line, record))
+    return records
+
+
 class MetricsWriter:
     """``resume_step``: keep the records up to that step (a resumed run continues the file; records a crashed
-    run wrote after its last checkpoint are dropped, they will be written again)."""
+    run wrote after its last checkpoint are dropped, they will be written again).
+
+    Each record is appended with one os.write of the whole line on an O_APPEND descriptor (no buffering across
+    records), so a kill or a full disk can tear at most the last line, which the next resume drops."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0):
         self.path: Optional[Path] = None
@@ -44,15 +71,23 @@ class MetricsWriter:
             self.path = Path(out_dir) / "metrics.jsonl"
             kept = []
             if resume_step and self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step
-                        and "val_loss" not in json.loads(line)]
-            self.path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line, r in read_records(self.path)
+                        if r.get("step", 0) <= resume_step and "val_loss" not in r]
+            # atomically: a crash here must not lose the records of the steps the resumed run keeps
+            write_bytes_atomically(self.path, b"".join(line + b"\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.path is None:
+            return
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):  # a regular file writes short only when out of space
+            raise OSError(errno.ENOSPC, f"metrics record torn after {written} of {len(data)} bytes (disk full?)",
+                          str(self.path))
 
 
 class TensorBoard:

@@ -7,10 +7,14 @@ AdaMoE when the config asks for null experts on a top-k checkpoint), LoRA and fr
 that maps input_ids to (logits, routing plans). ``train(cfg)`` is the entry point: ``Trainer(cfg, ctx).fit()``
 inside the run's process groups.
 
-Per optimizer step: grad_accum_steps micro-batches (loss / accum each), NaN/inf guard (the step is skipped on every
-rank and counted), clipping over all ranks' shards, AdamW, LR schedule, then the routing state updates that must be
-identical on every rank (aux-loss-free expert bias from all-reduced counts; compute-budget bias from the
-all-reduced true experts per token of each layer).
+Per optimizer step: grad_accum_steps micro-batches (loss / accum each), clipping over all ranks' shards, AdamW, LR
+schedule, then the routing state updates that must be identical on every rank (aux-loss-free expert bias from
+all-reduced counts; compute-budget bias from the all-reduced true experts per token of each layer).
+Non-finite guard (every decision on all-reduced values: the same on every rank): a non-finite loss or global
+gradient norm skips the step before AdamW and is counted (past train.max_bad_steps the run fails); after AdamW one
+fused norm of the trainable parameters and moments rides on the routing counts' all-reduce, and a non-finite one
+(confirmed element-wise) ends the run at once (TrainingError naming the last good checkpoint; the CLI exits 1). No checkpoint or final
+model is ever written from a non-finite state (ensure_finite), so every checkpoint retention keeps is a good one.
 Shape legend: B sequences per micro-batch, S sequence length, L layers, E experts.
 """
 
@@ -31,16 +35,20 @@ from moe_train.config import Config, to_dict
 from moe_train.data import Data, build_data
 from moe_train.eval.report import corpus_report, validation_metrics
 from moe_train.io import load_any
-from moe_train.io.dcp_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_train.io.atomic import remove_leftovers
+from moe_train.io.dcp_checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from moe_train.io.lock import OutDirLock
 from moe_train.io.model_file import load_model, save_model
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_
+from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_, local_tensor
 from moe_train.parallel.state import full_state_dict
 from moe_train.routing.capacity import load_imbalance
+from moe_train.train.fingerprint import check_resume, config_record, optimizer_hparams, reapply_hparams
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
+from moe_train.train.preemption import Preempted, StopSignals, handles_stop_signals, rank_log
 
 # MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
 MOE_TRAINING_KNOBS = ("aux_loss_coef", "z_loss_coef", "expert_bias_rate", "target_true_experts", "budget_kp",
@@ -159,19 +167,23 @@ class _RoutingAccumulator:
             self.counts_LE, self.selected_LE, self.tokens_L, self.dropped_L = (
                 self.counts_LE + counts, self.selected_LE + selected, self.tokens_L + tokens, self.dropped_L + dropped)
 
-    def reduce(self, ctx: ParallelContext) -> dict:
+    def reduce(self, ctx: ParallelContext, state_norm: Optional[torch.Tensor] = None) -> dict:
+        """``state_norm``: this rank's Trainer.state_norm, summed over ranks in the same collective (the result,
+        "state_norm", is non-finite when some rank's is)."""
         L, E = self.counts_LE.shape
+        check = self.tokens_L.new_zeros(1) if state_norm is None else state_norm.to(self.tokens_L).reshape(1)
         packed = all_reduce_sum(torch.cat([self.counts_LE.reshape(-1), self.selected_LE.reshape(-1), self.tokens_L,
-                                           self.dropped_L]), ctx)  # one collective for all of it
+                                           self.dropped_L, check]), ctx)  # one collective for all of it
         counts_LE, selected_LE = packed[:L * E].view(L, E), packed[L * E:2 * L * E].view(L, E)
-        tokens, dropped = packed[2 * L * E:2 * L * E + L], packed[2 * L * E + L:]
+        tokens, dropped = packed[2 * L * E:2 * L * E + L], packed[2 * L * E + L:-1]
         assigned = counts_LE.sum(1)
         imb = [load_imbalance(c, ctx.ep_size) for c in counts_LE]
         return {"counts_LE": counts_LE, "selected_counts_LE": selected_LE,
                 "true_experts_per_layer": (assigned / tokens.clamp_min(1)).tolist(),
                 "drop_rate": float(dropped.sum() / (assigned + dropped).sum().clamp_min(1)),
                 "expert_imbalance": max(float(i["expert_max_over_mean"]) for i in imb),
-                "rank_imbalance": max(float(i["rank_max_over_mean"]) for i in imb)}
+                "rank_imbalance": max(float(i["rank_max_over_mean"]) for i in imb),
+                "state_norm": float(packed[-1])}
 
 
 def update_routing_state(routers, stats: dict, budget: bool) -> None:
@@ -219,8 +231,22 @@ class Trainer:
         self.metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, resume_step=self.start_step)
         self.tb = TensorBoard(self.out_dir, self.tensorboard and cfg.train.tensorboard and ctx.is_main)
         if ctx.is_main:
+            self.remove_crash_leftovers()  # this run owns out_dir now; nothing of it has been saved yet
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.routers = [layer.moe.router for layer in self.model.layers]
+        self.preemption = StopSignals()  # SIGTERM / SIGUSR1 while fit runs: stop at a step boundary
+
+    def remove_crash_leftovers(self) -> None:
+        """The hidden temp files / folders a crash or a full disk left in out_dir (checkpoint staging, the HF
+        export's temp and swapped-out folders, model.pt and metrics temp files): only our own temp names, never a
+        user's file. Rank 0, once out_dir is this run's (the out_dir lock), before the first save."""
+        removed = remove_stale_temporaries(self.out_dir)
+        removed += remove_leftovers(self.out_dir, r"hf|metrics\.jsonl|config\.yaml|validation\.json")
+        for name in ("final", "warm_start"):  # save_model_file's folders
+            removed += remove_leftovers(self.out_dir / name, r"model\.pt")
+        if removed:
+            logger.info(f"removed {len(removed)} leftover temporary file(s)/folder(s) of an interrupted run: "
+                        + ", ".join(str(p) for p in removed))
 
     # ------------------------------------------------------------------------------------------------------
     # setup (Ada-K overrides load_model, prepare_model, setup_optimizer and check_batch_layout)
@@ -259,8 +285,11 @@ class Trainer:
         path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(self.out_dir) if t.resume else None)
         if path is None:
             return 0
+        check_resume(path, self.cfg, self.ctx)  # before loading: another shape would fail inside DCP
+        wanted = optimizer_hparams(self.opt)  # this config's LR, betas, weight decay: the checkpoint's are old
         state = load_checkpoint(path, self.model, self.opt, self.ctx)
         self.sched.load_state_dict(state["scheduler"])
+        reapply_hparams(self.opt, self.sched, wanted)
         self.data.train.load_state_dict(state["data"])
         self.bad_steps = state["bad_steps"]
         logger.info(f"resumed from {path} at step {state['step']}")
@@ -269,6 +298,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # the loop
 
+    @handles_stop_signals
     def fit(self) -> dict:
         """Trains to train.steps; returns the last step's metrics plus the final validation figures."""
         t = self.cfg.train
@@ -278,6 +308,7 @@ class Trainer:
         for step in range(self.start_step + 1, t.steps + 1):  # step: optimizer steps done after this one
             step_record = self.train_step(step)
             if step_record is None:  # non-finite loss: skipped, counted, nothing else to report
+                self.stop_if_preempted(step)
                 continue
             record = step_record
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -288,6 +319,7 @@ class Trainer:
                 self.checkpoint(step)
             if step % t.log_every == 0 or step == t.steps:
                 self.log_progress(record, step, t0)
+            self.stop_if_preempted(step)
         return self.finish(record)
 
     def train_step(self, step: int) -> Optional[dict]:
@@ -298,13 +330,24 @@ class Trainer:
         inputs_all, targets_all = self.data.train.next_batch()
         scalars, acc = self.forward_backward(inputs_all, targets_all)
         if not math.isfinite(scalars[0]):
-            self.skip_step(step, scalars[0])
+            self.skip_step(step, f"non-finite loss {scalars[0]}", scalars[0])
             return None
-        # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process)
-        grad_norm = clip_grad_norm_(self.model.parameters(), t.grad_clip, ctx) if t.grad_clip > 0 else None
+        # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process); also
+        # without clipping (max_norm inf scales by 1): it is the guard's one-number test of every gradient. A finite
+        # loss can come with NaN/inf gradients, which AdamW would write into every weight it touches.
+        grad_norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf, ctx)
+        if not math.isfinite(float(grad_norm)):  # the same all-reduced value on every rank: one decision
+            self.skip_step(step, f"non-finite gradient norm {float(grad_norm)}", scalars[0])
+            return None
         self.opt.step()
         self.sched.step()
-        stats = acc.reduce(ctx)
+        # the updated state's check rides on the routing counts' all-reduce and host sync: no extra collective
+        stats = acc.reduce(ctx, self.state_norm())
+        if not math.isfinite(stats["state_norm"]) and not self.state_is_finite():
+            # AdamW has already written it: no skip can undo that, and no further step or save can use it
+            self.metrics.write({"step": step, "non_finite_state": True, "loss": scalars[0],
+                                "grad_norm": float(grad_norm), "bad_steps": self.bad_steps})
+            raise self.diverged(step, "the parameters or optimizer moments became non-finite in the optimizer step")
         update_routing_state(self.routers, stats, self.budget)
         elapsed = time.perf_counter() - start
         return self.step_record(step, scalars, stats, grad_norm, inputs_all.numel() * ctx.dp_size, elapsed)
@@ -327,17 +370,25 @@ class Trainer:
             (loss / t.grad_accum_steps).backward()
             sums += torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"]]).detach().float() / t.grad_accum_steps
             acc.add(plans)
-        return all_reduce_mean(sums, ctx).tolist(), acc
+        # this rank's stop-signal vote rides on the same all-reduce (no extra collective per step): every rank
+        # learns whether any rank got SIGTERM / SIGUSR1 and all stop after the same step (train/preemption.py)
+        reduced = all_reduce_mean(torch.cat([sums, self.preemption.vote(ctx.device)]), ctx).tolist()
+        self.preemption.agree(reduced[4])
+        return reduced[:4], acc
 
-    def skip_step(self, step: int, loss: float) -> None:
+    def skip_step(self, step: int, reason: str, loss: float) -> None:
+        """A step whose loss or gradient norm was not finite on some rank: no optimizer step (the weights and moments
+        stay the last good ones), counted; past train.max_bad_steps the run fails."""
         t = self.cfg.train
         self.bad_steps += 1
         self.opt.zero_grad(set_to_none=True)
-        logger.warning(f"step {step}: non-finite loss {loss}, step skipped ({self.bad_steps}/{t.max_bad_steps})")
-        self.metrics.write({"step": step, "skipped": True, "loss": loss, "bad_steps": self.bad_steps})
+        logger.warning(f"step {step}: {reason}, step skipped ({self.bad_steps}/{t.max_bad_steps})")
+        self.metrics.write({"step": step, "skipped": True, "reason": reason, "loss": loss,
+                            "bad_steps": self.bad_steps})
         if self.bad_steps > t.max_bad_steps:
-            raise TrainingError(f"{self.bad_steps} non-finite losses (train.max_bad_steps={t.max_bad_steps}): "
-                                "lower train.lr, check the data, or raise the limit")
+            raise self.diverged(step, f"{self.bad_steps} steps skipped for non-finite losses or gradients "
+                                      f"(more than train.max_bad_steps={t.max_bad_steps}; check the data, or raise "
+                                      "the limit)")
         self.sched.step()  # the schedule counts skipped steps too: a resumed run lands on the same LR
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             self.checkpoint(step)
@@ -377,13 +428,74 @@ class Trainer:
                     f"experts/token {record['true_experts_per_token']:.2f} flops/topk {record['flops_vs_topk']:.3f} "
                     f"tok/s {record['tokens_per_s']:.0f} eta {eta:.0f}s")
 
+    def stop_if_preempted(self, step: int) -> None:
+        """After optimizer step ``step`` (taken or skipped): when a stop signal reached any rank (agreed in
+        forward_backward's all-reduce), every rank writes the checkpoint of this step unless the periodic one just
+        did, and the run ends with Preempted (exit code 0); the same command resumes from it (train/preemption.py)."""
+        if not self.preemption.stop:
+            return
+        rank_log.info(f"rank {self.ctx.rank}: {self.preemption.reason()}: stopping after step {step}")
+        latest = latest_checkpoint(self.out_dir)
+        if latest is None or latest.name != f"step_{step:08d}":  # the periodic checkpoint may be this step's
+            self.checkpoint(step)
+            latest = latest_checkpoint(self.out_dir)
+        logger.warning(f"stopped by {self.preemption.reason()} after step {step}/{self.cfg.train.steps}: checkpoint "
+                       f"{latest}; the same command resumes from it (train.resume)")
+        self.tb.close()
+        raise Preempted(step, self.preemption.reason(), latest)
+
     def validate(self) -> dict:
         return evaluate(self.model, self.data, self.cfg, self.ctx.device)
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """This rank's trainable parameters and their optimizer moments (local shards), the guard's subject."""
+        tensors = []
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                state = self.opt.state.get(p, {})
+                tensors += [local_tensor(x.detach()) for x in (p, *(v for k, v in state.items()
+                                                                    if k != "step" and torch.is_tensor(v)))]
+        return tensors
+
+    @torch.no_grad()
+    def state_norm(self) -> torch.Tensor:
+        """The L2 norm of this rank's state_tensors: one 0-d tensor on the device, no host sync; non-finite when
+        an element is. Fused foreach norms (one read of the state, ~0.7 ms for the 1.3M values of the tiny config
+        on CPU, where the infinity norm takes 25x longer). A sum of squares can also overflow from finite values
+        beyond ~1e19; state_is_finite tells the two apart when this trips."""
+        tensors = self.state_tensors()
+        if not tensors:
+            return torch.zeros((), device=self.ctx.device)
+        return torch.nn.utils.get_total_norm(tensors, 2.0)
+
+    @torch.no_grad()
+    def state_is_finite(self) -> bool:
+        """Collective, exact (element-wise), slow: run only after a non-finite state_norm, i.e. once in a run."""
+        bad = sum(int(not torch.isfinite(t).all()) for t in self.state_tensors())
+        return float(all_reduce_sum(torch.tensor(float(bad), device=self.ctx.device), self.ctx)) == 0
+
+    def ensure_finite(self, step: int, what: str) -> None:
+        """Collective: refuses (TrainingError) to let ``what`` be written from a non-finite state, whatever path
+        led here (the loop, a signal handler, finish)."""
+        value = float(all_reduce_sum(self.state_norm(), self.ctx))
+        if not math.isfinite(value) and not self.state_is_finite():
+            raise self.diverged(step, f"the parameters or optimizer moments are non-finite; {what} was not written")
+
+    def diverged(self, step: int, what: str) -> TrainingError:
+        """The error that ends a diverged run, naming the last good checkpoint (every checkpoint is good: none is
+        written from a non-finite state, and retention keeps the newest)."""
+        last = latest_checkpoint(self.out_dir)
+        where = (f"the last good checkpoint is {last}: resume from it (train.resume_from) with a lower train.lr or "
+                 "train.grad_clip" if last is not None else
+                 "no checkpoint was written before: start again with a lower train.lr or train.grad_clip")
+        return TrainingError(f"training diverged at step {step}: {what}; {where}")
+
     def checkpoint(self, step: int) -> None:
-        """The resumable state (sharded over ranks: io/dcp_checkpoint.py)."""
+        """The resumable state (sharded over ranks: io/dcp_checkpoint.py); never from a non-finite state."""
+        self.ensure_finite(step, f"checkpoint step_{step:08d}")
         save_checkpoint(self.out_dir, step, self.model, self.opt, {"scheduler": self.sched.state_dict(),
-                        "data": self.data.train.state_dict(), "bad_steps": self.bad_steps}, self.ctx,
+                        "data": self.data.train.state_dict(), "bad_steps": self.bad_steps,
+                        "config": config_record(self.cfg, self.ctx)}, self.ctx,
                         self.cfg.train.keep_last)
 
     def finish(self, record: dict) -> dict:
@@ -401,6 +513,7 @@ class Trainer:
                 logger.info("true experts by difficulty: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in final["val_true_experts_by_label"].items()))
         self.tb.close()
+        self.ensure_finite(t.steps, "final/model.pt")  # also when this run only loaded a finished checkpoint
         path = self.save_model_file("final", t.steps, merge_lora=bool(t.lora_rank))
         logger.info(f"saved {path}")
         if self.ctx.is_main and t.export_hf:
@@ -424,8 +537,9 @@ class Trainer:
 
 def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
     """Trains as configured; returns the last step's metrics (plus validation figures). Without a ``ctx`` the
-    process groups are created from the launch environment and torn down at the end."""
-    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx) as ctx:
+    process groups are created from the launch environment and torn down at the end. Rank 0 holds the out_dir
+    lock for the whole run, taken before the process groups (a second run on the folder fails on every rank)."""
+    with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx, exclusive=OutDirLock(cfg.train.out_dir)) as ctx:
         return Trainer(cfg, ctx).fit()
 
 

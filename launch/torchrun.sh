@@ -7,6 +7,21 @@
 # (moe_train/train/preemption.py); torchrun waits SHUTDOWN_TIMEOUT_S for them before SIGKILL (raise it for
 # large checkpoints). torchrun itself then exits non-zero; the workers exit 0.
 set -euo pipefail
+if [ "${NNODES:-1}" = "1" ]; then
+  # A second single-node job on a port in use would join the first job's rendezvous and print nothing until that
+  # job ends (torchrun's own behaviour): refuse it here, before torchrun starts.
+  python - "${MASTER_PORT:-29500}" <<'PY' || exit 2
+import socket, sys
+port = int(sys.argv[1])
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("", port))
+    except OSError:
+        sys.exit(f"launch/torchrun.sh: port {port} is already in use on this host (another job?): "
+                 f"set MASTER_PORT to a free port")
+PY
+fi
 exec torchrun \
   --nnodes "${NNODES:-1}" \
   --nproc_per_node "${NPROC:-2}" \

@@ -96,3 +96,16 @@ def test_mpirun_two_ranks_trains_the_tiny_config(tmp_path):
     result = subprocess.run(["bash", "launch/mpirun.sh", *_train_args(out)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     _check_run(out, result)
+
+
+def test_a_second_single_node_launch_on_a_busy_port_is_refused_not_hung():
+    """torchrun itself would join the first job's rendezvous and wait silently; the launch script refuses first."""
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(["bash", "launch/torchrun.sh", "--config", "configs/tiny_top2.yaml"], cwd=REPO,
+                                env={**os.environ, "MASTER_PORT": str(port)}, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 2
+    assert f"port {port} is already in use" in result.stderr and "MASTER_PORT" in result.stderr

@@ -32,6 +32,8 @@ WORLDS = {"configs/mixtral_8x22b_adamoe.yaml": 16, "configs/adak_mixtral_8x22b.y
           "configs/mixtral_8x7b_adamoe.yaml": 8, "configs/adak_mixtral_8x7b.yaml": 8,
           "configs/adak_qwen1.5_moe.yaml": 8}
 ADAK = {c for c in WORLDS if "adak" in c}
+SINGLE_PROCESS = {"configs/tiny_top2.yaml", "configs/tiny_adamoe.yaml", "configs/tiny_adamoe_budget.yaml",
+                  "configs/tiny_adak.yaml"}
 # The allocators are fp32 masters (the frozen base may be bf16): the ranks sum the same terms in another order.
 ADAK_TOL = 1e-5
 
@@ -50,6 +52,11 @@ def _metrics(out: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------
 # the miniature keeps the layout and features, shrinks the sizes (no processes)
+
+
+def test_every_shipped_config_is_run_here():
+    """A new config must join WORLDS or SINGLE_PROCESS, so that a miniature of it runs below."""
+    assert set(CONFIGS) == set(WORLDS) | SINGLE_PROCESS
 
 
 def test_cluster_configs_declare_the_world_they_are_written_for():
@@ -110,7 +117,7 @@ def test_a_launch_at_another_world_size_fails_before_any_work():
 # the miniatures run at their real world size
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in WORLDS])
+@pytest.mark.parametrize("config", sorted(SINGLE_PROCESS))
 def test_single_process_configs_run_as_miniatures_through_the_cli(config, tmp_path):
     from moe_train.cli import main
 

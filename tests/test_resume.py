@@ -108,3 +108,17 @@ def test_keep_last(tmp_path):
     out = tmp_path / "run"
     train(make_cfg(out, steps=12, checkpoint_every=2, keep_last=2))
     assert [p.name for p in complete_checkpoints(out)] == ["step_00000010", "step_00000012"]
+
+
+def test_resume_keeps_the_steps_periodic_validation_and_drops_only_the_final_one(tmp_path):
+    """A run with train.eval_every, extended after it finished: the records of its steps (those carrying a periodic
+    validation included) stay as written; only the old end-of-run validation line goes."""
+    out = tmp_path / "run"
+    train(make_cfg(out, steps=8, eval_every=4))
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in before if "val_loss" in r and "loss" in r] == [4]  # step 4's own record
+    train(make_cfg(out, steps=12, eval_every=4))  # resumes from step 8
+    after = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert after[:8] == before[:8]
+    assert [r["step"] for r in after if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in after if "val_loss" in r and "loss" not in r] == [12]

@@ -71,8 +71,10 @@ class MetricsWriter:
             self.path = Path(out_dir) / "metrics.jsonl"
             kept = []
             if resume_step and self.path.is_file():
+                # the end-of-run validation line (val_* figures, no training loss) describes a model the resumed
+                # run moves on from; a step's own record keeps its periodic validation (train.eval_every)
                 kept = [line for line, r in read_records(self.path)
-                        if r.get("step", 0) <= resume_step and "val_loss" not in r]
+                        if r.get("step", 0) <= resume_step and not ("val_loss" in r and "loss" not in r)]
             # atomically: a crash here must not lose the records of the steps the resumed run keeps
             write_bytes_atomically(self.path, b"".join(line + b"\n" for line in kept))
 

@@ -127,11 +127,12 @@ def miniature_config(cfg: Config, overrides: Optional[list[str]] = None, write_b
     d.kind, d.path, d.val_path, d.token_field, d.label_field = "synthetic", None, None, None, None
     d.tokenizer, d.streaming, d.format = "byte", False, "auto"
     d.val_sequences = VAL_SEQUENCES
-    d.num_sequences = max(t.batch_size * (max(mt.steps, a.warm_start_steps and ADAK_STEPS) + 2), 2 * t.batch_size)
     ma = mini.adak
     ma.warm_start_steps = min(a.warm_start_steps, ADAK_STEPS)
     ma.ppo_steps = min(a.ppo_steps, ADAK_STEPS)
     ma.val_every = 0
+    # enough global batches for the longest stage (each Ada-K stage restarts the data), plus slack
+    d.num_sequences = t.batch_size * (max(mt.steps, ma.warm_start_steps, ma.ppo_steps) + 2)
     mini.parallel.world_size = world
     if overrides:
         mini = apply_overrides(mini, overrides)

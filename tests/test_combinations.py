@@ -179,10 +179,10 @@ def runs(tmp_path_factory):
     return root, base
 
 
-def _losses(out: Path) -> dict[int, float]:
+def _losses(out: Path) -> dict[tuple[str, int], float]:
+    """(stage, step) -> the step's loss (training), cross-entropy (Ada-K warm start) or reward (PPO)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    key = "loss"
-    return {(r.get("stage", ""), r["step"]): r.get(key, r.get("ce_loss", r.get("reward")))
+    return {(r.get("stage", ""), r["step"]): r.get("loss", r.get("ce_loss", r.get("reward")))
             for r in rows if "val_loss" not in r and "step" in r}
 
 

@@ -34,24 +34,33 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def nan_after_optimizer_step(monkeypatch, k):
-    """From the k-th optimizer step on, the step leaves a NaN in one weight (as lr=30 does, without the wait)."""
+def after_optimizer_step(monkeypatch, hook):
+    """``hook(optimizer, n)`` runs after the n-th optimizer step (n from 1) of every optimizer the trainer builds."""
     real = trainer_mod.build_optimizer
 
     def build(model, cfg, device):
         opt = real(model, cfg, device)
         calls = {"n": 0}
 
-        def poison(optimizer, args, kwargs):
+        def post(optimizer, args, kwargs):
             calls["n"] += 1
-            if calls["n"] >= k:
-                with torch.no_grad():
-                    optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            hook(optimizer, calls["n"])
 
-        opt.register_step_post_hook(poison)
+        opt.register_step_post_hook(post)
         return opt
 
     monkeypatch.setattr(trainer_mod, "build_optimizer", build)
+
+
+def nan_after_optimizer_step(monkeypatch, k):
+    """From the k-th optimizer step on, the step leaves a NaN in one weight (as lr=30 does, without the wait)."""
+
+    def poison(optimizer, n):
+        if n >= k:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+    after_optimizer_step(monkeypatch, poison)
 
 
 def assert_finite_checkpoint(path, tmp_path):
@@ -144,22 +153,13 @@ def test_a_step_with_nan_gradients_is_skipped_and_leaves_the_weights_finite(tmp_
 def test_a_huge_but_finite_optimizer_moment_is_not_taken_for_divergence(tmp_path, monkeypatch):
     """The fused check is a sum of squares, which overflows beyond ~1e19; the element-wise confirmation keeps a
     finite state training."""
-    real = trainer_mod.build_optimizer
 
-    def build(model, cfg, device):
-        opt = real(model, cfg, device)
-        calls = {"n": 0}
+    def huge(optimizer, n):
+        if n == 3:
+            p = optimizer.param_groups[0]["params"][0]
+            optimizer.state[p]["exp_avg_sq"].view(-1)[0] = 1e30
 
-        def huge(optimizer, args, kwargs):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                p = optimizer.param_groups[0]["params"][0]
-                optimizer.state[p]["exp_avg_sq"].view(-1)[0] = 1e30
-
-        opt.register_step_post_hook(huge)
-        return opt
-
-    monkeypatch.setattr(trainer_mod, "build_optimizer", build)
+    after_optimizer_step(monkeypatch, huge)
     result = train(make_cfg(tmp_path / "run", steps=4))
     assert result["step"] == 4 and math.isfinite(result["loss"]) and result["bad_steps"] == 0
 

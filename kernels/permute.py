@@ -7,7 +7,9 @@ scale with the number of true assignments N, not with T*K.
 Backends (``backend=`` on every function; config ``moe.permute_backend``):
   auto    Triton kernels (moe_train.kernels.triton_permute) on CUDA tensors when triton is installed, the torch
           reference otherwise (CPU). Both give the same rows in the same order; sums may differ in the last bit.
-  torch   the reference below (index_select / index_add), on any device.
+  torch   the torch path (kernels/gather_combine.py), on any device: a sort-free counting build (a stable argsort
+          above gather_combine.COUNTING_MAX_EXPERTS experts: the same rows), index_select, and a gather-based
+          combine (embedding_bag per token; no index_add_ / scatter_add_ in forward or backward: deterministic).
   triton  the Triton kernels; needs the triton package and CUDA tensors, or CPU tensors with TRITON_INTERPRET=1
           set before moe_train.kernels.triton_permute is first imported (slow; for tests).
 Shape legend: T tokens, K slots per token, D hidden, E experts, N true assignments.
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 
 from moe_train.config import PERMUTE_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
+from moe_train.kernels import gather_combine as GC
 
 _TRITON_MODULE = "moe_train.kernels.triton_permute"
 
@@ -34,16 +37,27 @@ class Permutation:
     slot_N: flat slot id of each grouped row; token_N: its token; counts_E: rows per expert;
     row_TK: grouped row of each slot, -1 on null / unused slots (built by both backends; the Triton row kernels
     index through it so that a token's row is read once and null slots are never touched).
+    slots_Ns / rows_Ns / offsets_T: the gather form of the torch path (kernels/gather_combine.py): the true slots in
+    slot order, their rows, and where each token's slots start; filled by the torch build, else on first use.
     """
 
     slot_N: torch.Tensor
     token_N: torch.Tensor
     counts_E: torch.Tensor
     row_TK: Optional[torch.Tensor] = None
+    slots_Ns: Optional[torch.Tensor] = None
+    rows_Ns: Optional[torch.Tensor] = None
+    offsets_T: Optional[torch.Tensor] = None
 
     @property
     def num_rows(self) -> int:
         return self.slot_N.shape[0]
+
+    def gather_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots_Ns, rows_Ns, offsets_T), computed from row_TK once if the build did not fill them."""
+        if self.rows_Ns is None:
+            self.slots_Ns, self.rows_Ns, self.offsets_T = GC.gather_index_from_rows(_require_rows(self), self.num_rows)
+        return self.slots_Ns, self.rows_Ns, self.offsets_T
 
 
 def _triton_kernels():
@@ -84,8 +98,9 @@ def _require_rows(perm: Permutation) -> torch.Tensor:
 
 def build_permutation(expert_idx_TK: torch.Tensor, num_experts: int, backend: str = "auto",
                       num_rows: Optional[int] = None) -> Permutation:
-    """Stable sort of the true slots by expert. One host sync: the number of true rows sizes the output, and the
-    ids are checked in the same read. A caller that already holds that number on the host (the expert-parallel
+    """The true slots grouped by expert in stable order (ascending flat slot id within an expert), by a counting
+    pass (kernels/gather_combine.py; the order a stable argsort would give). One host sync: the number of true
+    rows sizes the output, and the ids are checked in the same read. A caller that already holds that number on the host (the expert-parallel
     dispatcher reads it from its count exchange) passes ``num_rows``: then there is no sync and no id check (the
     ids come from a router, an internal invariant)."""
     if _use_triton(backend, expert_idx_TK):
@@ -104,18 +119,18 @@ def build_permutation(expert_idx_TK: torch.Tensor, num_experts: int, backend: st
     if num_bad:
         raise ValueError(f"expert_idx holds {num_bad} ids outside [-1, {num_experts}) (num_experts={num_experts}); "
                          "valid ids are 0..num_experts-1, and -1 for null / unused slots")
-    slot_N = torch.argsort(key, stable=True)[:num_true]
-    row_M = torch.full_like(flat, -1, dtype=torch.int64)
-    row_M[slot_N] = torch.arange(num_true, device=flat.device)
-    return Permutation(slot_N=slot_N, token_N=torch.div(slot_N, K, rounding_mode="floor"),
-                       counts_E=counts[:num_experts], row_TK=row_M.reshape(T, K))
+    slot_N, token_N, row_TK, slots_Ns, rows_Ns, offsets_T = GC.build_rows_torch(expert_idx_TK, num_experts, num_true,
+                                                                              counts, key)
+    return Permutation(slot_N=slot_N, token_N=token_N, counts_E=counts[:num_experts], row_TK=row_TK,
+                       slots_Ns=slots_Ns, rows_Ns=rows_Ns, offsets_T=offsets_T)
 
 
 def permute(x_TD: torch.Tensor, perm: Permutation, backend: str = "auto") -> torch.Tensor:
     """x_ND[i] = x_TD[token_N[i]] (autograd: the backward sums each token's row gradients)."""
     if _use_triton(backend, x_TD):
         return _triton_kernels().permute(x_TD, _require_rows(perm), perm.num_rows)
-    return x_TD.index_select(0, perm.token_N)
+    _, rows_Ns, offsets_T = perm.gather_index()
+    return GC.GatherPermuteFn.apply(x_TD, perm.token_N, rows_Ns, offsets_T)
 
 
 def unpermute_combine(y_ND: torch.Tensor, perm: Permutation, weight_TK: torch.Tensor, num_tokens: int,
@@ -127,6 +142,8 @@ def unpermute_combine(y_ND: torch.Tensor, perm: Permutation, weight_TK: torch.Te
             raise ValueError(f"weight_TK {tuple(weight_TK.shape)} and num_tokens={num_tokens} must match the "
                              f"routing plan the permutation was built from: [T, K] = {tuple(row_TK.shape)}")
         return _triton_kernels().unpermute_combine(y_ND, weight_TK, row_TK)
-    w_N = weight_TK.reshape(-1).index_select(0, perm.slot_N).to(y_ND.dtype)
-    out = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-    return out.index_add_(0, perm.token_N, y_ND * w_N[:, None])  # in place: no copy of the fresh zeros
+    if num_tokens != weight_TK.shape[0]:
+        raise ValueError(f"num_tokens={num_tokens} does not match weight_TK {tuple(weight_TK.shape)}: pass the "
+                         "routing plan's weights of the tokens the permutation was built from")
+    slots_Ns, rows_Ns, offsets_T = perm.gather_index()
+    return GC.GatherCombineFn.apply(y_ND, weight_TK, perm.token_N, perm.slot_N, slots_Ns, rows_Ns, offsets_T)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_train.config import NULL_TIE_BREAKS, ConfigError
+from moe_train.config import CORPORA, NULL_TIE_BREAKS, ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -83,7 +83,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     cfg = EvalConfig(checkpoint=args.checkpoint, task_files=list(args.task), tokenizer=args.tokenizer,
                      difficulty=args.difficulty, corpus_sequences=args.corpus_sequences,
-                     corpus_seq_len=args.corpus_seq_len, corpus_seed=args.corpus_seed, generate_prompt=args.generate,
+                     corpus_seq_len=args.corpus_seq_len, corpus_seed=args.corpus_seed, corpus=args.corpus,
+                     generate_prompt=args.generate,
                      max_new_tokens=args.max_new_tokens, force_k=args.force_k, compare_topk=args.compare_topk,
                      lm_eval=args.lm_eval, batch_size=args.batch_size, device=args.device, out=args.out)
     # the job's product: one JSON line per result on stdout
@@ -93,17 +94,19 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from moe_train.data import MIN_VOCAB, write_generated_corpus
+    from moe_train.data import get_corpus, write_generated_corpus
 
-    if args.vocab_size < MIN_VOCAB:
-        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the generated corpus needs at least "
-                         f"{MIN_VOCAB} tokens")
+    min_vocab = get_corpus(args.corpus).min_vocab
+    if args.vocab_size < min_vocab:
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the {args.corpus} corpus needs at least "
+                         f"{min_vocab} tokens")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a folder (made if missing)")
     out = write_generated_corpus(args.out, args.num_sequences, args.val_sequences, args.seq_len, args.vocab_size,
-                                 args.seed)
+                                 args.seed, args.corpus)
     print(f"wrote {out / 'train.jsonl'} ({args.num_sequences} sequences) and {out / 'val.jsonl'} "
-          f"({args.val_sequences}); train it with data: {{kind: files, path: {out / 'train.jsonl'}, "
+          f"({args.val_sequences}); train it with data: {{kind: files, corpus: {args.corpus}, "
+          f"path: {out / 'train.jsonl'}, "
           f"val_path: {out / 'val.jsonl'}, token_field: tokens, label_field: labels}}")
 
 
@@ -127,6 +130,8 @@ def _at_least(lo: int):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-train", description=__doc__)
+    # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK (which it exports too) is used
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -151,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_at_least(1), default=128, help="tokens per sequence are seq_len + 1")
     p.add_argument("--vocab-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", choices=CORPORA, default="mixed",
+                   help="mixed (filler / copy / arith / bracket) or difficulty (recall / computation / trivial / "
+                        "unpredictable / copy; moe_train/data/difficulty.py)")
     p.set_defaults(func=_generate_data)
 
     p = sub.add_parser("convert", help="add AdaMoE null experts to a Hugging Face Mixtral / Qwen2-MoE checkpoint")
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus-sequences", type=int, default=64)
     p.add_argument("--corpus-seq-len", type=int, default=128)
     p.add_argument("--corpus-seed", type=int, default=4321, help="differs from training data seeds: held out")
+    p.add_argument("--corpus", choices=CORPORA, default="mixed", help="the generated corpus of --difficulty")
     p.add_argument("--generate", default=None, metavar="TEXT", help="prompt for a greedy generation")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--force-k", type=int, default=None, help="run every token with this k (Ada-K models)")
@@ -195,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write every result to this JSON file")
     p.set_defaults(func=_eval)
+
+    from moe_train.planner.cli import add_plan_parser  # `moe-train plan` (moe_train/planner/)
+
+    add_plan_parser(sub, _at_least)
     return parser
 
 

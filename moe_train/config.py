@@ -27,15 +27,18 @@ class ConfigError(ValueError):
 # The one definition of every list of valid names a config can hold. validate() checks against these; the modules
 # that implement them import them from here (this module imports nothing torch-heavy):
 #   ROUTERS          moe_train.routing.ROUTER_CLASSES, parallel/megatron/router.py (VariableKRouting.method)
+#   NULL_KINDS       moe_train/routing/zero_compute.py
 #   FAMILIES         moe_train/io/hf_config.py (the Hugging Face model_type of each family)
 #   DROP_POLICIES    moe_train/routing/capacity.py
 #   GEMM_BACKENDS    moe_train/kernels/grouped_gemm.py (BACKENDS)
 #   PERMUTE_BACKENDS moe_train/kernels/permute.py (BACKENDS)
+#   ROUTING_BACKENDS moe_train/kernels/routing.py (BACKENDS)
 #   LORA_TARGETS     moe_train/model/lora.py (TARGETS)
 #   DATA_FORMATS     moe_train/data/files.py ("auto" or a datasets builder name)
+#   CORPORA          moe_train/data/corpora.py (the generated corpora of data.corpus)
 #   SCHEDULES, PRECISIONS, ADAK_DTYPES, ADAK_BASELINES: moe_train/train/
 # (Ada-K router modes are not config-facing: moe_train.routing.adak.MODES.)
-ROUTERS = ("topk", "null", "adak")
+ROUTERS = ("topk", "null", "adak", "top_p")
 # How the null router ranks experts of EXACTLY equal score (AdaMoE's twin-initialised null gates tie bit for bit
 # with their true expert after conversion). The one list of allowed values; routing/topk.py:select_topk applies it.
 #   true_first: a stable descending sort, so at equal score a true expert ranks before every null expert (and a
@@ -44,17 +47,56 @@ ROUTERS = ("topk", "null", "adak")
 #   topk:       torch.topk decides, as the authors' code does: with exact twins the number of true experts a token
 #               gets at step 0 depends on the device and dtype (e.g. ~1.25-1.45 instead of 2 for Mixtral, m=16, k=4).
 NULL_TIE_BREAKS = ("true_first", "topk")
-FAMILIES = ("mixtral", "qwen2_moe")
+# What a picked null (zero-computation) expert returns, one kind per model (docs/zero_compute.md). The one list;
+# moe_train/routing/zero_compute.py implements it (computed on the token's own rank in the combine, never
+# dispatched):
+#   zero:     0 (AdaMoE); gates renormalised over the TRUE picks only (norm_topk_prob)
+#   identity: gate * x (LongCat-Flash zero-computation experts, MoE++ copy experts)
+#   constant: gate * v_j, a learned vector per null expert j (MoE++ constant experts)
+# identity / constant gates are real gate weights: with norm_topk_prob they normalise over ALL k picks.
+NULL_KINDS = ("zero", "identity", "constant")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "longcat_flash")
+# Families whose attention is DeepSeek's multi-head latent attention (moe_train/model/mla.py) instead of GQA.
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "longcat_flash")
+# Router conventions (moe_train/routing/scores.py implements them; docs/families.md says which family uses which):
+#   SCORE_FUNCS   softmax over the scored experts (Mixtral, Qwen, DeepSeek-V2) | sigmoid per expert (DeepSeek-V3)
+#   TOPK_METHODS  greedy: top-k over all experts | group_limited_greedy (DeepSeek-V2): keep the topk_group of n_group
+#                 expert groups with the largest max score, then top-k inside them | noaux_tc (DeepSeek-V3): the same
+#                 with a group scored by the sum of its two best (bias-corrected) scores
+SCORE_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# RoPE variants (model/decoder.py RotaryEmbedding): default | yarn (DeepSeek-V2-Lite / V3, as transformers computes it)
+ROPE_TYPES = ("default", "yarn")
 DROP_POLICIES = ("weight", "position")
 SCHEDULES = ("cosine", "constant")
 DATA_KINDS = ("synthetic", "files")
+# Generated corpora (data.corpus), each with its per-token difficulty labels; moe_train/data/corpora.py implements
+# them: mixed (filler / copy / arith / bracket, moe_train/data/generated.py) | difficulty (recall at several table
+# sizes, arithmetic, brackets, trivial, unpredictable, copy: moe_train/data/difficulty.py).
+CORPORA = ("mixed", "difficulty")
 DATA_FORMATS = ("auto", "text", "json", "parquet")
 GEMM_BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
 PERMUTE_BACKENDS = ("auto", "torch", "triton")
+# The one-pass routing kernel (moe_train/kernels/routing.py): auto = Triton on CUDA where the router's math is the
+# plain softmax/sigmoid top-k (the torch path otherwise) | torch | triton.
+ROUTING_BACKENDS = ("auto", "torch", "triton")
 LORA_TARGETS = ("attention", "experts")
 PRECISIONS = ("auto", "fp32", "bf16")
 ADAK_DTYPES = ("float32", "bfloat16", "stored")
 ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
+# Training engines (parallel.engine): fsdp = moe_train's own loop under FSDP2 (parallel/parallelize.py); deepspeed =
+# the same loop with DeepSpeed's engine doing backward / reduction / clipping / optimizer step / checkpoints
+# (parallel/deepspeed_engine.py, docs/deepspeed.md). ZeRO stages DeepSpeed runs here:
+ENGINES = ("fsdp", "deepspeed")
+DEEPSPEED_STAGES = (1, 2, 3)
+# Keys of a DeepSpeed JSON (deepspeed.config) that moe_train sets from its own config: refused in the JSON, with the
+# moe_train key to use instead (one source of truth for the batch, precision, optimizer and schedule).
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size / world / accum",
+    "gradient_accumulation_steps": "train.grad_accum_steps", "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision", "fp16": "train.precision (fp16 is not supported)", "optimizer": "train.lr/beta1/beta2/"
+    "weight_decay (moe_train's AdamW)", "scheduler": "train.schedule/warmup_steps (moe_train's LR schedule)",
+}
 
 
 @dataclass
@@ -62,8 +104,9 @@ class MoEConfig:
     """Routing and experts of every MoE layer.
 
     router: ``topk`` (baseline), ``null`` (AdaMoE null experts), ``adak`` (Ada-K allocator over a frozen top-k
-    router). ``top_k`` is the number of picks over the n true (+ m null) experts; for ``adak`` it is the base
-    model's own k, used as the FLOPs baseline, while the allocator picks k in [k_min, k_max].
+    router), ``top_p`` (the smallest expert set reaching probability top_p, Huang et al. 2024). ``top_k`` is the
+    number of picks over the n true (+ m null) experts; for ``adak`` it is the base model's own k, used as the FLOPs
+    baseline, while the allocator picks k in [k_min, k_max]; for ``top_p`` only the FLOPs baseline.
     """
 
     router: str = "topk"
@@ -72,11 +115,29 @@ class MoEConfig:
     num_null_experts: int = 0
     # Null router: order of exactly tied scores, one of NULL_TIE_BREAKS (see there); "topk" is the authors' behaviour.
     null_tie_break: str = "true_first"
+    # What a picked null expert contributes, one of NULL_KINDS (see there): zero (AdaMoE), identity, constant.
+    null_kind: str = "zero"
     # Gate convention: renormalise the picked (true) weights to sum to one. Mixtral: True; Qwen1.5-MoE: False.
     norm_topk_prob: bool = True
+    # DeepSeek router conventions (SCORE_FUNCS / TOPK_METHODS above; routing/scores.py): scores from the logits,
+    # group-limited selection over n_group groups of num_experts / n_group experts keeping topk_group of them, and a
+    # factor on the routed (true) gate weights, applied after any renormalisation.
+    score_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # The router carries a selection-only expert bias even when expert_bias_rate is 0 (DeepSeek-V3's
+    # e_score_correction_bias, imported into the `expert_bias` buffer; expert_bias_rate > 0 also trains it).
+    use_expert_bias: bool = False
     # Ada-K action space: k in [k_min, k_max]; k_max defaults to num_experts. k_min=0 allows tokens with no expert.
     k_min: int = 1
     k_max: Optional[int] = None
+    # Top-p router (Huang et al. 2024, routing/top_p.py): each token takes the smallest set of experts whose summed
+    # probability reaches top_p (capped at k_max experts, default num_experts), plus the entropy ("dynamic") loss of
+    # the router distribution, weighted by entropy_loss_coef; top_k is then only the FLOPs baseline.
+    top_p: float = 0.4
+    entropy_loss_coef: float = 1e-4
     # Top-k of the model that FLOPs are reported against (e.g. 2 for Mixtral converted to AdaMoE k=4).
     # Defaults to top_k.
     baseline_top_k: Optional[int] = None
@@ -96,6 +157,8 @@ class MoEConfig:
     gemm_backend: str = "auto"
     # Permutation kernels: auto (Triton on CUDA, torch reference on CPU) | torch | triton.
     permute_backend: str = "auto"
+    # Routing in one pass (ROUTING_BACKENDS above; kernels/routing.py): auto | torch | triton.
+    routing_backend: str = "auto"
 
     @property
     def resolved_k_max(self) -> int:
@@ -108,7 +171,25 @@ class MoEConfig:
     @property
     def max_slots(self) -> int:
         """Kmax: slots per token in a routing plan."""
-        return self.resolved_k_max if self.router == "adak" else self.top_k
+        return self.resolved_k_max if self.router in ("adak", "top_p") else self.top_k
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE scaling (ROPE_TYPES). yarn follows transformers' _compute_yarn_parameters: inverse frequencies blended
+    between factor-interpolated and original over [beta_fast, beta_slow] rotations of the original context, cos/sin
+    scaled by attention_factor (default: mscale(factor, mscale) / mscale(factor, mscale_all_dim), or
+    mscale(factor) without both), and under MLA the softmax scale times mscale(factor, mscale_all_dim)^2."""
+
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
 
 
 @dataclass
@@ -125,14 +206,53 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     max_seq_len: int = 512
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2-MoE: q/k/v projections carry a bias
+    # DeepSeek MLA (MLA_FAMILIES; model/mla.py, HF names): q_lora_rank None = a full q_proj; key/value go through a
+    # kv_lora_rank latent; each head's query/key is qk_nope_head_dim (no position) + qk_rope_head_dim (RoPE, shared
+    # by all heads for the key); values are v_head_dim wide. Unused by the other families.
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    # RoPE on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek) instead of the two halves (rotate-half); None =
+    # the family's own (True for MLA_FAMILIES, False otherwise).
+    rope_interleave: Optional[bool] = None
+    # The first first_k_dense_replace layers are dense SwiGLU MLPs of width dense_intermediate_size (DeepSeek);
+    # the rest are MoE layers.
+    first_k_dense_replace: int = 0
+    dense_intermediate_size: int = 0
+    # DeepSeek shared experts: an ungated SwiGLU of width intermediate_size * n_shared_experts beside the routed ones.
+    n_shared_experts: int = 0
+    attention_bias: bool = False  # Qwen2-MoE: q/k/v projections carry a bias (Qwen3-MoE: q/k/v and o)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert (with a sigmoid gate); 0 = none
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    rope_scaling: RopeScalingConfig = field(default_factory=lambda: RopeScalingConfig())
 
     @property
     def resolved_head_dim(self) -> int:
         return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def uses_mla(self) -> bool:
+        return self.family in MLA_FAMILIES
+
+    @property
+    def rope_dim(self) -> int:
+        """The head dims RoPE rotates: qk_rope_head_dim under MLA, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.uses_mla else self.resolved_head_dim
+
+    @property
+    def resolved_rope_interleave(self) -> bool:
+        return self.uses_mla if self.rope_interleave is None else self.rope_interleave
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers with a router (every layer but DeepSeek's dense-first ones): one routing plan each."""
+        return self.num_layers - self.first_k_dense_replace
 
 
 @dataclass
@@ -185,6 +305,8 @@ class DataConfig:
     """``kind: synthetic`` generates the difficulty-labelled corpus in memory; ``kind: files`` reads local files."""
 
     kind: str = "synthetic"
+    # which generated corpus (CORPORA): synthetic generates it; files with label_field name their labels by it
+    corpus: str = "mixed"
     # synthetic: sequences to generate; files: ignored
     num_sequences: int = 2048
     # held-out sequences: synthetic generates them; files take them from val_path, else from the end of the corpus
@@ -212,6 +334,21 @@ class ParallelConfig:
     collective_timeout_s: float = 600.0
     # Balancing loss from the per-expert counts summed over all ranks (Megatron's global aux loss).
     global_aux_loss: bool = False
+    # Expert-parallel all-to-all overlap (parallel/overlap.py): split every layer's rows into this many chunks so
+    # that the dispatch of chunk i+1 and the combine of chunk i-1 run while chunk i's experts compute. 1 = off.
+    a2a_overlap_chunks: int = 1
+    # Training engine, one of ENGINES: fsdp (FSDP2) | deepspeed (the deepspeed: section; docs/deepspeed.md).
+    engine: str = "fsdp"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The ``deepspeed:`` section (used when parallel.engine is deepspeed): a ZeRO stage, and optionally a DeepSpeed
+    JSON file for DeepSpeed's other settings. Batch, accumulation, clipping, precision, optimizer and schedule
+    always come from moe_train's own keys (DEEPSPEED_OWNED_KEYS): a JSON that sets them is refused."""
+
+    stage: Optional[int] = None  # ZeRO stage, one of DEEPSPEED_STAGES; None = the JSON's, else 1
+    config: Optional[str] = None  # path to a DeepSpeed JSON (zero_optimization buckets, overlap_comm, ...)
 
 
 @dataclass
@@ -258,6 +395,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     adak: AdaKConfig = field(default_factory=AdaKConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,13 +554,18 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
                 "max_seq_len"):
         if getattr(m, key) < 1:
             _fail(f"{p}.{key}", getattr(m, key), "must be >= 1")
-    if m.head_dim is None and m.hidden_size % m.num_heads:
+    if m.uses_mla:
+        _validate_mla(m, p)
+    elif m.head_dim is None and m.hidden_size % m.num_heads:
         _fail(f"{p}.hidden_size", m.hidden_size,
               f"must be divisible by num_heads={m.num_heads} (or set model.head_dim explicitly)")
-    if m.head_dim is not None and (m.head_dim < 2 or m.head_dim % 2):
+    elif m.head_dim is not None and (m.head_dim < 2 or m.head_dim % 2):
         _fail(f"{p}.head_dim", m.head_dim, "must be an even number >= 2 (rotary embeddings rotate pairs)")
-    if m.resolved_head_dim % 2:
+    elif m.resolved_head_dim % 2:
         _fail(f"{p}.hidden_size", m.hidden_size, "hidden_size / num_heads must be even for rotary embeddings")
+    _validate_layers(m, p)
+    if m.family == "longcat_flash":
+        _validate_longcat(m, p)
     if m.num_heads % m.num_kv_heads:
         _fail(f"{p}.num_kv_heads", m.num_kv_heads, f"must divide num_heads={m.num_heads} (grouped-query attention)")
     if m.shared_expert_intermediate_size < 0:
@@ -432,6 +575,86 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if m.init_std <= 0:
         _fail(f"{p}.init_std", m.init_std, "must be > 0")
     validate_moe(m.moe, f"{p}.moe")
+
+
+def _validate_longcat(m: ModelConfig, p: str) -> None:
+    """LongCat-Flash's layer (model/longcat.py): two dense MLPs beside the shortcut MoE in EVERY layer, q-LoRA MLA,
+    no shared experts, and zero-computation experts that return their input (null_kind identity)."""
+    if m.dense_intermediate_size < 1:
+        _fail(f"{p}.dense_intermediate_size", m.dense_intermediate_size,
+              "must be >= 1 for longcat_flash: the width of the two dense MLPs of every layer (ffn_hidden_size)")
+    if m.q_lora_rank is None:
+        _fail(f"{p}.q_lora_rank", m.q_lora_rank, "must be set for longcat_flash (its MLA always has a low-rank query)")
+    for key in ("first_k_dense_replace", "n_shared_experts", "shared_expert_intermediate_size"):
+        if getattr(m, key):
+            _fail(f"{p}.{key}", getattr(m, key), "must be 0 for longcat_flash (every layer has the same MoE block, "
+                  "no shared experts)")
+    if not m.moe.use_expert_bias:
+        _fail(f"{p}.moe.use_expert_bias", m.moe.use_expert_bias, "true for longcat_flash (its router selects with "
+              "e_score_correction_bias over the FFN and zero-computation experts)")
+    if m.moe.router == "null" and m.moe.null_kind != "identity":
+        _fail(f"{p}.moe.null_kind", m.moe.null_kind, "identity for longcat_flash (its zero-computation experts "
+              "return their input)")
+
+
+def _validate_mla(m: ModelConfig, p: str) -> None:
+    """DeepSeek multi-head latent attention (model/mla.py): every head has its own key and value (from the latent)."""
+    if m.num_kv_heads != m.num_heads:
+        _fail(f"{p}.num_kv_heads", m.num_kv_heads, f"must equal num_heads={m.num_heads} under MLA ({m.family}: "
+              f"keys and values are expanded per head from the latent)")
+    if m.q_lora_rank is not None and m.q_lora_rank < 1:
+        _fail(f"{p}.q_lora_rank", m.q_lora_rank, "must be >= 1, or null for a full q_proj")
+    for key in ("kv_lora_rank", "v_head_dim"):
+        if getattr(m, key) < 1:
+            _fail(f"{p}.{key}", getattr(m, key), "must be >= 1")
+    if m.qk_nope_head_dim < 0:
+        _fail(f"{p}.qk_nope_head_dim", m.qk_nope_head_dim, "must be >= 0")
+    if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
+        _fail(f"{p}.qk_rope_head_dim", m.qk_rope_head_dim, "must be an even number >= 2 (RoPE rotates pairs)")
+
+
+def _validate_layers(m: ModelConfig, p: str) -> None:
+    """Dense-first layers, DeepSeek shared experts and RoPE scaling."""
+    if not 0 <= m.first_k_dense_replace < m.num_layers:
+        _fail(f"{p}.first_k_dense_replace", m.first_k_dense_replace,
+              f"must be in [0, num_layers - 1 = {m.num_layers - 1}] (at least one MoE layer)")
+    if m.first_k_dense_replace and m.dense_intermediate_size < 1:
+        _fail(f"{p}.dense_intermediate_size", m.dense_intermediate_size,
+              f"must be >= 1: the first {m.first_k_dense_replace} layers are dense MLPs of this width")
+    if m.dense_intermediate_size < 0:
+        _fail(f"{p}.dense_intermediate_size", m.dense_intermediate_size, "must be >= 0")
+    if m.n_shared_experts < 0:
+        _fail(f"{p}.n_shared_experts", m.n_shared_experts, "must be >= 0")
+    if m.n_shared_experts and m.shared_expert_intermediate_size:
+        _fail(f"{p}.n_shared_experts", m.n_shared_experts, "ungated DeepSeek shared experts and the gated Qwen2-MoE "
+              "shared expert (shared_expert_intermediate_size) exclude each other: set one of them to 0")
+    r = m.rope_scaling
+    if r.type not in ROPE_TYPES:
+        _fail(f"{p}.rope_scaling.type", r.type, f"one of {ROPE_TYPES}")
+    if r.type == "yarn":
+        if not m.uses_mla:
+            _fail(f"{p}.rope_scaling.type", r.type, f"yarn is implemented for the MLA families {MLA_FAMILIES} only")
+        if not r.factor >= 1:
+            _fail(f"{p}.rope_scaling.factor", r.factor, "must be >= 1 for yarn")
+        if r.original_max_position_embeddings is None or r.original_max_position_embeddings < 1:
+            _fail(f"{p}.rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings,
+                  "must be >= 1 for yarn (the pre-training context length)")
+
+
+def routing_kernel_excluded(e: MoEConfig) -> str:
+    """Why the one-pass routing kernel (kernels/routing.py) cannot compute this router's math ('' when it can):
+    the kernel is softmax/sigmoid scores, a per-expert selection bias, top-k with the lower index first on exact ties,
+    null picks masked to -1 with weight 0 (null_kind zero), renormalisation over the true picks. Every other case
+    runs the router's torch path (routing_backend auto) or is refused (routing_backend triton)."""
+    if e.router not in ("topk", "null"):
+        return f"router {e.router!r} (its own selection)"
+    if e.topk_method != "greedy" and e.topk_group < e.n_group:
+        return f"topk_method {e.topk_method!r} (group-limited selection)"
+    if e.router == "null" and e.null_kind != "zero":
+        return f"null_kind {e.null_kind!r} (null picks that return a value)"
+    if e.router == "null" and e.null_tie_break != "true_first":
+        return f"null_tie_break {e.null_tie_break!r} (torch.topk's tie order)"
+    return ""
 
 
 def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
@@ -446,6 +669,13 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
               f"null experts need router: null (router is {e.router!r}); set num_null_experts: 0 or router: null")
     if e.null_tie_break not in NULL_TIE_BREAKS:
         _fail(f"{p}.null_tie_break", e.null_tie_break, f"one of {NULL_TIE_BREAKS} (see NULL_TIE_BREAKS in config.py)")
+    if e.null_kind not in NULL_KINDS:
+        _fail(f"{p}.null_kind", e.null_kind, f"one of {NULL_KINDS} (see NULL_KINDS in config.py)")
+    if e.null_kind != "zero" and (e.router != "null" or e.num_null_experts < 1):
+        _fail(f"{p}.null_kind", e.null_kind, f"a {e.null_kind!r} kind describes null experts: needs router: null "
+              f"and num_null_experts >= 1 (router is {e.router!r}, num_null_experts={e.num_null_experts}); "
+              f"or null_kind: zero")
+    _validate_router_conventions(e, p)
     pickable = e.num_experts + (e.num_null_experts if e.router == "null" else 0)
     if not 1 <= e.top_k <= pickable:
         what = "true + null experts" if e.router == "null" else "experts"
@@ -457,6 +687,8 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
             _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}]")
         if e.k_min > e.resolved_k_max:
             _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
+    if e.router == "top_p":
+        _validate_top_p(e, p)
     if e.target_true_experts is not None:
         if e.router != "null":
             _fail(f"{p}.target_true_experts", e.target_true_experts,
@@ -484,6 +716,52 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.gemm_backend", e.gemm_backend, f"one of {GEMM_BACKENDS} (see moe_train.kernels.grouped_gemm)")
     if e.permute_backend not in PERMUTE_BACKENDS:
         _fail(f"{p}.permute_backend", e.permute_backend, f"one of {PERMUTE_BACKENDS}")
+    if e.routing_backend not in ROUTING_BACKENDS:
+        _fail(f"{p}.routing_backend", e.routing_backend, f"one of {ROUTING_BACKENDS}")
+    why = routing_kernel_excluded(e)
+    if e.routing_backend == "triton" and why:
+        _fail(f"{p}.routing_backend", e.routing_backend, f"auto or torch: the one-pass routing kernel computes the "
+              f"plain softmax/sigmoid top-k only, and this router uses {why} (kernels/routing.py)")
+
+
+def _validate_top_p(e: MoEConfig, p: str) -> None:
+    """The top-p router's keys: a threshold over softmax probabilities (they sum to one), an optional cap k_max."""
+    if not 0 < e.top_p <= 1:
+        _fail(f"{p}.top_p", e.top_p, "must be in (0, 1]: the cumulative router probability a token's experts reach")
+    if not (e.entropy_loss_coef >= 0 and math.isfinite(e.entropy_loss_coef)):
+        _fail(f"{p}.entropy_loss_coef", e.entropy_loss_coef, "must be a finite number >= 0")
+    if not 1 <= e.resolved_k_max <= e.num_experts:
+        _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}] or null (no cap)")
+    if getattr(e, "score_func", "softmax") != "softmax" or getattr(e, "topk_method", "greedy") != "greedy":
+        _fail(f"{p}.router", e.router, "top_p thresholds cumulative softmax probabilities: needs score_func: softmax "
+              "and topk_method: greedy")
+    if e.expert_bias_rate > 0 or getattr(e, "use_expert_bias", False):
+        _fail(f"{p}.expert_bias_rate", e.expert_bias_rate, "top_p selects by probability mass only: no selection "
+              "bias (expert_bias_rate: 0, use_expert_bias: false)")
+
+
+def _validate_router_conventions(e: MoEConfig, p: str) -> None:
+    """Score function, group-limited selection and routed scaling (routing/scores.py)."""
+    if e.score_func not in SCORE_FUNCS:
+        _fail(f"{p}.score_func", e.score_func, f"one of {SCORE_FUNCS}")
+    if e.topk_method not in TOPK_METHODS:
+        _fail(f"{p}.topk_method", e.topk_method, f"one of {TOPK_METHODS}")
+    if not e.routed_scaling_factor > 0:
+        _fail(f"{p}.routed_scaling_factor", e.routed_scaling_factor, "must be > 0")
+    if e.n_group < 1 or e.num_experts % e.n_group:
+        _fail(f"{p}.n_group", e.n_group, f"must be >= 1 and divide num_experts={e.num_experts}")
+    if not 1 <= e.topk_group <= e.n_group:
+        _fail(f"{p}.topk_group", e.topk_group, f"must be in [1, n_group={e.n_group}]")
+    if e.topk_method == "noaux_tc" and e.n_group > 1 and e.num_experts // e.n_group < 2:
+        _fail(f"{p}.n_group", e.n_group, "noaux_tc scores a group by its two best experts: each group needs >= 2 "
+              f"experts (num_experts={e.num_experts})")
+    if e.topk_method != "greedy":  # at most topk_group groups' experts are eligible (null experts aside)
+        eligible = e.topk_group * (e.num_experts // e.n_group)
+        k = e.resolved_k_max if e.router == "adak" else e.top_k - (e.num_null_experts if e.router == "null" else 0)
+        if k > eligible:
+            _fail(f"{p}.topk_group", e.topk_group, f"leaves {eligible} eligible experts ({e.topk_group} of {e.n_group} "
+                  f"groups of {e.num_experts // e.n_group}), fewer than the {k} true experts a token may need (top_k, or "
+                  f"Ada-K's k_max); raise topk_group or lower k")
 
 
 def _is_config_key(key: str) -> bool:
@@ -507,6 +785,9 @@ def validate(cfg: Config) -> None:
     _check_finite(cfg, "")
     validate_model(cfg.model)
     t = cfg.train
+    if t.export_hf and cfg.model.moe.null_kind == "constant":
+        _fail("train.export_hf", t.export_hf, "false with model.moe.null_kind: constant (no Hugging Face family has "
+              "constant null experts; the run's final/model.pt carries them)")
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             _fail(f"train.{key}", getattr(t, key), "must be in [0, 1)")
@@ -556,6 +837,8 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     if d.kind not in DATA_KINDS:
         _fail("data.kind", d.kind, f"one of {DATA_KINDS}")
+    if d.corpus not in CORPORA:
+        _fail("data.corpus", d.corpus, f"one of {CORPORA} (moe_train/data/corpora.py)")
     if d.kind == "files" and not d.path:
         _fail("data.path", d.path, "data.kind: files needs data.path (a file, a folder or a glob)")
     if d.format not in DATA_FORMATS:
@@ -579,7 +862,12 @@ def validate(cfg: Config) -> None:
         _fail("parallel.world_size", w, f"must be a positive multiple of parallel.ep={e} (or null: any size)")
     if e > cfg.model.moe.num_experts or cfg.model.moe.num_experts % e:
         _fail("parallel.ep", e, f"must divide model.moe.num_experts={cfg.model.moe.num_experts}")
+    c = cfg.parallel.a2a_overlap_chunks
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        _fail("parallel.a2a_overlap_chunks", c, "an integer >= 1 (1 = no overlap; >= 2 chunks the all-to-all of "
+              "every MoE layer so it runs while the experts compute, parallel/overlap.py)")
     validate_adak(cfg.adak, cfg.model.moe)
+    validate_engine(cfg)
 
 
 def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
@@ -610,3 +898,58 @@ def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
         _fail(f"{p}.baseline", a.baseline, f"one of {ADAK_BASELINES}")
     if not 0 <= a.running_mean_decay < 1:
         _fail(f"{p}.running_mean_decay", a.running_mean_decay, "must be in [0, 1)")
+
+
+def deepspeed_json(d: DeepSpeedConfig) -> dict:
+    """The DeepSpeed JSON of ``deepspeed.config`` ({} without one), read and checked (ConfigError on any mistake)."""
+    import json
+
+    if d.config is None:
+        return {}
+    path = Path(d.config)
+    if not path.is_file():
+        _fail("deepspeed.config", d.config, "an existing DeepSpeed JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config={d.config!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        _fail("deepspeed.config", d.config, "a JSON object (DeepSpeed's config format)")
+    owned = sorted(k for k in data if k in DEEPSPEED_OWNED_KEYS)
+    if owned:
+        raise ConfigError(f"deepspeed.config={d.config!r} sets {owned}: moe_train sets these from its own keys ("
+                          + "; ".join(f"{k} <- {DEEPSPEED_OWNED_KEYS[k]}" for k in owned)
+                          + "); remove them from the JSON")
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        _fail("deepspeed.config", d.config, "zero_optimization must be a JSON object")
+    if d.stage is not None and "stage" in zero and zero["stage"] != d.stage:
+        raise ConfigError(f"deepspeed.stage={d.stage} conflicts with zero_optimization.stage={zero['stage']} in "
+                          f"deepspeed.config={d.config!r}: set the stage in one place")
+    return data
+
+
+def deepspeed_stage(d: DeepSpeedConfig) -> int:
+    """The resolved ZeRO stage: deepspeed.stage, else the JSON's zero_optimization.stage, else 1."""
+    if d.stage is not None:
+        return d.stage
+    return int(deepspeed_json(d).get("zero_optimization", {}).get("stage", 1))
+
+
+def validate_engine(cfg: Config) -> None:
+    """parallel.engine and the deepspeed: section; combinations DeepSpeed cannot run fail here, before any work."""
+    p, d = cfg.parallel, cfg.deepspeed
+    if p.engine not in ENGINES:
+        _fail("parallel.engine", p.engine, f"one of {ENGINES}")
+    if p.engine != "deepspeed":
+        return  # the deepspeed: section is kept and unused: switching engines touches nothing else
+    if d.stage is not None and d.stage not in DEEPSPEED_STAGES:
+        _fail("deepspeed.stage", d.stage, f"one of {DEEPSPEED_STAGES}")
+    deepspeed_json(d)  # raises on a bad file or a conflicting key
+    stage = deepspeed_stage(d)
+    if stage not in DEEPSPEED_STAGES:
+        _fail("deepspeed.config", d.config, f"zero_optimization.stage must be one of {DEEPSPEED_STAGES}")
+    if stage == 3 and p.ep > 1:
+        _fail("parallel.ep", p.ep, "DeepSpeed's ZeRO stage 3 does not run expert-parallel (native MoE) parameters "
+              "(DeepSpeed: 'MoE not supported with Stage 3'); use deepspeed.stage 1 or 2 with ep > 1, or ep: 1 "
+              "with stage 3")

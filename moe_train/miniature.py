@@ -63,7 +63,16 @@ def shrink_model(m: ModelConfig) -> ModelConfig:
         m, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS, num_heads=heads,
         num_kv_heads=kv, head_dim=HEAD_DIM, max_seq_len=4 * SEQ_LEN,
         shared_expert_intermediate_size=FFN if m.shared_expert_intermediate_size else 0,
-        moe=copy.deepcopy(m.moe))
+        moe=copy.deepcopy(m.moe), **_shrink_deepseek(m))
+
+
+def _shrink_deepseek(m: ModelConfig) -> dict:
+    """MLA widths (a low-rank query stays low-rank), one dense-first layer if the model has any (and one MoE layer
+    after it), dense FFN width; shared-expert counts, rope scaling and router conventions are kept."""
+    return dict(q_lora_rank=None if m.q_lora_rank is None else 2 * HEAD_DIM, kv_lora_rank=2 * HEAD_DIM,
+                qk_nope_head_dim=HEAD_DIM, qk_rope_head_dim=HEAD_DIM, v_head_dim=HEAD_DIM,
+                first_k_dense_replace=min(m.first_k_dense_replace, 1),
+                dense_intermediate_size=FFN if m.dense_intermediate_size else 0)
 
 
 def _write_base_model(arch: ModelConfig, dst: Path, seed: int) -> None:

@@ -96,7 +96,8 @@ def check_model_source(cfg: Config, adak: bool = False) -> ModelConfig:
             from moe_train.io.convert import check_conversion
 
             try:
-                check_conversion(have, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break)
+                check_conversion(have, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
+                                 want.null_kind)
             except ValueError as e:
                 raise ValueError(f"train.init_from={t.init_from!r} is a top-k model converted to null experts on "
                                  f"load with model.moe: {e}") from None

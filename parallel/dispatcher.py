@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.parallel.exchange import CountExchange, DispatchStats
+from moe_train.parallel.overlap import chunk_order, overlapped_experts, reorder_permutation
 from moe_train.routing.plan import RoutingPlan
 from moe_train.routing.protocols import Experts
 
@@ -35,7 +36,7 @@ class AllToAllDispatcher:
     """A Dispatcher (routing/protocols.py), as LocalDispatcher: ``__call__(x_TD, plan, experts) -> y_TD``;
     ``experts`` holds only this rank's L = E/ep experts (global ids [ep_rank*L, (ep_rank+1)*L))."""
 
-    def __init__(self, ep_group, num_experts: int, permute_backend: str = "auto"):
+    def __init__(self, ep_group, num_experts: int, permute_backend: str = "auto", overlap_chunks: int = 1):
         self.group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -44,6 +45,7 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.permute_backend = permute_backend
+        self.overlap_chunks = overlap_chunks  # >= 2: all-to-all overlapped with the experts (parallel/overlap.py)
         self.last = DispatchStats()
 
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts) -> torch.Tensor:
@@ -53,8 +55,13 @@ class AllToAllDispatcher:
         # the router's counts: the exchange does not wait for the permutation
         ex = CountExchange.run(plan.counts_E, self.group, self.ep_size, self.ep_rank)
         perm = build_permutation(plan.expert_idx_TK, E, backend=b, num_rows=ex.rows_sent)
-        x_RD = ex.to_expert_major(ex.dispatch_rows(permute(x_TD, perm, backend=b)))
-        y_RD = experts(x_RD, ex.recv_counts_dev_PL.sum(0))
-        y_ND = ex.combine_rows(ex.from_expert_major(y_RD))
+        if self.overlap_chunks > 1 and self.ep_size > 1:  # rows permuted straight into chunk-major order
+            order_N, _ = chunk_order(ex.send_counts_E, self.overlap_chunks, x_TD.device)
+            perm = reorder_permutation(perm, order_N)
+            y_ND = overlapped_experts(permute(x_TD, perm, backend=b), ex, experts, self.overlap_chunks)
+        else:
+            x_RD = ex.to_expert_major(ex.dispatch_rows(permute(x_TD, perm, backend=b)))
+            y_RD = experts(x_RD, ex.recv_counts_dev_PL.sum(0))
+            y_ND = ex.combine_rows(ex.from_expert_major(y_RD))
         self.last = ex.stats(x_TD.shape[1] * x_TD.element_size())
         return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0], backend=b)

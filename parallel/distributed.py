@@ -60,6 +60,7 @@ class ParallelContext:
     world_mesh: Optional[Any] = None  # 1-D mesh over all ranks (non-expert parameters)
     backend: Optional[str] = None  # "gloo" | "nccl" | None (single process)
     global_aux_loss: bool = False  # balancing loss from counts summed over all ranks
+    a2a_overlap_chunks: int = 1  # parallel.a2a_overlap_chunks: expert all-to-all overlap (parallel/overlap.py)
 
     @property
     def is_main(self) -> bool:
@@ -217,7 +218,7 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
         world_size=world, rank=rank, local_rank=local_rank, dp_size=world, dp_rank=rank, ep_size=ep, ep_rank=ep_idx,
         device=device, mesh=mesh, ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("dp"),
         edp_size=world // ep, edp_rank=dp_idx, world_mesh=world_mesh, backend=backend,
-        global_aux_loss=cfg.global_aux_loss)
+        global_aux_loss=cfg.global_aux_loss, a2a_overlap_chunks=cfg.a2a_overlap_chunks)
 
 
 def destroy_distributed(ctx: ParallelContext) -> None:

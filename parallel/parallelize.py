@@ -157,11 +157,13 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, param_dtype: Optio
     E = num_experts.pop()
     validate_layout(ctx.world_size, ctx.ep_size, E)
     model.to(ctx.device)
-    _check_replicas_identical(model, ctx)
+    if ctx.device.type != "meta":  # the planner (moe_train/planner) shards a meta model: no values to compare
+        _check_replicas_identical(model, ctx)
     for layer in layers:
         if ctx.ep_size > 1:
             shard_experts(layer.experts, ctx.ep_rank, ctx.ep_size)
-            layer.dispatcher = AllToAllDispatcher(ctx.ep_group, E, layer.dispatcher.permute_backend)
+            layer.dispatcher = AllToAllDispatcher(ctx.ep_group, E, layer.dispatcher.permute_backend,
+                                                  overlap_chunks=ctx.a2a_overlap_chunks)
         if ctx.global_aux_loss:
             layer.router.register_forward_hook(_global_aux_hook(ctx))
     _apply_fsdp(model, ctx, layers, param_dtype)

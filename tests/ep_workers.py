@@ -79,6 +79,7 @@ LAYER_CASES = {
     "topk_zero_rank": dict(router="topk", top_k=2),  # the last ep rank's experts are never picked
     "null_all_null_tokens": dict(router="null", num_null_experts=4, top_k=3),  # some tokens pick only nulls
     "adak_k0": dict(router="adak", k_min=0, k_max=3),  # greedy k in 0..3: some tokens use no expert
+    "top_p": dict(router="top_p", top_p=0.5),  # the smallest set reaching p: k varies per token (tests/test_top_p.py)
 }
 
 

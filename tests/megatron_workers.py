@@ -68,7 +68,9 @@ def make_config(num_experts: int = 4, topk: int = 2, **kw):
 def moe_submodules(router=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    subs = get_gpt_layer_local_spec(num_experts=4).submodules.mlp.submodules
+    from moe_train.parallel.megatron import compat
+
+    _, subs = compat.moe_spec_parts(get_gpt_layer_local_spec(num_experts=4).submodules.mlp)  # 0.16.1 and 0.19 forms
     return subs if router is None else dataclasses.replace(subs, router=router)
 
 

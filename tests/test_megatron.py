@@ -31,7 +31,6 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 import megatron_workers as W  # noqa: E402
-from megatron.core.transformer.moe import moe_utils as mu  # noqa: E402
 from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
 
 from moe_train.config import ModelConfig, MoEConfig  # noqa: E402
@@ -62,13 +61,13 @@ def pg():
 
 @pytest.fixture(autouse=True)
 def fresh_tracker():
-    mu.get_moe_layer_wise_logging_tracker().clear()
+    compat.clear_moe_metrics()
     yield
-    mu.get_moe_layer_wise_logging_tracker().clear()
+    compat.clear_moe_metrics()
 
 
 def tracked(name: str) -> float:
-    return float(mu.get_moe_layer_wise_logging_tracker()[name]["values"][0])
+    return float(compat.moe_metric_values(name)[0])
 
 
 def run(layer, x, proj, extra_loss=None):
@@ -112,7 +111,7 @@ def test_fixed_k_equals_megatron_topk_router(pg, qwen):
         probs_ref, map_ref = ref.router(x)
     for name, layer in ours.items():
         assert layer.load_state_dict(ref.state_dict(), strict=True)
-        mu.get_moe_layer_wise_logging_tracker().clear()
+        compat.clear_moe_metrics()
         y, gx, grads = run(layer, x, proj)
         assert W.relerr(y, y_ref) <= TOL and W.relerr(gx, gx_ref) <= TOL, name
         assert set(grads) == set(grads_ref)
@@ -240,11 +239,18 @@ def test_two_ranks_equal_single_rank(tmp_path):
         assert sum(r["rows_sent"] for r in c) == sum(r["rows_received"] for r in c)
 
 
+def _mlp_class(mlp):
+    """The class a layer spec's mlp entry builds: ModuleSpec.module (0.16.1) or the builder partial's class (0.19:
+    partial(MoELayer, ...) or partial(MLP.as_mlp_submodule, ...))."""
+    if isinstance(mlp, functools.partial):
+        return getattr(mlp.func, "__self__", mlp.func)
+    return mlp.module
+
+
 def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.spec_utils import build_module
 
     routing = adamoe(4, top_k=3)
     cfg = W.make_config()
@@ -254,18 +260,20 @@ def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
     specs["te"] = get_gpt_layer_spec(routing, use_te=True, num_experts=4)
     x = torch.randn(4, 2, D)
     for kind, spec in specs.items():
-        mlp = spec.submodules.mlp
-        assert mlp.module is VariableKMoELayer, kind
-        layer = build_module(mlp, config=cfg, pg_collection=pg)
+        mlp = spec.submodules.mlp  # a ModuleSpec in 0.16.1, a builder partial in 0.19 (compat handles both)
+        assert compat.moe_spec_parts(mlp)[0] is VariableKMoELayer, kind
+        layer = compat.build_moe_layer(mlp, config=cfg, pg_collection=pg)
         assert isinstance(layer.router, VariableKRouter) and layer.router.routing == routing
         assert isinstance(layer.token_dispatcher, VariableKAllToAllDispatcher)
         assert layer.token_dispatcher.permute_backend == routing.permute_backend
         y, _ = layer(x)
         assert y.shape == x.shape and torch.isfinite(y).all()
-    assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module is MoELayer  # untouched
+    assert compat.moe_spec_parts(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp)[0] \
+        is MoELayer  # untouched
     kept = with_variable_k(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4),
                            dataclasses.replace(routing, dispatcher="megatron"))
-    assert kept.submodules.mlp.module is MoELayer and kept.submodules.mlp.submodules.router.func is VariableKRouter
+    kept_cls, kept_subs = compat.moe_spec_parts(kept.submodules.mlp)
+    assert kept_cls is MoELayer and kept_subs.router.func is VariableKRouter
     with pytest.raises(ValueError, match="no MoE layer"):
         with_variable_k(gpt_layer_specs.get_gpt_layer_local_spec(), routing)
     with pytest.raises(ValueError, match="num_experts"):
@@ -285,7 +293,7 @@ def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
     try:
         block_cfg = W.make_config(moe_layer_freq=[1, 0], moe_aux_loss_coeff=0.01)
         block = get_gpt_decoder_block_spec(block_cfg, topk(), use_transformer_engine=False)
-        assert [s.submodules.mlp.module for s in block.layer_specs] == [VariableKMoELayer, MLP]
+        assert [_mlp_class(s.submodules.mlp) for s in block.layer_specs] == [VariableKMoELayer, MLP]
         plain = gpt_layer_specs.get_gpt_decoder_block_spec(block_cfg, use_transformer_engine=False)
         ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(8)[None].expand(2, 8)
@@ -359,7 +367,7 @@ def test_compat_version_branches(pg, monkeypatch):
     router = build(config=cfg, pg_collection=pg)
     router.set_layer_number(2)
     router(x)
-    rows = mu.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"]
+    rows = compat.moe_metric_values("load_balancing_loss").clone()
     assert rows.shape == (3,) and rows[1] > 0 and rows[0] == rows[2] == 0
     # 0.19: is_mtp_layer reaches the router, an MTP layer logs after the decoder's rows, into the metrics tracker.
     fake = _FakeTracker()
@@ -373,9 +381,12 @@ def test_compat_version_branches(pg, monkeypatch):
     assert by_name["load_balancing_loss"][2:] == (1 + cfg.num_layers, 3, True)
     assert abs(by_name["load_balancing_loss"][1] - float(rows[1])) <= 1e-6
     # MoELayer keywords: 0.16.1 has no is_mtp_layer (dropped while False, refused when True); 0.19 takes it.
-    assert compat.moe_layer_kwargs(MoELayer.__init__, is_mtp_layer=False) == {}
-    with pytest.raises(ValueError, match="is_mtp_layer"):
-        compat.moe_layer_kwargs(MoELayer.__init__, is_mtp_layer=True)
+    if compat.accepts_keyword(MoELayer.__init__, "is_mtp_layer"):  # the installed Megatron is 0.19-like
+        assert compat.moe_layer_kwargs(MoELayer.__init__, is_mtp_layer=True) == {"is_mtp_layer": True}
+    else:
+        assert compat.moe_layer_kwargs(MoELayer.__init__, is_mtp_layer=False) == {}
+        with pytest.raises(ValueError, match="is_mtp_layer"):
+            compat.moe_layer_kwargs(MoELayer.__init__, is_mtp_layer=True)
 
     def init_019(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False):
         pass
@@ -399,7 +410,7 @@ def test_compat_version_branches(pg, monkeypatch):
     (adamoe(4, dispatcher="deepep"), {}, "dispatcher"),
     (adamoe(4, dispatcher="megatron"), dict(moe_token_dispatcher_type="flex"), "flex"),
     (adamoe(4), dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
-    (adamoe(4), dict(moe_router_score_function="sigmoid"), "moe_router_score_function"),
+    (adamoe(4), dict(moe_router_num_groups=2, moe_router_group_topk=1), "moe_router_pre_softmax"),
     (adamoe(4), dict(add_bias_linear=True), "add_bias_linear"),
     (adamoe(4), dict(moe_router_load_balancing_type="seq_aux_loss"), "seq_aux_loss"),
 ])

@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(str(REPO / "configs" / "*.yaml")))
 WORLDS = {"configs/mixtral_8x22b_adamoe.yaml": 16, "configs/adak_mixtral_8x22b.yaml": 16,
           "configs/mixtral_8x7b_adamoe.yaml": 8, "configs/adak_mixtral_8x7b.yaml": 8,
-          "configs/adak_qwen1.5_moe.yaml": 8}
+          "configs/adak_qwen1.5_moe.yaml": 8, "configs/qwen3_moe_adamoe.yaml": 8,
+          "configs/adak_deepseek_v2_lite.yaml": 8}
 ADAK = {c for c in WORLDS if "adak" in c}
 SINGLE_PROCESS = {"configs/tiny_top2.yaml", "configs/tiny_adamoe.yaml", "configs/tiny_adamoe_budget.yaml",
-                  "configs/tiny_adak.yaml"}
+                  "configs/tiny_adak.yaml", "configs/tiny_longcat.yaml"}
 # The allocators are fp32 masters (the frozen base may be bf16): the ranks sum the same terms in another order.
 ADAK_TOL = 1e-5
 

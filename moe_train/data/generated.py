@@ -71,20 +71,24 @@ def generate(num_sequences: int, seq_len: int, vocab_size: int, seed: int) -> tu
 
 
 def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
-                           vocab_size: int, seed: int) -> Path:
-    """Writes the generated corpus as train.jsonl / val.jsonl, one sequence per line: {"tokens", "labels"}.
+                           vocab_size: int, seed: int, corpus: str = "mixed") -> Path:
+    """Writes a generated corpus (data.corpus: ``mixed``, this module's, or ``difficulty``) as train.jsonl /
+    val.jsonl, one sequence per line: {"tokens", "labels"}, and labels.json (label id -> name, and the corpus).
 
-    Train it with data: {kind: files, path: <out>/train.jsonl, val_path: <out>/val.jsonl, token_field: tokens,
-    label_field: labels} (the labels give validation's true experts by difficulty).
+    Train it with data: {kind: files, corpus: <corpus>, path: <out>/train.jsonl, val_path: <out>/val.jsonl,
+    token_field: tokens, label_field: labels} (the labels give validation's loss and true experts by difficulty).
     """
+    from moe_train.data.corpora import get_corpus  # corpora imports this module
+
+    spec = get_corpus(corpus)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokens, labels = generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
+    tokens, labels = spec.generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
     for name, lo, hi in (("train", 0, num_sequences), ("val", num_sequences, num_sequences + val_sequences)):
         tmp = out / f".{name}.jsonl.tmp"
         with open(tmp, "w") as f:
             for i in range(lo, hi):
                 f.write(json.dumps({"tokens": tokens[i].tolist(), "labels": labels[i].tolist()}) + "\n")
         os.replace(tmp, out / f"{name}.jsonl")
-    (out / "labels.json").write_text(json.dumps({str(k): v for k, v in LABELS.items()}))
+    (out / "labels.json").write_text(json.dumps({"corpus": corpus, **{str(k): v for k, v in spec.labels.items()}}))
     return out

@@ -21,7 +21,7 @@ import torch
 
 from moe_train.config import Config, DataConfig
 from moe_train.data.files import document_ids, resolve_files
-from moe_train.data.generated import generate
+from moe_train.data.corpora import get_corpus
 from moe_train.data.tokenizers import build_tokenizer
 
 
@@ -147,7 +147,8 @@ def build_data(cfg: Config, vocab_size: int, dp_rank: int = 0, dp_size: int = 1)
     """Everything about the data is checked here, before any model is built: paths, formats, emptiness, vocab."""
     d, t = cfg.data, cfg.train
     if d.kind == "synthetic":
-        tokens, labels = generate(d.num_sequences + d.val_sequences, t.seq_len, vocab_size, d.seed)
+        corpus = get_corpus(d.corpus)
+        tokens, labels = corpus.generate(d.num_sequences + d.val_sequences, t.seq_len, vocab_size, d.seed)
         loader = DataLoader(tokens[: d.num_sequences], t.batch_size, dp_rank, dp_size, d.seed, shuffle=False)
         return Data(loader, tokens[d.num_sequences:] if d.val_sequences else None,
                     labels[d.num_sequences:] if d.val_sequences else None)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from moe_train.data import generate
+from moe_train.data import get_corpus
 from moe_train.eval.codec import build_codec, prefix_id
 from moe_train.eval.generate import greedy_generate
 from moe_train.eval.report import corpus_report
@@ -40,6 +40,7 @@ class EvalConfig:
     corpus_sequences: int = 64
     corpus_seq_len: int = 128
     corpus_seed: int = 4321  # differs from training data seeds: held out
+    corpus: str = "mixed"  # the generated corpus of --difficulty (config.CORPORA)
     generate_prompt: Optional[str] = None  # a prompt for one greedy generation
     max_new_tokens: int = 32
     force_k: Optional[int] = None  # run every token with this k (Ada-K models)
@@ -70,7 +71,8 @@ def _difficulty_batches(model: MoETransformer, cfg: EvalConfig) -> Iterator[tupl
     if cfg.corpus_seq_len > model.config.max_seq_len:
         raise ValueError(f"--corpus-seq-len={cfg.corpus_seq_len} exceeds model.max_seq_len="
                          f"{model.config.max_seq_len}")
-    tokens, labels = generate(cfg.corpus_sequences, cfg.corpus_seq_len, model.config.vocab_size, cfg.corpus_seed)
+    tokens, labels = get_corpus(cfg.corpus).generate(cfg.corpus_sequences, cfg.corpus_seq_len,
+                                                     model.config.vocab_size, cfg.corpus_seed)
     B = cfg.batch_size
     return ((tokens[i:i + B, :-1], tokens[i:i + B, 1:], labels[i:i + B, 1:]) for i in range(0, tokens.shape[0], B))
 
@@ -91,7 +93,9 @@ def run_eval(cfg: EvalConfig, on_result: Callable[[str, dict], None] = _log_resu
         for f in cfg.task_files:
             emit(f"{tag}:{f}", evaluate_task(model, f, codec, cfg.batch_size, device, k))
         if cfg.difficulty:
-            emit(f"{tag}:difficulty", corpus_report(model, _difficulty_batches(model, cfg), device, force_k=k))
+            corpus = get_corpus(cfg.corpus)
+            emit(f"{tag}:difficulty", corpus_report(model, _difficulty_batches(model, cfg), device, force_k=k,
+                                                    label_names=corpus.labels, label_groups=corpus.groups))
         if cfg.lm_eval and cfg.task_files:
             from moe_train.eval.lm_eval_adapter import run_lm_eval  # optional dependency: lm-evaluation-harness
 

@@ -56,7 +56,7 @@ class MoETrainLM(LM):
         self.batch_size = int(batch_size)
         self.force_k = None if force_k is None else int(force_k)
         self.max_gen_toks = int(max_gen_toks)
-        self.k_stats = KStats(self.model.config.num_layers)
+        self.k_stats = KStats(self.model.config.num_moe_layers)
 
     # --- the three request types ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def eval_routing(model: MoETransformer, force_k: Optional[int] = None):
     """Eval mode; Ada-K routers greedy (argmax k), or every token forced to ``force_k`` experts; restored after."""
     was_training = model.training
     model.eval()
-    routers = [layer.moe.router for layer in model.layers if isinstance(layer.moe.router, AdaKRouter)]
+    routers = [r for r in model.routers() if isinstance(r, AdaKRouter)]
     saved = [(r.mode, r.forced_action_T) for r in routers]
     handles = []
     if force_k is not None and not routers:

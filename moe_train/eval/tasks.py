@@ -53,7 +53,7 @@ def evaluate_multiple_choice(model: MoETransformer, docs: Sequence[dict], codec,
         delim = d.get("target_delimiter", " ")
         spans.append((len(requests), len(d["choices"])))
         requests += [encode_pair(codec, d["context"], delim + c) for c in d["choices"]]
-    stats = KStats(model.config.num_layers)
+    stats = KStats(model.config.num_moe_layers)
     with eval_routing(model, force_k):
         scores = score_continuations(model, requests, batch_size, device, stats)
     acc, acc_norm, preds = [], [], []
@@ -73,7 +73,7 @@ def evaluate_multiple_choice(model: MoETransformer, docs: Sequence[dict], codec,
 
 def evaluate_perplexity(model: MoETransformer, docs: Sequence[dict], codec, batch_size: int = 16,
                         device: torch.device = torch.device("cpu"), force_k: Optional[int] = None) -> dict:
-    stats = KStats(model.config.num_layers)
+    stats = KStats(model.config.num_moe_layers)
     ll, n = 0.0, 0
     with eval_routing(model, force_k):
         for d in docs:

@@ -10,7 +10,9 @@ model's top_k stays in the config as the FLOPs baseline (``baseline_top_k``).
     add_allocators(model, k_min, k_max)    in place on a loaded model (returns it)
 
 With the allocator forced to k = top_k the converted model computes exactly what the base model computes (the
-Ada-K router keeps the base gate convention: renormalised over the picked experts when norm_topk_prob).
+Ada-K router keeps the base gate convention: renormalised over the picked experts when norm_topk_prob; the score
+function, group limits and routed scaling; a fixed selection bias such as DeepSeek-V3's e_score_correction_bias,
+use_expert_bias, is copied and selects as before, while a bias still being trained, expert_bias_rate > 0, is refused).
 Shape legend: E experts, D hidden, A allocator actions.
 """
 
@@ -30,9 +32,10 @@ def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> M
     if moe.router != "topk":
         raise ValueError(f"Ada-K conversion starts from a top-k model; this model's router is {moe.router!r}")
     if moe.expert_bias_rate > 0:
-        raise ValueError(f"this model selects experts with an aux-loss-free expert bias (expert_bias_rate="
-                         f"{moe.expert_bias_rate}); the Ada-K router selects by the gate probabilities only, so the "
-                         "converted model would route differently. Convert a model trained without expert bias.")
+        raise ValueError(f"this model still trains its aux-loss-free expert bias (expert_bias_rate="
+                         f"{moe.expert_bias_rate}); Ada-K freezes the base router, so set model.moe.expert_bias_rate "
+                         "to 0 (a fixed bias, use_expert_bias: true, as DeepSeek-V3's correction bias, is carried "
+                         "over and selects as before)")
     if moe.capacity_factor is not None:
         raise ValueError(f"capacity_factor={moe.capacity_factor}: Ada-K evaluates the frozen model dropless; "
                          "set model.moe.capacity_factor to null")
@@ -58,5 +61,7 @@ def add_allocators(model: MoETransformer, k_min: int = 1, k_max: Optional[int] =
     def init(old, new):
         new.allocator.float()  # fp32 master weight on any model dtype (module docstring)
         new.allocator.weight.zero_()
+        if new.expert_bias is not None:  # DeepSeek-V3's correction bias: the frozen router selects with it
+            new.expert_bias.copy_(old.expert_bias)
 
     return swap_routers(model, new_moe, AdaKRouter, init)

@@ -13,8 +13,12 @@ converted model then computes the original model's function exactly when ceil(k/
 and the gates are renormalised (norm_topk_prob); any other request is refused with the values that would work.
 ``null_tie_break="topk"`` is the authors' recipe as released: the same exact twins, ties left to torch.topk (the
 true experts a token gets at step 0 then depend on device and dtype), and no such check. An aux-loss-free expert
-bias carried over from the source shifts the true scores but not their twins', so the step-0 selection then differs
-from the source's by that bias (logged).
+bias carried over from the source (aux-loss-free balancing, DeepSeek-V3's e_score_correction_bias) is given to
+each null twin too (NullExpertRouter.null_expert_bias, fixed), so twins still tie with their true expert. Sigmoid
+scores (DeepSeek-V3) do not depend on the other experts, so such a conversion is function-preserving whatever
+norm_topk_prob; under softmax the n + m experts scale every probability by 1/(r+1) but not the bias, so the step-0
+selection can then differ from the source's (logged). Group-limited routing: a twin is eligible exactly when its
+true expert's group is (routing/scores.py, docs/families.md), so the conversion is function-preserving there too.
 
     add_null_experts(model, m, k)                 in place on a loaded model (returns it)
     convert_to_adamoe(src, dst, m, k)             Hugging Face folder -> converted Hugging Face folder
@@ -32,7 +36,7 @@ from typing import Optional, Union
 
 import torch
 
-from moe_train.config import NULL_TIE_BREAKS, ConfigError, MoEConfig, validate_moe
+from moe_train.config import NULL_TIE_BREAKS, ConfigError, MoEConfig, validate_model, validate_moe
 from moe_train.io.hf import from_hf, to_hf
 from moe_train.io.hf_config import config_from_hf, read_hf_config
 from moe_train.io.safetensors_folder import stored_dtype
@@ -50,10 +54,18 @@ def _is_int(x) -> bool:
 
 
 def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline_top_k: Optional[int] = None,
-                     null_tie_break: str = "true_first") -> MoEConfig:
+                     null_tie_break: str = "true_first", null_kind: str = "zero") -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done). Under
-    ``null_tie_break="true_first"`` the conversion must be function-preserving (module docstring)."""
+    ``null_tie_break="true_first"`` the conversion must be function-preserving (module docstring). Only
+    ``null_kind="zero"`` converts (docs/zero_compute.md): an identity / constant null pick contributes its gate
+    times x or v and the gates renormalise over all k picks, so twin-initialised nulls change every token's output."""
     n = moe.num_experts
+    if null_kind != "zero":
+        raise ValueError(f"null_kind={null_kind!r}: AdaMoE conversion of a top-k model is function-preserving only "
+                         f"for null_kind 'zero' (a {null_kind!r} null pick adds its gate times "
+                         f"{'x' if null_kind == 'identity' else 'a learned vector'}, and the gates then normalise "
+                         "over every pick, so twin-initialised null experts would change each token's output); "
+                         "convert with null_kind: zero, or train a model with this kind from the start")
     if moe.router != "topk":
         raise ValueError(f"AdaMoE conversion starts from a top-k model; this model's router is {moe.router!r}"
                          + (f" with {moe.num_null_experts} null experts already" if moe.router == "null" else ""))
@@ -76,7 +88,7 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline
         start = math.ceil(top_k / (r + 1))  # true experts per token before training (module docstring)
         authors = ("null_tie_break='topk' (model.moe.null_tie_break: topk, moe-train convert --null-tie-break "
                    "topk: the authors' exact twins, not function-preserving)")
-        if not moe.norm_topk_prob:
+        if not moe.norm_topk_prob and moe.score_func == "softmax":  # sigmoid scores do not see the null experts
             raise ValueError("this model keeps its raw top-k probabilities (norm_topk_prob false), which the softmax "
                              f"over {n} + {num_null_experts} experts scales by 1/{r + 1}: the conversion cannot be "
                              f"function-preserving; to convert anyway pass {authors}")
@@ -86,8 +98,10 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline
                 f"function-preserving: a token starts with ceil({top_k}/{r + 1}) = {start} true experts, not this "
                 f"model's top_k={moe.top_k}; use top_k in [{(moe.top_k - 1) * (r + 1) + 1}, {moe.top_k * (r + 1)}] "
                 f"for {num_null_experts} null experts, or pass {authors}")
+    # a source with an expert bias keeps one, and its null twins get the same bias (NullExpertRouter.null_expert_bias)
     new = dataclasses.replace(moe, router="null", num_null_experts=num_null_experts, top_k=top_k,
-                              baseline_top_k=baseline, null_tie_break=null_tie_break)
+                              baseline_top_k=baseline, null_tie_break=null_tie_break,
+                              use_expert_bias=moe.use_expert_bias or moe.expert_bias_rate > 0)
     try:
         validate_moe(new)
     except ConfigError as e:
@@ -101,8 +115,12 @@ def swap_routers(model: MoETransformer, new_moe: MoEConfig, router_cls, init) ->
     starts at its own initial value) on the old gate's device and dtype, holding a copy of the old true gate with its
     requires_grad and the old training mode; ``init(old, new)`` sets what the new router adds. Updates
     ``model.config`` and returns the same model. Build optimizers afterwards: the routers are new modules."""
+    try:  # the family's own rules too (e.g. LongCat-Flash's null experts are identity experts), before any change
+        validate_model(dataclasses.replace(model.config, moe=new_moe))
+    except ConfigError as e:
+        raise ValueError(f"the converted model is invalid: {e}") from None
     D = model.config.hidden_size
-    for layer in model.layers:
+    for layer in model.moe_layers():  # DeepSeek's dense-first layers have no router
         old = layer.moe.router
         gate = old.gate.weight
         new = router_cls(D, new_moe).to(device=gate.device, dtype=gate.dtype)
@@ -116,20 +134,25 @@ def swap_routers(model: MoETransformer, new_moe: MoEConfig, router_cls, init) ->
 
 
 def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
-                     baseline_top_k: Optional[int] = None, null_tie_break: str = "true_first") -> MoETransformer:
+                     baseline_top_k: Optional[int] = None, null_tie_break: str = "true_first",
+                     null_kind: str = "zero") -> MoETransformer:
     """Replaces every layer's top-k router with a NullExpertRouter (true gate kept, null gate = W_g repeated m/n
     times), updates ``model.config``, and returns the same model. Function-preserving under the default
     ``null_tie_break`` (else ValueError, see the module docstring)."""
-    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k, null_tie_break)
+    new_moe = check_conversion(model.config.moe, num_null_experts, top_k, baseline_top_k, null_tie_break, null_kind)
 
     def init(old, new):
         new.init_null_gate_from_true()
         new.null_gate.weight.requires_grad_(old.gate.weight.requires_grad)
-        if old.expert_bias is not None:  # aux-loss-free balancing state carries over to the true experts
+        if old.expert_bias is not None:  # aux-loss-free balancing state / DeepSeek-V3's correction bias
             new.expert_bias.copy_(old.expert_bias)
-            if null_tie_break == "true_first" and bool(old.expert_bias.any()):
-                logger.warning("the source's expert bias carries over to the true experts but not to their null "
-                               "twins: the converted model's step-0 selection differs from the source's by it")
+            # each twin selects with its true expert's bias, so it ties with it (and ranks after it) at step 0
+            new.null_expert_bias.copy_(old.expert_bias.repeat(new.num_null // new.num_experts))
+            if null_tie_break == "true_first" and bool(old.expert_bias.any()) and new_moe.score_func == "softmax":
+                logger.warning("softmax over the %d true + %d null experts divides every probability by %d but not "
+                               "the expert bias: the converted model's step-0 selection can differ from the "
+                               "source's (sigmoid scores, as DeepSeek-V3's, are unaffected)", new.num_experts,
+                               new.num_null, new.num_null // new.num_experts + 1)
 
     return swap_routers(model, new_moe, NullExpertRouter, init)
 

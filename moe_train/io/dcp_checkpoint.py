@@ -109,16 +109,27 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # experts with their global shape
     with _quiet_single_process():
         dcp.save({"model": model_view, "optim": optim_view}, checkpoint_id=str(tmp))
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None},
-               tmp / f"rng_rank{ctx.rank}.pt")
+    save_rng_state(tmp, ctx)
     if ctx.is_main:
         torch.save({"format": FORMAT, "step": step, **trainer_state}, tmp / "trainer.pt")
     _barrier(ctx)
     # each rank hashes the files it wrote; rank 0 writes the manifest last, then renames the folder into place
-    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
-            if p.name.startswith(f"__{ctx.rank}_") or p.name == f"rng_rank{ctx.rank}.pt"
-            or (ctx.is_main and p.name in (".metadata", "trainer.pt"))}
+    mine = file_records(tmp, [p for p in sorted(tmp.iterdir())
+                              if p.name.startswith(f"__{ctx.rank}_") or p.name == f"rng_rank{ctx.rank}.pt"
+                              or (ctx.is_main and p.name in (".metadata", "trainer.pt"))])
+    return commit_checkpoint(out_dir, tmp, final, step, mine, ctx, keep_last)
+
+
+def file_records(folder: Path, files: list[Path]) -> dict[str, dict]:
+    """Manifest entries (size, sha256) of ``files``, keyed by their path relative to ``folder``."""
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def commit_checkpoint(out_dir: str | Path, tmp: Path, final: Path, step: int, mine: dict[str, dict],
+                      ctx: ParallelContext, keep_last: int) -> Path:
+    """Collective, after every rank wrote its files into the staging folder ``tmp``: the manifest of every rank's
+    ``mine`` (file_records), written last by rank 0, the folder renamed into place, ``latest`` updated, retention."""
+    root, name = checkpoint_root(out_dir), final.name
     gathered = [None] * ctx.world_size if ctx.distributed else [mine]
     if ctx.distributed:
         dist.all_gather_object(gathered, mine)
@@ -190,8 +201,20 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if manifest["world_size"] == ctx.world_size:
-        rng = torch.load(path / f"rng_rank{ctx.rank}.pt", map_location="cpu", weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+        restore_rng_state(path, ctx)
     return trainer_state
+
+
+def save_rng_state(folder: Path, ctx: ParallelContext) -> None:
+    """This rank's torch RNG state (CPU, and CUDA when on a GPU) as folder/rng_rank<r>.pt."""
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None},
+               folder / f"rng_rank{ctx.rank}.pt")
+
+
+def restore_rng_state(folder: Path, ctx: ParallelContext) -> None:
+    """The RNG state save_rng_state wrote for this rank (the saving world size must be this one)."""
+    rng = torch.load(folder / f"rng_rank{ctx.rank}.pt", map_location="cpu", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)

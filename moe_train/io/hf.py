@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint interchange: Mixtral / Qwen2-MoE folders (config.json + safetensors) <-> MoETransformer.
+"""Hugging Face checkpoint interchange: Mixtral / Qwen2-MoE / DeepSeek-V2 / V3 folders (config.json + safetensors) <-> MoETransformer.
 
     from_hf(folder)       config.json -> ModelConfig, safetensors (one file or shards + index) -> our tensors
     to_hf(model, folder)  the reverse, written atomically (temp folder beside it, then swapped into place)
@@ -22,11 +22,12 @@ import torch
 
 from moe_train.io.atomic import write_folder_atomically
 from moe_train.io.hf_config import CONFIG_NAME, config_from_hf, config_to_hf, read_hf_config, write_hf_config
-from moe_train.io.hf_weights import WeightImporter, export_state_dict, import_state_dict
+from moe_train.io.hf_deepseek import num_mtp_layers
+from moe_train.io.hf_weights import WeightImporter, export_state_dict, import_state_dict, skip_mtp_layers
 from moe_train.io.safetensors_folder import (SafetensorsFolder, SafetensorsHeaders, copy_non_weight_files,
                                              parse_shard_size, write_safetensors)
 from moe_train.config import ModelConfig
-from moe_train.model.decoder import MoETransformer, RotaryEmbedding
+from moe_train.model.decoder import MoETransformer, rotary_for
 
 
 def check_hf(path: Union[str, Path]) -> ModelConfig:
@@ -34,11 +35,13 @@ def check_hf(path: Union[str, Path]) -> ModelConfig:
     config.json present, parseable and supported, every safetensors file complete (its header and size), every
     tensor present with the shape config.json implies and none left over. ValueError naming the file otherwise."""
     folder = Path(path)
-    cfg = config_from_hf(read_hf_config(folder), f"{folder / CONFIG_NAME}")
+    hf = read_hf_config(folder)
+    cfg = config_from_hf(hf, f"{folder / CONFIG_NAME}")
     with torch.device("meta"):
         expected = MoETransformer(cfg).state_dict()
     imp = WeightImporter(SafetensorsHeaders(folder), None, folder)
     import_state_dict(imp, cfg, expected)  # meta tensors: shapes only
+    skip_mtp_layers(imp, cfg, num_mtp_layers(hf))
     imp.check_all_used(cfg.family)
     return cfg
 
@@ -57,6 +60,7 @@ def from_hf(path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32
     with ExitStack() as stack:
         imp = WeightImporter(SafetensorsFolder(folder, stack), dtype, folder)
         sd = import_state_dict(imp, cfg, expected)
+        skip_mtp_layers(imp, cfg, num_mtp_layers(read_hf_config(folder)))
         imp.check_all_used(cfg.family)
     assert set(sd) == set(expected), sorted(set(sd) ^ set(expected))
     skeleton.load_state_dict(sd, strict=True, assign=True)
@@ -64,7 +68,7 @@ def from_hf(path: Union[str, Path], dtype: Optional[torch.dtype] = torch.float32
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True made two Parameters of one tensor
     # Non-persistent buffers are not in a checkpoint: recompute them off the meta device (fp32 RoPE table).
-    model.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+    model.rotary = rotary_for(cfg)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"from_hf left tensors on the meta device: {left}"
     return model
@@ -81,6 +85,9 @@ def to_hf(model: MoETransformer, path: Union[str, Path], max_shard_size: Union[i
     """
     if not isinstance(model, MoETransformer):
         raise ValueError(f"to_hf expects a moe_train MoETransformer, got {type(model).__name__}")
+    if model.config.moe.null_kind == "constant":  # docs/zero_compute.md
+        raise ValueError("to_hf: this model's null experts are of kind 'constant' (model.moe.null_kind), which no "
+                         "Hugging Face family has; save it as a moe_train model.pt (io.model_file.save_model)")
     limit = parse_shard_size(max_shard_size)
     dtype = model.embed_tokens.weight.dtype
     hf = config_to_hf(model.config, dtype)

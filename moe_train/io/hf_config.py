@@ -1,4 +1,5 @@
-"""config.json <-> ModelConfig for Mixtral / Qwen2-MoE Hugging Face folders.
+"""config.json <-> ModelConfig for Mixtral / Qwen2-MoE / Qwen3-MoE Hugging Face folders (DeepSeek-V2 / V3:
+io/hf_deepseek.py; LongCat-Flash: io/hf_longcat.py).
 
 config_from_hf resolves fields the way transformers does (its class defaults where config.json leaves a field out)
 and refuses, by name, every setting moe_train cannot reproduce (sliding windows in use, scaled RoPE, dense layers,
@@ -18,12 +19,17 @@ from typing import Any, Union
 import torch
 
 from moe_train.config import FAMILIES, ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
+from moe_train.io.hf_deepseek import (DEEPSEEK_ARCHITECTURES, DEEPSEEK_DEFAULTS, DEEPSEEK_FAMILIES,
+                                      deepseek_config_from_hf, deepseek_config_to_hf)
+from moe_train.io import hf_longcat
 
 CONFIG_NAME = "config.json"
 MOE_TRAIN_KEY = "moe_train"
 
 MODEL_TYPES = FAMILIES  # a family is named by its Hugging Face model_type (config.FAMILIES is the one list)
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", **DEEPSEEK_ARCHITECTURES,
+                 hf_longcat.FAMILY: hf_longcat.ARCHITECTURE}
 
 # transformers 5.23 class defaults, used where config.json leaves a field out (what transformers itself would do).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -39,6 +45,15 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                       max_window_layers=28, decoder_sparse_step=1, moe_intermediate_size=1408,
                       shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60,
                       norm_topk_prob=False, mlp_only_layers=[], qkv_bias=True, rope_theta=10000.0),
+    # Qwen3MoeConfig: no shared expert; attention_bias covers q/k/v/o; q/k RMSNorm per head (always present)
+    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=None, hidden_act="silu",
+                      max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096,
+                      decoder_sparse_step=1, moe_intermediate_size=768, num_experts_per_tok=8, num_experts=128,
+                      norm_topk_prob=False, mlp_only_layers=[], attention_bias=False, rope_theta=10000.0),
+    **DEEPSEEK_DEFAULTS,  # io/hf_deepseek.py maps the DeepSeek families
+    hf_longcat.FAMILY: hf_longcat.DEFAULTS,  # io/hf_longcat.py maps LongCat-Flash
 }
 
 
@@ -100,6 +115,8 @@ def _check_sliding_window(hf: dict, family: str, max_pos: int, where: str) -> No
                            else "full_attention" for i in range(_get(hf, "num_hidden_layers", family))]
         if "sliding_attention" not in layer_types:
             return
+    if family == "qwen3_moe" and not _get(hf, "use_sliding_window", family):
+        return  # transformers sets sliding_window to None then (every layer uses the same window when on)
     if window is not None and 0 < window < max_pos:
         raise ValueError(f"{where}: sliding_window={window} (< max_position_embeddings={max_pos}) is in use; "
                          f"moe_train implements full causal attention only. Set sliding_window to null "
@@ -111,6 +128,10 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
     family = hf.get("model_type")
     if family not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type={family!r} is not supported; supported: {MODEL_TYPES}")
+    if family in DEEPSEEK_FAMILIES:
+        return _finish_config(deepseek_config_from_hf(hf, where), hf, where)
+    if family == hf_longcat.FAMILY:  # its own layer layout, zero experts and extra checks
+        return hf_longcat.config_from_hf(hf, where)
     act = _get(hf, "hidden_act", family)
     if act != "silu":
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (experts are SwiGLU with 'silu')")
@@ -134,7 +155,13 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
             raise ValueError(f"{where}: mlp_only_layers={dense} are dense MLP layers; moe_train needs every layer "
                              f"to be an MoE layer (mlp_only_layers: [])")
         num_experts, ffn = _get(hf, "num_experts", family), _get(hf, "moe_intermediate_size", family)
-        shared, bias = _get(hf, "shared_expert_intermediate_size", family), _get(hf, "qkv_bias", family)
+        if family == "qwen3_moe":  # no shared expert; one attention_bias for q/k/v/o
+            # published configs say num_experts; transformers 5 saves its attribute num_local_experts
+            num_experts = hf["num_local_experts"] if "num_experts" not in hf and "num_local_experts" in hf \
+                else num_experts
+            shared, bias = 0, _get(hf, "attention_bias", family)
+        else:
+            shared, bias = _get(hf, "shared_expert_intermediate_size", family), _get(hf, "qkv_bias", family)
         norm_topk = _get(hf, "norm_topk_prob", family)
     if not num_experts or num_experts < 1:
         raise ValueError(f"{where}: {num_experts!r} experts; moe_train needs an MoE model with >= 1 expert per layer")
@@ -150,6 +177,11 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
         rms_norm_eps=float(_get(hf, "rms_norm_eps", family)), max_seq_len=max_pos,
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", family)), attention_bias=bool(bias),
         shared_expert_intermediate_size=shared, init_std=float(_get(hf, "initializer_range", family)), moe=moe)
+    return _finish_config(cfg, hf, where)
+
+
+def _finish_config(cfg: ModelConfig, hf: dict, where: str) -> ModelConfig:
+    """The moe_train extra (the exact router), then the one validation."""
     if MOE_TRAIN_KEY in hf:
         cfg.moe = _moe_from_extra(hf[MOE_TRAIN_KEY], cfg.moe, hf, where)
     try:
@@ -175,6 +207,9 @@ def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str)
     k_key = "num_experts_per_tok"
     for ours, theirs, hf_key in ((moe.num_experts, from_hf_fields.num_experts, "the expert count"),
                                  (moe.norm_topk_prob, from_hf_fields.norm_topk_prob, "norm_topk_prob"),
+                                 (moe.score_func, from_hf_fields.score_func, "the score function"),
+                                 (moe.routed_scaling_factor, from_hf_fields.routed_scaling_factor,
+                                  "routed_scaling_factor"),
                                  (_hf_top_k(moe), from_hf_fields.top_k, k_key)):
         if ours != theirs:
             raise ValueError(f"{where}: {hf_key}={theirs!r} disagrees with the '{MOE_TRAIN_KEY}' section (which "
@@ -189,6 +224,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     family = cfg.family
     if family not in MODEL_TYPES:
         raise ValueError(f"model.family={family!r} cannot be exported; supported: {MODEL_TYPES}")
+    if family == hf_longcat.FAMILY:  # num_layers, not num_hidden_layers (= 2 x num_layers there)
+        return hf_longcat.config_to_hf(cfg, str(dtype).removeprefix("torch."))
     if family == "mixtral":
         for bad, why in ((cfg.attention_bias, "attention_bias=True (q/k/v biases)"),
                          (cfg.shared_expert_intermediate_size > 0, "a shared expert"),
@@ -223,9 +260,19 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
     if cfg.head_dim is not None:
         hf["head_dim"] = cfg.head_dim
-    if family == "mixtral":
+    if family in DEEPSEEK_FAMILIES:
+        hf.update(deepseek_config_to_hf(cfg))
+    elif family == "mixtral":
         hf.update(intermediate_size=cfg.intermediate_size, num_local_experts=moe.num_experts,
                   router_jitter_noise=0.0)
+    elif family == "qwen3_moe":
+        if cfg.shared_expert_intermediate_size:
+            raise ValueError("a Qwen3-MoE checkpoint cannot express a shared expert; set model.family: qwen2_moe "
+                             "to export this model as Qwen2-MoE")
+        hf.update(intermediate_size=cfg.intermediate_size,  # dense-MLP width: unused, every layer is MoE
+                  moe_intermediate_size=cfg.intermediate_size, num_experts=moe.num_experts,
+                  norm_topk_prob=moe.norm_topk_prob, attention_bias=cfg.attention_bias, decoder_sparse_step=1,
+                  mlp_only_layers=[], use_sliding_window=False)
     else:
         hf.update(intermediate_size=cfg.intermediate_size,  # dense-MLP width: unused, every layer is MoE
                   moe_intermediate_size=cfg.intermediate_size, num_experts=moe.num_experts,

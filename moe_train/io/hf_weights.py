@@ -7,6 +7,8 @@ On disk we use the published per-expert names, which is also what transformers 5
                model.layers.{i}.block_sparse_moe.experts.{e}.w1 / w3 / w2.weight   [F, D] / [F, D] / [D, F]
     Qwen2-MoE  model.layers.{i}.mlp.gate.weight, mlp.experts.{e}.gate_proj / up_proj / down_proj.weight,
                mlp.shared_expert.{gate,up,down}_proj.weight, mlp.shared_expert_gate.weight, q/k/v biases
+    Qwen3-MoE  as Qwen2-MoE without the shared expert, plus self_attn.q_norm / k_norm.weight [Hd] (and an o bias)
+    LongCat-Flash  io/hf_longcat.py (two attention sublayers, dense MLPs, one classifier over FFN + zero experts)
 Reading also accepts the fused in-memory layout, `experts.gate_up_proj` [E, 2F, D] (gate rows first) and
 `experts.down_proj` [E, D, F], under either layer prefix. Our experts are stacked and pre-transposed for
 x @ W: w_gate / w_up [E, D, F], w_down [E, F, D] (an HF Linear weight is [out, in]).
@@ -21,6 +23,7 @@ Shape legend: E true experts, Z null experts, A Ada-K actions, D hidden, F exper
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -30,13 +33,21 @@ import torch
 
 from moe_train.config import ModelConfig
 from moe_train.io.hf_config import MOE_TRAIN_KEY
+from moe_train.io import hf_longcat
+from moe_train.io.hf_deepseek import DEEPSEEK_FAMILIES
+
+logger = logging.getLogger(__name__)
 from moe_train.io.safetensors_folder import SafetensorsFolder
 from moe_train.model.decoder import MoETransformer
 
 # Where a layer's MoE block lives on disk: Mixtral's published name, and transformers 5's in-memory name.
-MOE_PREFIXES = {"mixtral": ("block_sparse_moe.", "mlp."), "qwen2_moe": ("mlp.",)}
+MOE_PREFIXES = {"mixtral": ("block_sparse_moe.", "mlp."), "qwen2_moe": ("mlp.",), "qwen3_moe": ("mlp.",),
+                "longcat_flash": ("mlp.",), "deepseek_v2": ("mlp.",), "deepseek_v3": ("mlp.",)}
 # Per-expert Linear names: (gate, up, down).
-EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}
+EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                "deepseek_v2": ("gate_proj", "up_proj", "down_proj"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+                "longcat_flash": ("gate_proj", "up_proj", "down_proj")}
 
 # Router state beyond gate.weight, for error messages.
 _ROUTER_EXTRAS = {"null_gate.weight": "null experts", "allocator.weight": "an Ada-K allocator",
@@ -44,6 +55,9 @@ _ROUTER_EXTRAS = {"null_gate.weight": "null experts", "allocator.weight": "an Ad
                   "null_bias_integral": "a compute budget"}
 # Tensors older checkpoints carry that hold no learned state (recomputed from the config).
 _IGNORED_TENSORS = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
+# Per family, tensors transformers itself skips on load: LongCat-Flash's multi-token-prediction module (model.mtp.*,
+# its _keys_to_ignore_on_load_unexpected), used for speculative decoding only.
+_IGNORED_BY_FAMILY = {"longcat_flash": (re.compile(r"model\.mtp\..*"),)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +85,8 @@ class WeightImporter:
 
     def check_all_used(self, family: str) -> None:
         """Every stored tensor must have been taken: a leftover means a layout or config this import misreads."""
-        unused = sorted(n for n in self.src.names() - self.used if not any(p.fullmatch(n) for p in _IGNORED_TENSORS))
+        ignored = _IGNORED_TENSORS + _IGNORED_BY_FAMILY.get(family, ())
+        unused = sorted(n for n in self.src.names() - self.used if not any(p.fullmatch(n) for p in ignored))
         if unused:
             shown = ", ".join(unused[:8]) + (f", ... ({len(unused)} in all)" if len(unused) > 8 else "")
             raise ValueError(f"{str(self.folder)!r} holds tensors this {family} config does not explain: {shown}. "
@@ -114,12 +129,21 @@ def import_state_dict(imp: WeightImporter, cfg: ModelConfig,
                                         " (tie_word_embeddings is false, so the output projection must be stored)")
     for i in range(cfg.num_layers):
         o, h = f"layers.{i}.", f"model.layers.{i}."
+        if family in DEEPSEEK_FAMILIES:
+            sd.update(_import_deepseek_layer(imp, cfg, expected, i))
+            continue
+        if family == hf_longcat.FAMILY:  # two attention sublayers, dense MLPs, one classifier over n + z experts
+            hf_longcat.import_layer(imp, cfg, expected, i, sd)
+            continue
         for norm in ("input_layernorm", "post_attention_layernorm"):
             plain(f"{o}{norm}.weight", f"{h}{norm}.weight")
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             plain(f"{o}self_attn.{proj}.weight", f"{h}self_attn.{proj}.weight")
             if f"{o}self_attn.{proj}.bias" in expected:
                 plain(f"{o}self_attn.{proj}.bias", f"{h}self_attn.{proj}.bias")
+        for norm in ("q_norm", "k_norm"):  # Qwen3-MoE's per-head q / k RMSNorm
+            if f"{o}self_attn.{norm}.weight" in expected:
+                plain(f"{o}self_attn.{norm}.weight", f"{h}self_attn.{norm}.weight")
         prefixes = [h + pre for pre in MOE_PREFIXES[family]]
         p = next((q for q in prefixes if imp.has(q + "gate.weight")), prefixes[0])
         r = f"{o}moe.router."
@@ -163,12 +187,21 @@ def export_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(model.layers):
         h = f"model.layers.{i}."
         p = h + MOE_PREFIXES[family][0]
+        if family in DEEPSEEK_FAMILIES:
+            out.update(_export_deepseek_layer(layer, cfg, i))
+            continue
+        if family == hf_longcat.FAMILY:
+            out.update(hf_longcat.export_layer(layer, cfg, i, _cpu))
+            continue
         out[h + "input_layernorm.weight"] = _cpu(layer.input_layernorm.weight)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             lin = getattr(layer.self_attn, proj)
             out[f"{h}self_attn.{proj}.weight"] = _cpu(lin.weight)
             if lin.bias is not None:
                 out[f"{h}self_attn.{proj}.bias"] = _cpu(lin.bias)
+        for norm in ("q_norm", "k_norm"):  # Qwen3-MoE
+            if getattr(layer.self_attn, norm, None) is not None:
+                out[f"{h}self_attn.{norm}.weight"] = _cpu(getattr(layer.self_attn, norm).weight)
         out[h + "post_attention_layernorm.weight"] = _cpu(layer.post_attention_layernorm.weight)
         # The router's whole state under the layer prefix: gate.weight is what transformers reads; the rest
         # (null_gate.weight, allocator.weight, expert_bias, null-budget buffers) only from_hf reads.
@@ -197,3 +230,74 @@ def export_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     if not cfg.tie_word_embeddings:  # a tied head is rebuilt from the embedding (transformers does the same)
         out["lm_head.weight"] = _cpu(model.lm_head.weight)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSeek-V2 / V3: one decoder layer. Our names equal HF's under the layer prefix (MLA projections and norms,
+# a dense layer's mlp.{gate,up,down}_proj) except three: our moe.* is HF's mlp.*, the stacked experts are
+# mlp.experts.{e}.{gate,up,down}_proj (or the fused layout), and the router's expert_bias is DeepSeek-V3's
+# mlp.gate.e_score_correction_bias (the selection-only bias; a V2 bias is an extra, mlp.expert_bias).
+
+
+def _deepseek_name(ours_rel: str, family: str) -> str:
+    """HF name (under model.layers.{i}.) of one of our layer-relative names, experts aside."""
+    if ours_rel == "moe.router.expert_bias" and family == "deepseek_v3":
+        return "mlp.gate.e_score_correction_bias"
+    if ours_rel.startswith("moe.router."):
+        return "mlp." + ours_rel[len("moe.router."):]
+    if ours_rel.startswith("moe."):
+        return "mlp." + ours_rel[len("moe."):]
+    return ours_rel
+
+
+def _import_deepseek_layer(imp: WeightImporter, cfg: ModelConfig, expected: dict[str, torch.Tensor],
+                           i: int) -> dict[str, torch.Tensor]:
+    o, h = f"layers.{i}.", f"model.layers.{i}."
+    sd: dict[str, torch.Tensor] = {}
+    for ours in [k for k in expected if k.startswith(o) and not k.startswith(f"{o}moe.experts.")]:
+        rel = ours[len(o):]
+        leaf = rel[len("moe.router."):] if rel.startswith("moe.router.") else "gate.weight"
+        why = "" if leaf == "gate.weight" else (f" (config.json '{MOE_TRAIN_KEY}' describes a router with "
+                                                 f"{_ROUTER_EXTRAS.get(leaf, 'this state')})")
+        sd[ours] = imp.take(h + _deepseek_name(rel, cfg.family), expected[ours].shape, why)
+    if cfg.is_moe_layer(i):
+        sd[f"{o}moe.experts.w_gate"], sd[f"{o}moe.experts.w_up"], sd[f"{o}moe.experts.w_down"] = _import_experts(
+            imp, cfg.family, h + "mlp.", cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        if cfg.family == "deepseek_v2" and imp.has(h + "mlp.gate.e_score_correction_bias"):
+            raise ValueError(f"{str(imp.folder)!r}: {h}mlp.gate.e_score_correction_bias is a DeepSeek-V3 tensor; "
+                             f"config.json says deepseek_v2, whose router has no correction bias")
+    return sd
+
+
+def _export_deepseek_layer(layer, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    h = f"model.layers.{i}."
+    out: dict[str, torch.Tensor] = {}
+    for rel, t in layer.state_dict().items():
+        if rel.startswith("moe.experts."):
+            continue
+        if rel == "moe.router.expert_bias" and cfg.family == "deepseek_v2" and t.abs().sum() > 0:
+            warnings.warn(f"layer {i}: the expert bias is nonzero; transformers' DeepseekV2 has none, so it routes "
+                          f"without it (saved as {h}mlp.expert_bias for from_hf)")
+        out[h + _deepseek_name(rel, cfg.family)] = _cpu(t)
+    if layer.moe is not None:
+        p, ex = h + "mlp.", layer.moe.experts
+        if cfg.family == "deepseek_v3" and p + "gate.e_score_correction_bias" not in out:
+            out[p + "gate.e_score_correction_bias"] = torch.zeros(ex.num_experts, dtype=torch.float32)
+        for e in range(ex.num_experts):
+            out[f"{p}experts.{e}.gate_proj.weight"] = _cpu(ex.w_gate[e].t())
+            out[f"{p}experts.{e}.up_proj.weight"] = _cpu(ex.w_up[e].t())
+            out[f"{p}experts.{e}.down_proj.weight"] = _cpu(ex.w_down[e].t())
+    return out
+
+
+def skip_mtp_layers(imp: WeightImporter, cfg: ModelConfig, num_mtp: int) -> None:
+    """DeepSeek-V3's multi-token-prediction layers (model.layers.L ... L + num_mtp - 1): transformers' causal LM does
+    not build them (it ignores them on load), so neither do we; their tensors count as consumed."""
+    if num_mtp <= 0:
+        return
+    prefixes = tuple(f"model.layers.{cfg.num_layers + j}." for j in range(num_mtp))
+    skipped = sorted(n for n in imp.src.names() if n.startswith(prefixes))
+    if skipped:
+        logger.warning("skipping %d tensors of %d multi-token-prediction layer(s) (%s...): transformers' causal LM "
+                       "does not use them", len(skipped), num_mtp, prefixes[0])
+    imp.used.update(skipped)

@@ -4,7 +4,11 @@
 
 Attention: RoPE (rotate-half convention, as in Hugging Face), grouped-query heads, causal
 scaled_dot_product_attention. MoE: see moe_layer.py; the Qwen2-MoE variant adds q/k/v biases and a shared expert
-with a sigmoid gate and uses norm_topk_prob from its config.
+with a sigmoid gate and uses norm_topk_prob from its config. DeepSeek-V2 / V3 (config.MLA_FAMILIES): multi-head
+latent attention (mla.py) with interleaved, optionally yarn-scaled RoPE (rope.py), dense SwiGLU MLPs in the first
+first_k_dense_replace layers, ungated shared experts, and their router conventions (routing/scores.py).
+Qwen3-MoE: an RMSNorm over each query / key head before RoPE, attention_bias on q/k/v and o. LongCat-Flash: its own
+layer (longcat.py: two MLA sublayers, two dense MLPs, a shortcut MoE with identity zero-computation experts).
 Parameter names follow Hugging Face's where a layer has one (q_proj, input_layernorm, ...) so the interchange
 in moe_train.io is a rename plus the expert stacking.
 Shape legend: B batch, S sequence, D hidden, H heads, G kv heads, Hd head dim, V vocab, T = B*S.
@@ -20,6 +24,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from moe_train.config import ModelConfig
+from moe_train.model.experts import SwiGLU
+from moe_train.model.mla import MLAttention
 from moe_train.model.moe_layer import MoELayer
 from moe_train.routing import RoutingPlan
 
@@ -36,15 +42,31 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    """cos / sin tables; ``inv_freq`` and ``attention_factor`` (cos / sin scale) come from model/rope.py for scaled
+    RoPE (yarn), else plain RoPE of ``head_dim`` with base ``theta``."""
+
+    def __init__(self, head_dim: int, theta: float, inv_freq: Optional[torch.Tensor] = None,
+                 attention_factor: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if inv_freq is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.attention_factor = attention_factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_SH = positions_S.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs_SH, freqs_SH], dim=-1)
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return emb.cos(), emb.sin()
+
+
+def rotary_for(cfg: ModelConfig) -> RotaryEmbedding:
+    """The model's RoPE: its rotated width (cfg.rope_dim) and rope_scaling (model/rope.py)."""
+    from moe_train.model.rope import rope_tables
+
+    inv_freq, attention_factor = rope_tables(cfg)
+    return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, inv_freq, attention_factor)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +86,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, self.num_heads * Hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, self.num_kv_heads * Hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * Hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * Hd, D, bias=False)
+        # Qwen3-MoE: attention_bias covers the output projection too, and q / k get an RMSNorm over each head
+        # (before RoPE). The other families have neither.
+        qwen3 = cfg.family == "qwen3_moe"
+        self.o_proj = nn.Linear(self.num_heads * Hd, D, bias=cfg.attention_bias and qwen3)
+        self.q_norm = RMSNorm(Hd, cfg.rms_norm_eps) if qwen3 else None
+        self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps) if qwen3 else None
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BSHHd = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
+        k_BSGHd = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHHd, k_BSGHd = self.q_norm(q_BSHHd), self.k_norm(k_BSGHd)
+        q, k = q_BSHHd.transpose(1, 2), k_BSGHd.transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -78,17 +108,34 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Attention (GQA, or MLA for the DeepSeek families) then an MoE layer, or a dense SwiGLU MLP for the first
+    ``first_k_dense_replace`` layers (DeepSeek): exactly one of ``moe`` / ``mlp`` is set; a dense layer routes
+    nothing and returns no plan."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = MLAttention(cfg) if cfg.uses_mla else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.moe = MoELayer(cfg)
+        moe = cfg.is_moe_layer(layer_idx)
+        self.moe = MoELayer(cfg) if moe else None
+        self.mlp = None if moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
-    def forward(self, x_BSD, cos, sin) -> tuple[torch.Tensor, RoutingPlan]:
+    def forward(self, x_BSD, cos, sin) -> tuple[torch.Tensor, Optional[RoutingPlan]]:
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos, sin)
+        if self.moe is None:
+            return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD)), None
         y_BSD, plan = self.moe(self.post_attention_layernorm(x_BSD))
         return x_BSD + y_BSD, plan
+
+
+def layer_class(cfg: ModelConfig) -> type:
+    """The decoder layer of the family: LongCat-Flash's two-attention shortcut layer (longcat.py), else DecoderLayer."""
+    if cfg.family == "longcat_flash":
+        from moe_train.model.longcat import LongcatDecoderLayer  # it imports this module's RMSNorm
+
+        return LongcatDecoderLayer
+    return DecoderLayer
 
 
 class MoETransformer(nn.Module):
@@ -98,8 +145,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.rotary = rotary_for(cfg)
+        self.layers = nn.ModuleList(layer_class(cfg)(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Recompute each decoder layer in backward instead of keeping its activations (train.activation_checkpointing).
         # A flag, not a wrapper module, so parameter names (and checkpoints) do not depend on it.
@@ -119,7 +166,7 @@ class MoETransformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        for layer in self.layers:
+        for layer in self.moe_layers():
             for w in (layer.moe.experts.w_gate, layer.moe.experts.w_up, layer.moe.experts.w_down):
                 nn.init.normal_(w, std=std)
 
@@ -138,12 +185,18 @@ class MoETransformer(nn.Module):
                 x_BSD, plan = torch.utils.checkpoint.checkpoint(layer, x_BSD, cos, sin, use_reentrant=False)
             else:
                 x_BSD, plan = layer(x_BSD, cos, sin)
-            plans.append(plan)
+            if plan is not None:  # dense layers route nothing: plans (and routers()) cover the MoE layers
+                plans.append(plan)
         logits_BSV = self.lm_head(self.norm(x_BSD))
         return (logits_BSV, plans) if return_plans else logits_BSV
 
+    def moe_layers(self) -> list[DecoderLayer]:
+        """The decoder layers with an MoE block (all but DeepSeek's dense-first layers), in order."""
+        return [layer for layer in self.layers if layer.moe is not None]
+
     def routers(self) -> list[nn.Module]:
-        return [layer.moe.router for layer in self.layers]
+        """One router per MoE layer, in the order of the plans forward returns."""
+        return [layer.moe.router for layer in self.moe_layers()]
 
 
 def build_model(cfg: ModelConfig, device: Optional[torch.device] = None) -> MoETransformer:

@@ -19,6 +19,11 @@ from moe_train.config import LORA_TARGETS as TARGETS  # the one list (config.py 
 from moe_train.kernels.grouped_gemm import grouped_mm
 from moe_train.model.experts import GroupedExperts
 
+# The attention projections LoRA wraps (those a layer has): GQA's q/k/v/o, and DeepSeek MLA's (model/mla.py) full or
+# low-rank query, the joint key/value latent and its expansion, and the output. Latent norms stay as they are.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                         "kv_b_proj")
+
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -69,10 +74,13 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ..
         raise ValueError(f"LoRA targets {sorted(unknown)} / rank {rank}: targets must be among {TARGETS}, rank >= 1")
     for layer in model.layers:
         if "attention" in targets:
-            attn = layer.self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha))
-        if "experts" in targets:
+            # LongCat-Flash layers hold two attention sublayers (model/longcat.py): a ModuleList
+            attns = layer.self_attn if isinstance(layer.self_attn, nn.ModuleList) else [layer.self_attn]
+            for attn in attns:
+                for name in ATTENTION_PROJECTIONS:
+                    if isinstance(getattr(attn, name, None), nn.Linear):  # GQA or MLA (q_proj or q_a / q_b_proj)
+                        setattr(attn, name, LoRALinear(getattr(attn, name), rank, alpha))
+        if "experts" in targets and layer.moe is not None:  # dense-first layers (DeepSeek) have no experts
             layer.moe.experts = LoRAGroupedExperts(layer.moe.experts, rank, alpha)
     return model
 

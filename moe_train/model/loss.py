@@ -21,7 +21,10 @@ def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
 
 
 def routing_losses(plans: list[RoutingPlan], cfg: MoEConfig) -> dict[str, torch.Tensor]:
-    """Sum over layers of the aux and z terms, with the config's coefficients applied (alpha * sum_layers L)."""
+    """Sum over layers of the aux and z terms, with the config's coefficients applied (alpha * sum_layers L), and
+    the top-p router's entropy ("dynamic") loss, beta * sum_layers L_d (0 for the other routers)."""
     aux = torch.stack([p.aux_loss for p in plans]).sum()
     z = torch.stack([p.z_loss for p in plans]).sum()
-    return {"aux_loss": cfg.aux_loss_coef * aux, "z_loss": cfg.z_loss_coef * z}
+    entropy = [p.extras["entropy_loss"] for p in plans if "entropy_loss" in p.extras]
+    entropy_loss = cfg.entropy_loss_coef * torch.stack(entropy).sum() if entropy else torch.zeros_like(aux)
+    return {"aux_loss": cfg.aux_loss_coef * aux, "z_loss": cfg.z_loss_coef * z, "entropy_loss": entropy_loss}

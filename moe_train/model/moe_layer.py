@@ -16,6 +16,7 @@ from moe_train.kernels.permute import build_permutation, permute, unpermute_comb
 from moe_train.model.experts import GroupedExperts, SwiGLU
 from moe_train.routing import Dispatcher, Router, RoutingPlan, build_router
 from moe_train.routing.capacity import apply_capacity_from_config
+from moe_train.routing.zero_compute import add_null_output
 
 
 class LocalDispatcher:
@@ -39,6 +40,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.moe.num_experts, D, cfg.intermediate_size, cfg.moe.gemm_backend)
         self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if self.shared_expert is not None else None
+        # DeepSeek shared experts: one ungated SwiGLU of width intermediate_size * n_shared_experts (HF's layout)
+        self.shared_experts = SwiGLU(D, cfg.intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.moe.permute_backend)  # parallelize_model swaps it
         self.moe_cfg = cfg.moe  # capacity_factor / drop_policy for apply_capacity
 
@@ -49,6 +52,10 @@ class MoELayer(nn.Module):
         if self.moe_cfg.capacity_factor is not None:  # per-expert capacity on this (rank-local) batch
             plan = apply_capacity_from_config(plan, self.moe_cfg)
         y_TD = self.dispatcher(x_TD, plan, self.experts)
+        # identity / constant null picks: on this rank, never dispatched (routing/zero_compute.py)
+        y_TD = add_null_output(y_TD, x_TD, plan, getattr(self.router, "null_values", None))
         if self.shared_expert is not None:
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.reshape(B, S, D), plan

@@ -8,9 +8,11 @@ from moe_train.routing.adak import AdaKRouter
 from moe_train.routing.null_experts import NullExpertRouter
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.protocols import Dispatcher, Experts, Router
+from moe_train.routing.top_p import TopPRouter
 from moe_train.routing.topk import TopKRouter
 
-ROUTER_CLASSES = dict(zip(ROUTERS, (TopKRouter, NullExpertRouter, AdaKRouter)))  # config.ROUTERS, in its order
+# config.ROUTERS, in its order
+ROUTER_CLASSES = dict(zip(ROUTERS, (TopKRouter, NullExpertRouter, AdaKRouter, TopPRouter)))
 
 
 def build_router(hidden_size: int, cfg: MoEConfig) -> Router:
@@ -18,4 +20,4 @@ def build_router(hidden_size: int, cfg: MoEConfig) -> Router:
 
 
 __all__ = ["RoutingPlan", "counts_from_idx", "Router", "Dispatcher", "Experts", "TopKRouter", "NullExpertRouter",
-           "AdaKRouter", "build_router"]
+           "AdaKRouter", "TopPRouter", "build_router"]

@@ -3,7 +3,8 @@
     P(k | x) = softmax(x W_p),  W_p in R^{D x A},  actions a = 0..A-1  <->  k = k_min + a,  A = k_max - k_min + 1
     inference: k = k_min + argmax_a P;   training (PPO): a ~ P, with log P(a | x) returned for the ratio
     the frozen router's experts: idx = topk(softmax(W_g x), k_max)[:, :k], gates renormalised over those k
-    when the base model does (norm_topk_prob), else its raw probabilities
+    when the base model does (norm_topk_prob), else its raw probabilities; the base's score function, expert bias,
+    group limits and routed scaling apply as in its top-k router (routing/scores.py)
 
 The allocator is one bias-free linear map per layer (Qwen1.5-MoE: 2048 * 60 * 24 layers = 2.95M parameters).
 Modes: ``greedy`` (argmax), ``sample`` (a ~ P), ``forced`` (use ``forced_action_T``, to recompute log-probs of
@@ -32,6 +33,7 @@ from torch import nn
 from moe_train.config import MoEConfig
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
 from moe_train.routing.topk import renormalize, select_topk
 
 MODES = ("greedy", "sample", "forced")
@@ -44,7 +46,10 @@ class AdaKRouter(nn.Module):
         self.k_min = cfg.k_min
         self.k_max = cfg.resolved_k_max
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.moe_cfg = cfg  # score_func, topk_method / groups, routed_scaling_factor (routing/scores.py)
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+        # The frozen base router's selection-only bias (DeepSeek-V3's e_score_correction_bias; never updated here)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.use_expert_bias else None)
         self.allocator = nn.Linear(hidden_size, self.k_max - self.k_min + 1, bias=False)
         self.mode = "greedy"
         self.forced_action_T: Optional[torch.Tensor] = None
@@ -63,8 +68,10 @@ class AdaKRouter(nn.Module):
         self.mode, self.forced_action_T, self.uniform_T = mode, forced_action_T, uniform_T
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        c = self.moe_cfg
         logits_TE = self.gate(x_TD)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        scores_TE = router_scores(logits_TE, c.score_func)
+        probs_TE = score_distribution(scores_TE, c.score_func)
         # fp32 whatever the model's dtype (module docstring): bf16 logits would quantise log pi and the PPO ratio
         log_pi_TA = torch.log_softmax(F.linear(x_TD.float(), self.allocator.weight.float()), dim=-1)
         if self.mode == "greedy":
@@ -81,9 +88,11 @@ class AdaKRouter(nn.Module):
             assert self.forced_action_T is not None and self.forced_action_T.shape == log_pi_TA.shape[:1]
             action_T = self.forced_action_T
         k_T = self.k_min + action_T
-        weight_TK, idx_TK = select_topk(probs_TE, self.k_max)
+        bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group, c.topk_group)
+        weight_TK, idx_TK = select_topk(scores_TE, self.k_max, bias)
         keep_TK = torch.arange(self.k_max, device=x_TD.device) < k_T[:, None]
         weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
+        weight_TK = scale_routed(weight_TK, c.routed_scaling_factor)
         expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
         counts_E = counts_from_idx(expert_idx_TK, self.num_experts)
         return RoutingPlan(
@@ -100,6 +109,10 @@ class AdaKRouter(nn.Module):
             entropy_T=-(log_pi_TA.exp() * log_pi_TA).sum(dim=-1),
             extras={"allocator_log_probs_TA": log_pi_TA},
         )
+
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """The base router is frozen under Ada-K: its selection bias (if any) is never updated (the trainer calls
+        this on every router that holds an expert_bias)."""
 
 
 @contextmanager

@@ -31,11 +31,17 @@ from typing import Optional
 import torch
 
 
-def null_bias_limits(expert_bias_E: Optional[torch.Tensor]) -> tuple[float, float]:
-    """(lo, hi): outside [min(b_E) - 1, max(b_E) + 1] the null bias can no longer change any selection."""
-    if expert_bias_E is None or expert_bias_E.numel() == 0:
-        return -1.0, 1.0
-    return float(expert_bias_E.min()) - 1.0, float(expert_bias_E.max()) + 1.0
+def null_bias_limits(expert_bias_E: Optional[torch.Tensor],
+                     null_offset_Z: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """(lo, hi): outside [min(b_E) - 1, max(b_E) + 1] the null bias can no longer change any selection. With fixed
+    per-null offsets c_Z (NullExpertRouter.null_expert_bias) the range widens to [min(b_E) - max(c) - 1,
+    max(b_E) - min(c) + 1]: a null's score is p + bias + c."""
+    lo, hi = -1.0, 1.0
+    if expert_bias_E is not None and expert_bias_E.numel():
+        lo, hi = float(expert_bias_E.min()) - 1.0, float(expert_bias_E.max()) + 1.0
+    if null_offset_Z is not None and null_offset_Z.numel():
+        lo, hi = lo - float(null_offset_Z.max()), hi - float(null_offset_Z.min())
+    return lo, hi
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ What a dropped slot becomes:
   * with null experts (router ``null``): a null pick: slot -1, and when ``norm_topk_prob`` the remaining true
     weights are renormalised over the remaining true picks, exactly as if the router had picked a null expert
     there (a token left with no true pick outputs 0); without ``norm_topk_prob`` the other weights are kept.
+    With identity / constant null experts (null_kind) a null pick has a weight of its own, so a dropped slot is
+    dropped as below (the remaining true and null weights kept as they are).
   * otherwise (``topk``, ``adak``): dropped: slot -1, weight 0, and the remaining weights are NOT renormalised
     (Switch/GShard/Megatron semantics: the token's output simply loses that expert's term).
 The balancing loss keeps the router's own picks (computed before capacity). ``counts_E`` is recomputed (the
@@ -94,8 +96,10 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: Optional[float], drop_pol
 
 def apply_capacity_from_config(plan: RoutingPlan, moe_cfg) -> RoutingPlan:
     """apply_capacity with a MoEConfig's capacity_factor / drop_policy / router / norm_topk_prob."""
+    # identity / constant null picks carry weight too: a dropped pick then just loses its term, nothing renormalised
+    zero_nulls = moe_cfg.router == "null" and getattr(moe_cfg, "null_kind", "zero") == "zero"
     return apply_capacity(plan, moe_cfg.capacity_factor, moe_cfg.drop_policy,
-                          null_experts=moe_cfg.router == "null", norm_topk_prob=moe_cfg.norm_topk_prob)
+                          null_experts=zero_nulls, norm_topk_prob=moe_cfg.norm_topk_prob)
 
 
 def load_imbalance(counts_E: torch.Tensor, ep_size: int = 1) -> dict[str, torch.Tensor]:

@@ -26,6 +26,12 @@ class RoutingPlan:
     logits_TN:     the router logits behind probs_TN (the gate's dtype), for a z-loss over a subset of the tokens
                    (the Megatron router leaves padding out: routing/balancing.py::router_z_loss).
     Ada-K only: action_T (chosen action index), log_prob_T (log pi(action | x)), entropy_T.
+    Null experts that return something (null_kind identity / constant, routing/zero_compute.py), else None:
+    null_idx_TK:    int64, the null expert (0..Z-1) of each null pick, -1 elsewhere; the pick's expert_idx_TK is
+                   still -1 and its weight_TK 0, so no dispatcher sees it.
+    null_weight_TK: float32 gate weight of each null pick, 0 elsewhere; differentiable. The MoE layer adds
+                   zero_compute.null_expert_output(x, null_idx_TK, null_weight_TK, null_kind) on the token's rank.
+    null_kind:     config.NULL_KINDS ("zero" when the null fields are None).
     """
 
     expert_idx_TK: torch.Tensor
@@ -40,6 +46,9 @@ class RoutingPlan:
     entropy_T: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
     selected_counts_E: Optional[torch.Tensor] = None
+    null_idx_TK: Optional[torch.Tensor] = None
+    null_weight_TK: Optional[torch.Tensor] = None
+    null_kind: str = "zero"
 
     def __post_init__(self):
         if self.selected_counts_E is None:  # a plan no capacity has touched: selections are the assignments

@@ -1,7 +1,9 @@
-"""Top-k routing: the baseline, in the Mixtral and Qwen2-MoE gate conventions.
+"""Top-k routing: the baseline, in the Mixtral, Qwen and DeepSeek gate conventions.
 
-    z = W_g x,  p = softmax(z) (fp32),  idx = topk(p + b, k),  w = p[idx]
-    w <- w / sum(w)          if norm_topk_prob (Mixtral: always; Qwen1.5-MoE: norm_topk_prob=False)
+    z = W_g x,  p = softmax(z) or sigmoid(z) (fp32, score_func),  idx = topk(p + b, k),  w = p[idx]
+    w <- w / sum(w)          if norm_topk_prob (Mixtral: always; Qwen1.5-MoE, DeepSeek-V2: norm_topk_prob=False)
+    w <- w * routed_scaling_factor        (DeepSeek; 1 otherwise)
+    group-limited routing (DeepSeek topk_method) restricts idx to the best expert groups (routing/scores.py)
 
 b is the optional aux-loss-free expert bias (selection only, never in w).
 Among exactly equal scores the lower index ranks first (select_topk), so the selection is the same on every device
@@ -19,12 +21,14 @@ from torch import nn
 from moe_train.config import MoEConfig
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
+from moe_train.kernels.routing import route_fused
 
 
 def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None,
                 tie_break: str = "true_first"):
     """Returns (weight_TK, idx_TK): the k best experts by (probs + bias), best first, and their UNBIASED
-    probabilities. The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
+    probabilities. ``bias_N`` may be [T, N] (routing/scores.py selection_bias: -inf rules out group-limited experts). The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
     these routers).
 
     tie_break (config.NULL_TIE_BREAKS) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
@@ -57,17 +61,30 @@ class TopKRouter(nn.Module):
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
         self.expert_bias_rate = cfg.expert_bias_rate
+        self.moe_cfg = cfg  # score_func, topk_method / groups, routed_scaling_factor (routing/scores.py)
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
-        # Aux-loss-free balancing state; a buffer so it is checkpointed and moves with the model.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.expert_bias_rate > 0 else None)
+        # Aux-loss-free balancing state (DeepSeek-V3's e_score_correction_bias); a buffer so it is checkpointed and
+        # moves with the model.
+        has_bias = cfg.expert_bias_rate > 0 or cfg.use_expert_bias
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if has_bias else None)
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        c = self.moe_cfg
         logits_TE = self.gate(x_TD)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        weight_TK, idx_TK = select_topk(probs_TE, self.top_k, self.expert_bias)
-        if self.norm_topk_prob:
-            weight_TK = renormalize(weight_TK, torch.ones_like(weight_TK))
-        counts_E = counts_from_idx(idx_TK, self.num_experts)
+        # the one-pass kernel where routing_backend selects it and the math is its plain top-k (kernels/routing.py)
+        fused = route_fused(logits_TE, c, self.top_k, self.num_experts, self.expert_bias, self.norm_topk_prob)
+        if fused is None:  # the torch path: every convention
+            scores_TE = router_scores(logits_TE, c.score_func)
+            bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group,
+                                  c.topk_group)
+            weight_TK, idx_TK = select_topk(scores_TE, self.top_k, bias)
+            if self.norm_topk_prob:
+                weight_TK = renormalize(weight_TK, torch.ones_like(weight_TK))
+        else:
+            scores_TE, weight_TK, idx_TK = fused.probs_TN, fused.weight_TK, fused.expert_idx_TK
+        weight_TK = scale_routed(weight_TK, c.routed_scaling_factor)
+        probs_TE = score_distribution(scores_TE, c.score_func)
+        counts_E = counts_from_idx(idx_TK, self.num_experts) if fused is None else fused.counts_N
         return RoutingPlan(
             expert_idx_TK=idx_TK,
             weight_TK=weight_TK,

@@ -64,6 +64,7 @@ Shape legend: B sequences, S sequence length, T = B*S tokens, L MoE layers, A al
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import AdaKConfig, Config, TrainConfig
+from moe_train.data import get_corpus
 from moe_train.eval.report import corpus_report
 from moe_train.io import load_any
 from moe_train.io.lock import OutDirLock
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.collectives import all_reduce_sum, clip_grad_norm_
+from moe_train.parallel.collectives import all_reduce_sum
 from moe_train.routing.adak import AdaKRouter, routing_mode
 from moe_train.train.metrics import logger
 from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
@@ -99,7 +101,7 @@ def global_mean(x: torch.Tensor, ctx: Optional[ParallelContext] = None) -> torch
 
 
 def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
-    routers = [layer.moe.router for layer in model.layers]
+    routers = model.routers()
     if not all(isinstance(r, AdaKRouter) for r in routers):
         raise ValueError(f"the model's router is {model.config.moe.router!r}, not an Ada-K router: convert a top-k "
                          "model with moe_train.io.adak_convert.add_allocators (moe-train adak does it)")
@@ -160,7 +162,7 @@ def load_adak_model(cfg: Config) -> MoETransformer:
 
 def _cast_except_allocators(model: MoETransformer, dtype: torch.dtype) -> None:
     """model.to(dtype) for the base; an Ada-K model's allocators keep their (fp32 master) values bit for bit."""
-    routers = [layer.moe.router for layer in model.layers if isinstance(layer.moe.router, AdaKRouter)]
+    routers = [r for r in model.routers() if isinstance(r, AdaKRouter)]
     kept = [r.allocator.weight.detach().float().clone() for r in routers]
     model.to(dtype)
     with torch.no_grad():
@@ -189,17 +191,19 @@ def warm_start_labels(probs_TE: torch.Tensor, threshold: float, k_min: int, k_ma
     return k_T.clamp(min=k_min, max=k_max)
 
 
-def warm_start_loss(model: MoETransformer, inputs_BS: torch.Tensor, threshold: float) -> tuple[torch.Tensor, dict]:
+def warm_start_loss(model: MoETransformer, inputs_BS: torch.Tensor, threshold: float,
+                    forward=None) -> tuple[torch.Tensor, dict]:
     """Mean over layers of the allocator cross-entropy on the pseudo labels, with the base top-k forward.
 
     The forward runs with gradients enabled and the loss comes from the allocator log-probs in the returned plans:
     under FSDP2 that is the only way the gradient reaches the sharded allocators (a loss built on the side, e.g. in
     a hook of a no-grad forward, leaves it on FSDP's unsharded copies, where the next backward would pick it up).
-    Only the allocators record a graph: no base tensor requires grad."""
+    Only the allocators record a graph: no base tensor requires grad. ``forward``: the engine's module call (default:
+    the model)."""
     routers = adak_routers(model)
     base_k = forced_k_actions(routers, model.config.moe.top_k, inputs_BS.numel(), inputs_BS.device)
     with routing_mode(routers, "forced", base_k), torch.enable_grad():
-        _, plans = model(inputs_BS, return_plans=True)
+        _, plans = (model if forward is None else forward)(inputs_BS, return_plans=True)
     losses, label_k, agree = [], [], []
     for router, plan in zip(routers, plans):
         log_pi_TA = plan.extras["allocator_log_probs_TA"]
@@ -315,17 +319,35 @@ def rollout(model: MoETransformer, inputs_BS: torch.Tensor, targets_BS: torch.Te
                    loglik_T)
 
 
-def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor,
-                     action_LT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_new(a | x)_LT, entropy_LT) with every layer forced to the stored actions; differentiable in W_p."""
+def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor, action_LT: torch.Tensor,
+                     forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_new(a | x)_LT, entropy_LT) with every layer forced to the stored actions; differentiable in W_p.
+    ``forward``: the engine's module call the backward goes through (default: the model itself)."""
     with routing_mode(adak_routers(model), "forced", action_LT):
-        _, plans = model(inputs_BS, return_plans=True)
+        _, plans = (model if forward is None else forward)(inputs_BS, return_plans=True)
     return torch.stack([p.log_prob_T for p in plans]), torch.stack([p.entropy_T for p in plans])
 
 
-def _clip(params: Sequence[nn.Parameter], max_norm: float, ctx: Optional[ParallelContext]) -> float:
-    """The trainer's clipping (the global norm over all ranks; torch's own in one process) as a float."""
-    return clip_grad_norm_(params, max_norm, ParallelContext() if ctx is None else ctx).item()
+def as_engine(opt, model: nn.Module, params: Sequence[nn.Parameter], ctx: Optional[ParallelContext]):
+    """``opt`` when it is an engine (train/engine.py), else a TorchEngine over the torch optimizer ``opt`` whose
+    clipping covers ``params`` (the trainer's: the global norm over all ranks; torch's own in one process)."""
+    from moe_train.train.engine import TorchEngine
+
+    if hasattr(opt, "clip_and_step"):
+        return opt
+    return TorchEngine(model, opt, ParallelContext() if ctx is None else ctx, params=list(params))
+
+
+def _update(engine, loss: torch.Tensor, grad_clip: float, what: str) -> float:
+    """One allocator update: backward, clipping (train.grad_clip; 0 = none, the norm is still measured), step.
+    A non-finite gradient norm fails the run (the allocators would become NaN)."""
+    engine.zero_grad()
+    engine.backward(loss)
+    norm, stepped = engine.clip_and_step(grad_clip)
+    if not stepped or not math.isfinite(float(norm)):
+        raise FloatingPointError(f"{what}: non-finite allocator gradient norm {float(norm)}; lower adak.lr or set "
+                                 "train.grad_clip")
+    return float(norm)
 
 
 def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
@@ -372,6 +394,7 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
     grad_scale = ctx.world_size if distributed else 1
     sums_M4, counts_M = [], []  # per minibatch: this rank's statistic sums, the global action count
     grad_norm = None
+    engine = as_engine(opt, model, params, ctx)  # a torch optimizer or the run's engine (DeepSpeed)
     for _ in range(a.ppo_epochs):
         perm_global = torch.randperm(B_global, generator=generator)
         for mb_global in perm_global.chunk(a.ppo_minibatches):
@@ -382,14 +405,10 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
             idx = _rows(B, S, seqs)  # empty when this rank holds none of the minibatch
             # An empty share still runs the [0, S] forward and the backward: the forward's all-to-all and the
             # backward's FSDP reduce-scatter are collectives every rank must join; its loss is an empty sum, 0.
-            new_LT, ent_LT = forced_log_probs(model, inputs_BS[seqs], action_LT[:, idx])
+            new_LT, ent_LT = forced_log_probs(model, inputs_BS[seqs], action_LT[:, idx], engine.forward)
             loss, st = ppo_objective(new_LT, old_LT[:, idx], adv_T[idx], a.clip_eps, ent_LT, a.entropy_coef,
                                      num_actions=count)
-            opt.zero_grad(set_to_none=True)
-            (loss * grad_scale).backward()
-            if grad_clip > 0:
-                grad_norm = _clip(params, grad_clip, ctx)
-            opt.step()
+            grad_norm = _update(engine, loss * grad_scale, grad_clip, "ppo")
             sums_M4.append(st["sums"])
             counts_M.append(count)
     rollout_stats = Rollout(inputs_BS, targets_BS, action_LT, old_LT, k_LT, reward_T, loglik_T)
@@ -444,7 +463,12 @@ class AdaKTrainer(Trainer):
     def prepare_model(self, model: MoETransformer) -> torch.nn.Module:
         model = model.to(self.ctx.device)
         freeze_base(model)
-        if self.ctx.distributed:
+        if self.cfg.parallel.engine == "deepspeed":  # expert shards + all-to-all; DeepSpeed reduces the allocators
+            from moe_train.parallel.deepspeed_engine import check_launch, prepare_experts
+
+            check_launch(self.cfg, self.ctx)
+            prepare_experts(model, self.ctx)
+        elif self.ctx.distributed:
             # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
             # allocator decides k before dispatch, so each token sends only its k rows.
             from moe_train.parallel.parallelize import parallelize_model
@@ -454,7 +478,20 @@ class AdaKTrainer(Trainer):
         return model
 
     def setup_optimizer(self) -> int:
-        return 0  # each stage makes its own optimizer; Ada-K runs are short and do not resume
+        self.engine = None  # each stage makes its own optimizer (stage_engine); Ada-K runs are short, no resume
+        return 0
+
+    def stage_engine(self):
+        """A fresh AdamW over the allocators for a stage, in the run's engine (train/engine.py). DeepSpeed: one
+        deepspeed.initialize for the run, its optimizer state reset at the second stage (the same as a new AdamW)."""
+        opt = build_allocator_optimizer(self.params, self.cfg.adak, self.cfg.train)
+        if self.cfg.parallel.engine != "deepspeed":
+            self.engine = self.make_engine(opt, params=self.params)
+        elif getattr(self, "engine", None) is None:
+            self.engine = self.make_engine(opt)
+        else:
+            self.engine.reset_optimizer_state()
+        return self.engine  # also the Trainer's: save_model_file gathers the model through it
 
     def validate(self) -> dict:
         """The validation report (moe_train/eval/report.py) with the greedy allocator, and the loss increase over
@@ -462,8 +499,10 @@ class AdaKTrainer(Trainer):
         if self.data.val_tokens is None:
             return {}
         B, device = self.cfg.train.batch_size, self.ctx.device
-        rep = corpus_report(self.model, self.data.val_batches(B), device)
-        base = corpus_report(self.model, self.data.val_batches(B), device, force_k=self.cfg.model.moe.top_k)
+        corpus = get_corpus(self.cfg.data.corpus)  # names and groups of the validation labels
+        names = {"label_names": corpus.labels, "label_groups": corpus.groups}
+        rep = corpus_report(self.model, self.data.val_batches(B), device, **names)
+        base = corpus_report(self.model, self.data.val_batches(B), device, force_k=self.cfg.model.moe.top_k, **names)
         rep["base_val_loss"] = base["val_loss"]
         rep["val_loss_increase"] = rep["val_loss"] / base["val_loss"] - 1
         return rep
@@ -489,17 +528,12 @@ class AdaKTrainer(Trainer):
     def warm_start(self) -> None:
         """Stage 1: the allocators learn the pseudo labels of the frozen router (module docstring)."""
         t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
-        opt = build_allocator_optimizer(self.params, a, t)
+        engine = self.stage_engine()
         for step in range(1, a.warm_start_steps + 1):
             start = time.perf_counter()
             inputs, _ = self.data.train.next_batch()
-            loss, st = warm_start_loss(self.model, inputs.to(ctx.device), a.warm_start_threshold)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            assert all(p.grad is not None for p in self.params), "the warm-start gradient did not reach the allocators"
-            if t.grad_clip > 0:
-                _clip(self.params, t.grad_clip, ctx)
-            opt.step()
+            loss, st = warm_start_loss(self.model, inputs.to(ctx.device), a.warm_start_threshold, engine.forward)
+            _update(engine, loss, t.grad_clip, f"warm start step {step}")
             st = {k: [_mean_over_ranks(x, ctx) for x in v] if isinstance(v, list) else _mean_over_ranks(v, ctx)
                   for k, v in st.items()}
             record = {"stage": "warm_start", "step": step, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
@@ -509,20 +543,20 @@ class AdaKTrainer(Trainer):
                 logger.info(f"warm start {step}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k "
                             f"{st['label_k']:.2f} acc {st['label_acc']:.3f}")
             self.stop_if_preempted_adak("warm_start", step)
-        opt.zero_grad(set_to_none=True)  # nothing of this stage reaches the PPO optimizer
+        engine.zero_grad()  # nothing of this stage reaches the PPO optimizer
 
     def ppo(self) -> dict:
         """Stage 2: PPO over the same data from its start (each stage is one pass in the paper); the last record."""
         t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
         self.data.train.load_state_dict({"consumed": 0})
-        opt = build_allocator_optimizer(self.params, a, t)
+        engine = self.stage_engine()
         baseline = RewardBaseline(a.baseline, a.running_mean_decay)
         gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
         record: dict = {}
         for step in range(1, a.ppo_steps + 1):
             start = time.perf_counter()
             inputs, targets = self.data.train.next_batch()
-            record = ppo_step(self.model, opt, self.params, inputs.to(ctx.device), targets.to(ctx.device), a,
+            record = ppo_step(self.model, engine, self.params, inputs.to(ctx.device), targets.to(ctx.device), a,
                               baseline, t.grad_clip, gen, ctx)
             record = {"stage": "ppo", "step": step, **record, "seconds": time.perf_counter() - start}
             if a.val_every and step % a.val_every == 0 and step < a.ppo_steps:

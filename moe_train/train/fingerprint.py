@@ -38,7 +38,7 @@ MAY_CHANGE = (
     "train.eval_every", "train.max_bad_steps", "train.peak_tflops", "train.tensorboard", "train.export_hf",
     "train.precision", "train.activation_checkpointing", "train.out_dir", "train.resume", "train.resume_from",
     "train.resume_allow_changes",
-    "model.moe.gemm_backend", "model.moe.permute_backend",
+    "model.moe.gemm_backend", "model.moe.permute_backend", "model.moe.routing_backend",
     "parallel.*", "launch.*", "adak.*",
 )
 

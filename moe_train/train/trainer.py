@@ -32,19 +32,18 @@ import torch
 import yaml
 
 from moe_train.config import Config, to_dict
-from moe_train.data import Data, build_data
+from moe_train.data import Data, build_data, get_corpus
 from moe_train.eval.report import corpus_report, validation_metrics
 from moe_train.io import load_any
 from moe_train.io.atomic import remove_leftovers
-from moe_train.io.dcp_checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from moe_train.io.dcp_checkpoint import latest_checkpoint, remove_stale_temporaries
 from moe_train.io.lock import OutDirLock
 from moe_train.io.model_file import load_model, save_model
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_, local_tensor
-from moe_train.parallel.state import full_state_dict
+from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, local_tensor
 from moe_train.routing.capacity import load_imbalance
 from moe_train.train.fingerprint import check_resume, config_record, optimizer_hparams, reapply_hparams
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
@@ -52,7 +51,8 @@ from moe_train.train.preemption import Preempted, StopSignals, handles_stop_sign
 
 # MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
 MOE_TRAINING_KNOBS = ("aux_loss_coef", "z_loss_coef", "expert_bias_rate", "target_true_experts", "budget_kp",
-                      "budget_ki", "capacity_factor", "drop_policy", "gemm_backend", "permute_backend")
+                      "budget_ki", "capacity_factor", "drop_policy", "gemm_backend", "permute_backend", "top_p",
+                      "entropy_loss_coef", "routing_backend")
 
 
 class TrainingError(RuntimeError):
@@ -102,7 +102,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 
 
 def initial_model(cfg: Config) -> MoETransformer:
-    """The model to train: fresh, or loaded from train.init_from (converted to AdaMoE if the config asks)."""
+    """The model to train: fresh, or loaded from train.init_from (converted to AdaMoE or to top-p routing if the
+    config asks)."""
     src = cfg.train.init_from
     if src is None:
         return build_model(cfg.model)
@@ -111,11 +112,18 @@ def initial_model(cfg: Config) -> MoETransformer:
     if want.router == "null" and have.router == "topk":
         from moe_train.io.convert import add_null_experts
 
-        add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break)
+        add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
+                         want.null_kind)
+    elif want.router == "top_p" and have.router == "topk":  # the same gate; top-p selection over its probabilities
+        if loaded.config.moe.expert_bias_rate > 0 or getattr(loaded.config.moe, "use_expert_bias", False):
+            raise ValueError(f"train.init_from={src!r} routes with a selection bias (expert bias): the top-p router "
+                             "selects by probability mass only and cannot continue it")
     elif want.router != have.router:
         raise ValueError(f"model.moe.router={want.router!r} but train.init_from={src!r} holds a {have.router!r} "
-                         "model; only top-k -> null (AdaMoE conversion) is done on load")
+                         "model; only top-k -> null (AdaMoE conversion) and top-k -> top_p are done on load")
     knobs = {k: getattr(want, k) for k in MOE_TRAINING_KNOBS}
+    if want.router == "top_p" and have.router == "topk":
+        knobs.update(router="top_p", k_max=want.k_max)
     model_cfg = dataclasses.replace(loaded.config, moe=dataclasses.replace(loaded.config.moe, **knobs))
     model = build_model(model_cfg)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
@@ -141,8 +149,10 @@ def apply_trainable(model: torch.nn.Module, cfg: Config) -> None:
 def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.device) -> dict:
     """Validation loss, true experts per token (overall, per layer, per difficulty label), FLOPs vs top-k, at the
     training precision, under the trainer's ``val_*`` names; {} without a held-out split (moe_train/eval/report.py)."""
+    corpus = get_corpus(cfg.data.corpus)  # names and groups of the validation labels
     rep = corpus_report(model, data.val_batches(cfg.train.batch_size), device,
-                        autocast=use_autocast(model, cfg, device))
+                        autocast=use_autocast(model, cfg, device), label_names=corpus.labels,
+                        label_groups=corpus.groups)
     return validation_metrics(rep)
 
 
@@ -233,7 +243,7 @@ class Trainer:
         if ctx.is_main:
             self.remove_crash_leftovers()  # this run owns out_dir now; nothing of it has been saved yet
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self.routers = [layer.moe.router for layer in self.model.layers]
+        self.routers = self.model.routers()  # one per MoE layer (dense-first layers have none)
         self.preemption = StopSignals()  # SIGTERM / SIGUSR1 while fit runs: stop at a step boundary
 
     def remove_crash_leftovers(self) -> None:
@@ -265,7 +275,12 @@ class Trainer:
         apply_trainable(model, self.cfg)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         model = model.to(self.ctx.device)
-        if self.ctx.distributed:
+        if self.cfg.parallel.engine == "deepspeed":  # sharding and reduction are DeepSpeed's (setup_optimizer)
+            from moe_train.parallel.deepspeed_engine import check_launch, prepare_experts
+
+            check_launch(self.cfg, self.ctx)
+            prepare_experts(model, self.ctx)
+        elif self.ctx.distributed:
             from moe_train.parallel.parallelize import parallelize_model
 
             # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
@@ -279,7 +294,12 @@ class Trainer:
         t = self.cfg.train
         self.autocast = use_autocast(self.model, self.cfg, self.ctx.device)  # single process: autocast over fp32
         self.opt = build_optimizer(self.model, self.cfg, self.ctx.device)
+        if self.cfg.parallel.engine == "deepspeed":  # MoE / non-MoE parameter groups, before the schedule sees them
+            from moe_train.parallel.deepspeed_engine import split_moe_groups
+
+            split_moe_groups(self.opt)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
+        self.engine = self.make_engine(self.opt, self.sched)
         self.budget = self.cfg.model.moe.target_true_experts is not None
         self.bad_steps = 0
         path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(self.out_dir) if t.resume else None)
@@ -287,13 +307,24 @@ class Trainer:
             return 0
         check_resume(path, self.cfg, self.ctx)  # before loading: another shape would fail inside DCP
         wanted = optimizer_hparams(self.opt)  # this config's LR, betas, weight decay: the checkpoint's are old
-        state = load_checkpoint(path, self.model, self.opt, self.ctx)
+        state = self.engine.load_checkpoint(path)
         self.sched.load_state_dict(state["scheduler"])
         reapply_hparams(self.opt, self.sched, wanted)
         self.data.train.load_state_dict(state["data"])
         self.bad_steps = state["bad_steps"]
         logger.info(f"resumed from {path} at step {state['step']}")
         return state["step"]
+
+    def make_engine(self, opt: torch.optim.Optimizer, sched=None, params=None):
+        """The engine the loop delegates to (train/engine.py), by parallel.engine: fsdp -> TorchEngine over the
+        (FSDP2) model; deepspeed -> deepspeed.initialize around it, ``opt`` regrouped into MoE / non-MoE groups."""
+        if self.cfg.parallel.engine != "deepspeed":
+            from moe_train.train.engine import TorchEngine
+
+            return TorchEngine(self.model, opt, self.ctx, sched, params)
+        from moe_train.parallel.deepspeed_engine import build_engine
+
+        return build_engine(self.model, opt, self.cfg, self.ctx, bf16_compute(self.cfg, self.ctx.device), sched)
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -335,12 +366,10 @@ class Trainer:
         # the global norm over every rank's gradient shards (torch's own clip_grad_norm_ in a single process); also
         # without clipping (max_norm inf scales by 1): it is the guard's one-number test of every gradient. A finite
         # loss can come with NaN/inf gradients, which AdamW would write into every weight it touches.
-        grad_norm = clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf, ctx)
-        if not math.isfinite(float(grad_norm)):  # the same all-reduced value on every rank: one decision
+        grad_norm, stepped = self.engine.clip_and_step(t.grad_clip)  # clipping, optimizer step, LR schedule
+        if not stepped:  # a non-finite norm: the same all-reduced value on every rank, one decision
             self.skip_step(step, f"non-finite gradient norm {float(grad_norm)}", scalars[0])
             return None
-        self.opt.step()
-        self.sched.step()
         # the updated state's check rides on the routing counts' all-reduce and host sync: no extra collective
         stats = acc.reduce(ctx, self.state_norm())
         if not math.isfinite(stats["state_norm"]) and not self.state_is_finite():
@@ -358,30 +387,34 @@ class Trainer:
         rank sees the same values: one skip decision) and the routing counts of every micro-batch."""
         t, ctx = self.cfg.train, self.ctx
         acc = _RoutingAccumulator()
-        sums = torch.zeros(4, device=ctx.device)  # loss, lm, aux, z (means over micro-batches)
-        self.opt.zero_grad(set_to_none=True)
-        for inputs, targets in zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps)):
+        sums = torch.zeros(5, device=ctx.device)  # loss, lm, aux, z, entropy (means over micro-batches)
+        self.engine.zero_grad()
+        for i, (inputs, targets) in enumerate(zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps))):
             # fp32 master weights and optimizer state either way; routers' softmax and the LM loss stay in fp32
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits, plans = self.model(inputs.to(ctx.device), return_plans=True)
+                logits, plans = self.engine.forward(inputs.to(ctx.device), return_plans=True)
             lm = lm_loss(logits, targets.to(ctx.device))
             terms = routing_losses(plans, self.cfg.model.moe)
-            loss = lm + terms["aux_loss"] + terms["z_loss"]
-            (loss / t.grad_accum_steps).backward()
-            sums += torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"]]).detach().float() / t.grad_accum_steps
+            loss = lm + terms["aux_loss"] + terms["z_loss"] + terms["entropy_loss"]
+            self.engine.backward(loss * self.engine.loss_scale(t.grad_accum_steps), last=i == t.grad_accum_steps - 1)
+            sums += torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"], terms["entropy_loss"]]
+                                ).detach().float() / t.grad_accum_steps
             acc.add(plans)
         # this rank's stop-signal vote rides on the same all-reduce (no extra collective per step): every rank
         # learns whether any rank got SIGTERM / SIGUSR1 and all stop after the same step (train/preemption.py)
         reduced = all_reduce_mean(torch.cat([sums, self.preemption.vote(ctx.device)]), ctx).tolist()
-        self.preemption.agree(reduced[4])
-        return reduced[:4], acc
+        self.preemption.agree(reduced[5])
+        return reduced[:5], acc
 
     def skip_step(self, step: int, reason: str, loss: float) -> None:
         """A step whose loss or gradient norm was not finite on some rank: no optimizer step (the weights and moments
         stay the last good ones), counted; past train.max_bad_steps the run fails."""
         t = self.cfg.train
+        if not self.engine.can_skip_steps:
+            raise self.diverged(step, f"{reason}; parallel.engine: {self.cfg.parallel.engine} cannot skip a step (its "
+                                      "gradients are already reduced into the engine's buffers)")
         self.bad_steps += 1
-        self.opt.zero_grad(set_to_none=True)
+        self.engine.skip()  # drops the gradients; the schedule counts skipped steps too (same LR after a resume)
         logger.warning(f"step {step}: {reason}, step skipped ({self.bad_steps}/{t.max_bad_steps})")
         self.metrics.write({"step": step, "skipped": True, "reason": reason, "loss": loss,
                             "bad_steps": self.bad_steps})
@@ -389,7 +422,6 @@ class Trainer:
             raise self.diverged(step, f"{self.bad_steps} steps skipped for non-finite losses or gradients "
                                       f"(more than train.max_bad_steps={t.max_bad_steps}; check the data, or raise "
                                       "the limit)")
-        self.sched.step()  # the schedule counts skipped steps too: a resumed run lands on the same LR
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             self.checkpoint(step)
 
@@ -401,6 +433,7 @@ class Trainer:
         record = {
             "step": step,
             "loss": scalars[0], "lm_loss": scalars[1], "aux_loss": scalars[2], "z_loss": scalars[3],
+            "entropy_loss": scalars[4],
             "true_experts_per_token": sum(per_layer) / len(per_layer),
             "true_experts_per_layer": per_layer,
             "flops_vs_topk": flops_vs_topk(m, per_layer, t.seq_len),
@@ -493,10 +526,9 @@ class Trainer:
     def checkpoint(self, step: int) -> None:
         """The resumable state (sharded over ranks: io/dcp_checkpoint.py); never from a non-finite state."""
         self.ensure_finite(step, f"checkpoint step_{step:08d}")
-        save_checkpoint(self.out_dir, step, self.model, self.opt, {"scheduler": self.sched.state_dict(),
-                        "data": self.data.train.state_dict(), "bad_steps": self.bad_steps,
-                        "config": config_record(self.cfg, self.ctx)}, self.ctx,
-                        self.cfg.train.keep_last)
+        self.engine.save_checkpoint(self.out_dir, step, {"scheduler": self.sched.state_dict(),
+                                    "data": self.data.train.state_dict(), "bad_steps": self.bad_steps,
+                                    "config": config_record(self.cfg, self.ctx)}, self.cfg.train.keep_last)
 
     def finish(self, record: dict) -> dict:
         """The last checkpoint, the final validation, the whole model in out_dir/final/model.pt (and hf/)."""
@@ -524,7 +556,7 @@ class Trainer:
     def save_model_file(self, name: str, step: int, merge_lora: bool = False) -> Path:
         """The whole model as out_dir/<name>/model.pt, written by rank 0; collective when distributed (every
         rank contributes its expert shards)."""
-        state = full_state_dict(self.model, self.ctx) if self.ctx.distributed else self.model.state_dict()
+        state = self.engine.full_state_dict()
         path = self.out_dir / name / "model.pt"
         if self.ctx.is_main:
             if merge_lora:

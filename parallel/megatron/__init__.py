@@ -13,8 +13,9 @@ from moe_train.parallel.megatron.dispatcher import (VariableKAllToAllDispatcher,
                                                     routing_map_to_slots)
 from moe_train.parallel.megatron.router import VariableKRouter, VariableKRouting, adak, adamoe, topk
 from moe_train.parallel.megatron.spec import get_gpt_decoder_block_spec, get_gpt_layer_spec, with_variable_k
+from moe_train.parallel.megatron.zero_compute import ZeroComputeMoELayer
 
 __all__ = ["compat", "add_null_experts", "convert_checkpoint_file", "router_state_from_moe_train",
            "sequential_mlp_state_from_moe_train", "VariableKAllToAllDispatcher", "VariableKMoELayer",
            "routing_map_to_slots", "VariableKRouter", "VariableKRouting", "adak", "adamoe", "topk",
-           "get_gpt_decoder_block_spec", "get_gpt_layer_spec", "with_variable_k"]
+           "get_gpt_decoder_block_spec", "get_gpt_layer_spec", "with_variable_k", "ZeroComputeMoELayer"]

@@ -103,6 +103,25 @@ def record_moe_metric(name: str, value, layer_number: Optional[int], num_layers:
                                           reduce_group_has_dp=reduce_group_has_dp)
 
 
+def moe_metric_values(name: str):
+    """The per-layer values Megatron's tracker holds for ``name`` (a [num_layers] tensor; KeyError when absent)."""
+    tracker = _metrics_tracker()
+    if tracker is not None:
+        return tracker.metrics[name].values
+    return _moe_utils.get_moe_layer_wise_logging_tracker()[name]["values"]
+
+
+def clear_moe_metrics() -> None:
+    """Empties Megatron's per-layer tracker, entries included (0.16.1: its dict; 0.19: MoEMetricsTracker.metrics,
+    its dict: the tracker's own clear() only zeroes values and keeps each entry's num_layers, and 0.19's
+    get_moe_layer_wise_logging_tracker returns a fresh copy whose clear() changes nothing)."""
+    tracker = _metrics_tracker()
+    if tracker is not None:
+        tracker.metrics.clear()
+    else:
+        _moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 def logging_layer_number(layer_number: Optional[int], is_mtp_layer: bool, config) -> Optional[int]:
     """The tracker row of a layer: MTP layers log after the decoder's num_layers rows (as 0.19 does)."""
     if layer_number is None or not is_mtp_layer:
@@ -175,6 +194,27 @@ def replace_moe_spec(spec: Any, router: Callable, layer_cls: Optional[type], lay
     keywords["submodules"] = dataclasses.replace(keywords["submodules"], router=router)
     keywords.update(layer_params)
     return functools.partial(layer_cls or spec.func, *spec.args, **keywords)
+
+
+def moe_spec_parts(spec: Any) -> tuple[type, Any]:
+    """(layer class, MoESubmodules) of one MoE spec in either form: 0.16.1's ModuleSpec(module=MoELayer,
+    submodules=...) or 0.19's MLP builder functools.partial(MoELayer, submodules=...) (what a GPT layer spec's
+    ``submodules.mlp`` holds)."""
+    assert is_moe_spec(spec), f"not an MoE spec: {spec!r}"
+    if isinstance(spec, ModuleSpec):
+        return spec.module, spec.submodules
+    return spec.func, spec.keywords["submodules"]
+
+
+def build_moe_layer(spec: Any, **kwargs) -> Any:
+    """Builds one MoE spec of either form with Megatron's constructor keywords (config=, pg_collection=, ...):
+    build_module for a ModuleSpec (0.16.1), a call for a builder partial (0.19, as its TransformerLayer does)."""
+    if isinstance(spec, ModuleSpec):
+        from megatron.core.transformer.spec_utils import build_module
+
+        return build_module(spec, **kwargs)
+    assert is_moe_spec(spec), f"not an MoE spec: {spec!r}"
+    return spec(**kwargs)
 
 
 def map_moe_specs(spec: Any, fn: Callable[[Any], Any], _depth: int = 0) -> tuple[Any, int]:

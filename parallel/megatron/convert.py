@@ -71,6 +71,8 @@ def router_state_from_moe_train(router) -> dict[str, torch.Tensor]:
         out["null_weight"] = router.null_gate.weight.detach().clone()
     if getattr(router, "allocator", None) is not None:
         out["allocator_weight"] = router.allocator.weight.detach().clone()
+    if getattr(router, "null_values", None) is not None:  # constant null experts
+        out["null_values"] = router.null_values.detach().clone()
     return out
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.parallel.exchange import CountExchange, DispatchStats
 from moe_train.parallel.megatron import compat
+from moe_train.parallel.megatron.zero_compute import ZeroComputeMoELayer
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
@@ -151,9 +152,10 @@ def _megatron_dispatcher_not_built(config):
         config.moe_token_dispatcher_type = saved
 
 
-class VariableKMoELayer(MoELayer):
+class VariableKMoELayer(ZeroComputeMoELayer):
     """Megatron MoELayer whose token dispatcher is VariableKAllToAllDispatcher (whatever
-    ``moe_token_dispatcher_type`` says); router, experts, shared experts and recompute are Megatron's.
+    ``moe_token_dispatcher_type`` says); router, experts, shared experts and recompute are Megatron's. Identity /
+    constant null picks are added on the token's rank by ZeroComputeMoELayer (parallel/megatron/zero_compute.py).
 
     ``permute_backend`` (moe_train.kernels.permute) defaults to the router's ``routing.permute_backend``.
     Megatron 0.16.1's TransformerLayer passes ``pg_collection`` only to the exact MoELayer class, so inside a GPT

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch.func import functional_call
 
-from moe_train.config import ROUTERS, MoEConfig, validate_moe
+from moe_train.config import ROUTERS, SCORE_FUNCS, MoEConfig, validate_moe
 from moe_train.parallel.megatron import compat
 from moe_train.routing import ROUTER_CLASSES, RoutingPlan
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts, router_z_loss
@@ -84,6 +84,9 @@ class VariableKRouting:
     # moe_permute_fusion, whose fused kernel sizes its buffer as T * topk).
     dispatcher: str = "variable_k"
     permute_backend: str = "auto"  # moe_train.kernels.permute backend of the variable_k dispatcher
+    # method "null": what a null pick returns, moe_train.config.NULL_KINDS (zero = AdaMoE; identity / constant are
+    # added on the token's rank by parallel/megatron/zero_compute.py, never dispatched; docs/zero_compute.md)
+    null_kind: str = "zero"
 
     def moe_config(self, config) -> MoEConfig:
         """moe_train's MoEConfig for this routing under a Megatron TransformerConfig, validated."""
@@ -102,11 +105,12 @@ class VariableKRouting:
         moe = MoEConfig(router=self.method, num_experts=config.num_moe_experts,
                         top_k=config.moe_router_topk if self.top_k is None else self.top_k,
                         num_null_experts=self.num_null_experts, null_tie_break=self.null_tie_break,
-                        # Megatron: pre_softmax=False is softmax over the top-k logits = renormalised (Mixtral);
-                        # pre_softmax=True keeps the raw probabilities (Qwen1.5-MoE norm_topk_prob=False).
-                        norm_topk_prob=not config.moe_router_pre_softmax,
-                        k_min=self.k_min, k_max=self.k_max)
+                        null_kind=self.null_kind,
+                        k_min=self.k_min, k_max=self.k_max, **_score_conventions(config))
         validate_moe(moe, p="VariableKRouting")  # ConfigError is a ValueError naming the field
+        if self.method == "top_p":  # VariableKRouting carries no threshold and _attach_losses no entropy loss
+            raise ValueError("VariableKRouting(method='top_p') is not wired into the Megatron adapter (no top_p "
+                             "threshold field, no entropy loss); train top-p routing with moe_train's trainer")
         if self.method == "null" and self.num_null_experts < 1:
             raise ValueError(f"VariableKRouting(method='null') needs num_null_experts >= 1, got "
                              f"{self.num_null_experts}; use method='topk' for plain top-k")
@@ -126,6 +130,37 @@ def adak(k_min: int = 1, k_max: Optional[int] = None, **kwargs) -> VariableKRout
 def topk(top_k: Optional[int] = None, **kwargs) -> VariableKRouting:
     """moe_train's plain top-k (the reference: equals Megatron's TopKRouter at the same weights)."""
     return VariableKRouting(method="topk", top_k=top_k, **kwargs)
+
+
+def _score_conventions(config) -> dict:
+    """moe_train's MoEConfig router conventions (routing/scores.py) for Megatron's score settings.
+
+    softmax: pre_softmax=False is a softmax over the top-k logits = the picks renormalised (Mixtral); True keeps the
+    raw probabilities (Qwen1.5-MoE norm_topk_prob=False). sigmoid (DeepSeek-V3): Megatron always renormalises the
+    picks when moe_router_topk > 1. Group-limited routing (moe_router_num_groups / moe_router_group_topk): Megatron
+    scores a group by the sum of its best moe_router_topk // moe_router_group_topk choice scores: 1 is DeepSeek-V2's
+    group_limited_greedy, 2 DeepSeek-V3's noaux_tc. moe_router_enable_expert_bias: the selection-only expert bias
+    (Megatron's finalize_model_grads updates it from local_tokens_per_expert)."""
+    score = getattr(config, "moe_router_score_function", "softmax")
+    if score not in SCORE_FUNCS:
+        raise ValueError(f"TransformerConfig.moe_router_score_function={score!r} is not supported by the variable-k "
+                         f"router; allowed: {SCORE_FUNCS}")
+    out = dict(score_func=score, norm_topk_prob=(config.moe_router_topk > 1 if score == "sigmoid"
+                                                 else not config.moe_router_pre_softmax),
+               use_expert_bias=bool(getattr(config, "moe_router_enable_expert_bias", False)))
+    groups, group_topk = getattr(config, "moe_router_num_groups", None), getattr(config, "moe_router_group_topk", None)
+    if groups:
+        per = config.moe_router_topk // group_topk if group_topk else 0
+        if per not in (1, 2):
+            raise ValueError(f"TransformerConfig.moe_router_topk // moe_router_group_topk = {per}: Megatron scores a "
+                             "group by its best that many experts; the variable-k router implements 1 (DeepSeek-V2 "
+                             "group_limited_greedy) and 2 (DeepSeek-V3 noaux_tc)")
+        if score == "softmax" and not config.moe_router_pre_softmax:
+            raise ValueError("group-limited routing with softmax scores needs moe_router_pre_softmax=True: without it "
+                             "Megatron scores groups by raw logits, which the variable-k router does not implement")
+        out.update(topk_method="group_limited_greedy" if per == 1 else "noaux_tc", n_group=groups,
+                   topk_group=group_topk)
+    return out
 
 
 def _loss_coefficients(config) -> dict[str, float]:
@@ -150,10 +185,6 @@ def _check_config(config) -> None:
     def off(v):
         return not v
     checks = {  # name: (predicate on the value, what is allowed and why)
-        "moe_router_score_function": (lambda v: v == "softmax", "'softmax': our gates are softmax gates"),
-        "moe_router_num_groups": (off, "None: group-limited routing is not implemented for variable k"),
-        "moe_router_group_topk": (off, "None: group-limited routing is not implemented for variable k"),
-        "moe_router_enable_expert_bias": (off, "False: Megatron's expert bias needs sigmoid scores"),
         "moe_expert_capacity_factor": (lambda v: v is None, "None (dropless): token dropping assumes a fixed "
                                                             "top-k; capacity with null experts is moe_train's own"),
         "moe_pad_expert_input_to_capacity": (off, "False: padding to capacity assumes a fixed top-k"),
@@ -203,7 +234,25 @@ class VariableKRouter(MegatronModule):
         self.weight = param(E)
         self.null_weight = param(self.num_null) if self.num_null else None
         self.allocator_weight = param(core.allocator.out_features) if routing.method == "adak" else None
+        # identity / constant null experts (parallel/megatron/zero_compute.py); constant: v [m, D] from 0 as in
+        # moe_train's NullExpertRouter
+        self.null_kind = self.moe_cfg.null_kind
+        self.null_values = None
+        if self.null_kind == "constant":
+            self.null_values = torch.nn.Parameter(torch.zeros(self.num_null, D, dtype=config.params_dtype))
+            setattr(self.null_values, "sequence_parallel", config.sequence_parallel)
         self.last_plan: Optional[RoutingPlan] = None
+        # Megatron's selection-only expert bias (moe_router_enable_expert_bias): its buffer names, so a TopKRouter
+        # checkpoint loads and finalize_model_grads updates it from local_tokens_per_expert (true picks only).
+        if not self.moe_cfg.use_expert_bias:
+            self.local_tokens_per_expert = self.expert_bias = None
+        else:
+            if "expert_bias" not in dict(core.named_buffers()):
+                raise ValueError(f"moe_router_enable_expert_bias is not supported with method={routing.method!r}")
+            self.register_buffer("local_tokens_per_expert", torch.zeros(E), persistent=False)
+            self.register_buffer("expert_bias", torch.zeros(E))
+            if "null_expert_bias" in dict(core.named_buffers()):  # null experts keep no offset of their own here
+                self.register_buffer("null_expert_bias", torch.zeros(self.num_null), persistent=False)
 
     @classmethod
     def builder(cls, routing: VariableKRouting):
@@ -234,6 +283,10 @@ class VariableKRouter(MegatronModule):
             params["null_gate.weight"] = self.null_weight.to(dtype)
         if self.allocator_weight is not None:
             params["allocator.weight"] = self.allocator_weight.to(dtype)
+        if self.expert_bias is not None:
+            params["expert_bias"] = self.expert_bias.float()
+            if hasattr(self, "null_expert_bias"):
+                params["null_expert_bias"] = self.null_expert_bias
         return params
 
     def _router_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -248,12 +301,21 @@ class VariableKRouter(MegatronModule):
         plan: RoutingPlan = functional_call(self._core, self._params(dtype), (x_TD.to(dtype),))
         self.last_plan = plan  # Ada-K PPO reads action_T / log_prob_T / entropy_T from here
         T = x_TD.shape[0]
+        if self.expert_bias is not None and torch.is_grad_enabled():  # as Megatron's TopKRouter: not in eval
+            with torch.no_grad():
+                true_TK = plan.expert_idx_TK >= 0
+                if padding_mask is not None:
+                    true_TK = true_TK & ~padding_mask.reshape(-1, 1).to(torch.bool)
+                self.local_tokens_per_expert += counts_from_idx(torch.where(true_TK, plan.expert_idx_TK, -1), E)
         key_TK = torch.where(plan.expert_idx_TK >= 0, plan.expert_idx_TK, E)  # nulls -> a dropped column E
         routing_map = torch.zeros(T, E + 1, dtype=torch.bool, device=x_TD.device).scatter_(1, key_TK, True)[:, :E]
         probs = torch.zeros(T, E + 1, dtype=plan.weight_TK.dtype, device=x_TD.device).scatter(
             1, key_TK, plan.weight_TK)[:, :E]
         if self.config.moe_router_topk_scaling_factor:
             probs = probs * self.config.moe_router_topk_scaling_factor
+            if plan.null_weight_TK is not None:  # every pick's gate is scaled alike (LongCat-Flash)
+                self.last_plan = plan = dataclasses.replace(
+                    plan, null_weight_TK=plan.null_weight_TK * self.config.moe_router_topk_scaling_factor)
         if self.training and torch.is_grad_enabled():
             padding_T = None if padding_mask is None else padding_mask.reshape(-1).to(torch.bool)
             probs = self._attach_losses(probs, plan, padding_T)
@@ -317,6 +379,9 @@ class VariableKRouter(MegatronModule):
                                                                          self.num_null, "num_moe_experts")
                 logger.info("%snull_weight missing from the checkpoint: initialised from the true gate "
                             "(AdaMoE conversion)", prefix)
+            if self.null_values is not None and prefix + "null_values" not in state_dict:
+                state_dict[prefix + "null_values"] = self.null_values.detach().clone()
+                logger.info("%snull_values missing from the checkpoint: keeping its initialisation", prefix)
             if self.allocator_weight is not None and prefix + "allocator_weight" not in state_dict:
                 state_dict[prefix + "allocator_weight"] = self.allocator_weight.detach().clone()
                 logger.info("%sallocator_weight missing from the checkpoint: keeping its initialisation", prefix)

@@ -18,6 +18,7 @@ from typing import Any
 from moe_train.parallel.megatron import compat
 from moe_train.parallel.megatron.dispatcher import VariableKMoELayer
 from moe_train.parallel.megatron.router import VariableKRouter, VariableKRouting
+from moe_train.parallel.megatron.zero_compute import ZeroComputeMoELayer
 
 
 def with_variable_k(spec: Any, routing: VariableKRouting) -> Any:
@@ -30,6 +31,8 @@ def with_variable_k(spec: Any, routing: VariableKRouting) -> Any:
     router = VariableKRouter.builder(routing)
     ours = routing.dispatcher == "variable_k"
     layer_cls = VariableKMoELayer if ours else None  # it reads permute_backend from the router's routing
+    if not ours and routing.null_kind != "zero":  # Megatron's dispatcher, plus the null term on the token's rank
+        layer_cls = ZeroComputeMoELayer
     new, replaced = compat.map_moe_specs(spec, lambda s: compat.replace_moe_spec(s, router, layer_cls, {}))
     if not replaced:
         raise ValueError("the spec holds no MoE layer: build it with num_experts set (e.g. "

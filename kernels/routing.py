@@ -1,0 +1,118 @@
+"""Top-k routing in one pass: backend dispatch + the plain-torch reference (the routers' own math).
+
+    p = softmax(z) in fp32 (score_func "sigmoid": sigmoid(z)),  picks = top-k of (p + bias) over N = E true + Z null
+    experts (exactly equal scores: the lower index first),  null picks (index >= E) -> -1 with weight 0,
+    w = p at the true picks, renormalised over them when norm_topk_prob (a token with none divides by 1),
+    counts_N = picks per expert (true and null buckets)
+
+Used by TopKRouter (Z = 0) and NullExpertRouter (routing/topk.py, routing/null_experts.py) when their math is
+exactly this. Backends (``backend=``; config ``model.moe.routing_backend``, the one list config.ROUTING_BACKENDS):
+  auto    the Triton kernel (moe_train.kernels.triton_routing) on CUDA tensors when triton is installed, the torch
+          reference otherwise. The kernel implements tie_break "true_first" only: "topk" (torch.topk's order)
+          always takes the torch path, on every backend but "triton", which refuses it.
+  torch   the reference below, on any device.
+  triton  the kernel; CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton_routing is first
+          imported (tests).
+The two backends select the same experts except where two scores differ only in the last bits of their fp32
+softmax (the kernel's exp / sum are not torch's); weights agree to fp32 rounding.
+Shape legend: T tokens, K picks per token, E true experts, N = E + Z scored experts (true, then null: the
+routing/ exception of docs/shapes.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moe_train.config import ROUTING_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
+
+_TRITON_MODULE = "moe_train.kernels.triton_routing"
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class Routed:
+    """probs_TN: fp32 scores of all N experts; weight_TK: fp32 gate of each pick (0 on null picks);
+    expert_idx_TK: int64 true expert of each pick, -1 on null picks; counts_N: int64 picks per expert (E + Z)."""
+
+    probs_TN: torch.Tensor
+    weight_TK: torch.Tensor
+    expert_idx_TK: torch.Tensor
+    counts_N: torch.Tensor
+
+
+def route_topk_torch(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: Optional[torch.Tensor] = None,
+                     norm_topk_prob: bool = True, score_func: str = "softmax",
+                     tie_break: str = "true_first") -> Routed:
+    """The reference: the routers' pure functions (routing/topk.py select_topk, renormalize)."""
+    from moe_train.routing.topk import renormalize, select_topk  # routing imports this module: import late
+
+    z = logits_TN.float()
+    probs_TN = torch.sigmoid(z) if score_func == "sigmoid" else torch.softmax(z, dim=-1)
+    weight_TK, idx_TK = select_topk(probs_TN, top_k, bias_N, tie_break)
+    true_TK = idx_TK < num_true
+    weight_TK = renormalize(weight_TK, true_TK) if norm_topk_prob else weight_TK * true_TK
+    counts_N = torch.bincount(idx_TK.reshape(-1), minlength=logits_TN.shape[-1])
+    expert_idx_TK = torch.where(true_TK, idx_TK, torch.full_like(idx_TK, -1))
+    return Routed(probs_TN, weight_TK, expert_idx_TK, counts_N)
+
+
+def _triton_kernels():
+    try:
+        return importlib.import_module(_TRITON_MODULE)
+    except ImportError as e:
+        raise ImportError(f"routing backend 'triton' needs the triton package ({e}); install triton or use "
+                          "routing_backend: torch (or auto: triton only on CUDA when it is installed)") from e
+
+
+def use_triton(backend: str, logits_TN: torch.Tensor, tie_break: str = "true_first") -> bool:
+    """Whether this call runs the kernel (see the module docstring); raises for impossible explicit requests."""
+    if backend not in BACKENDS:
+        raise ValueError(f"routing backend {backend!r} is not one of {BACKENDS}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return logits_TN.is_cuda and tie_break == "true_first" and importlib.util.find_spec("triton") is not None
+    if tie_break != "true_first":
+        raise ValueError(f"routing backend 'triton' implements null_tie_break 'true_first' only, got {tie_break!r}; "
+                         "use routing_backend: auto or torch (torch.topk's tie order)")
+    if not logits_TN.is_cuda and not _triton_kernels().INTERPRETED:
+        raise ValueError(f"routing backend 'triton' got a {logits_TN.device.type} tensor: the kernel needs CUDA "
+                         "tensors (or TRITON_INTERPRET=1 set before moe_train.kernels.triton_routing is imported); "
+                         "use routing_backend: torch or auto on CPU")
+    return True
+
+
+def route_topk(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: Optional[torch.Tensor] = None,
+               norm_topk_prob: bool = True, score_func: str = "softmax", tie_break: str = "true_first",
+               backend: str = "auto") -> Routed:
+    """One routing pass over logits_TN [T, N] (N = num_true true experts, then the null experts)."""
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func {score_func!r} is not one of {SCORE_FUNCS}")
+    if not use_triton(backend, logits_TN, tie_break):
+        return route_topk_torch(logits_TN, top_k, num_true, bias_N, norm_topk_prob, score_func, tie_break)
+    bias = None if bias_N is None else bias_N.detach().float()
+    probs, w, idx, counts = _triton_kernels().RoutingFn.apply(logits_TN, bias, top_k, num_true, norm_topk_prob,
+                                                              score_func)
+    return Routed(probs, w, idx, counts)
+
+
+def route_fused(logits_TN: torch.Tensor, cfg, top_k: int, num_true: int, bias_N: Optional[torch.Tensor] = None,
+                norm_topk_prob: bool = True) -> Optional[Routed]:
+    """The routers' entry (TopKRouter, NullExpertRouter): the one-pass kernel when ``cfg.routing_backend`` selects
+    it for this tensor and the router's math is the kernel's (config.routing_kernel_excluded is ''); None otherwise,
+    and the router runs its own torch path (the same math). probs_TN holds the raw scores (softmax or sigmoid);
+    the router derives its balancing distribution from them as on the torch path."""
+    from moe_train.config import routing_kernel_excluded
+
+    if cfg.routing_backend == "torch" or routing_kernel_excluded(cfg):  # validate_moe refuses 'triton' + excluded
+        return None
+    if bias_N is not None and bias_N.dim() != 1:
+        return None  # a per-token bias (group-limited selection) is not the kernel's math
+    if not use_triton(cfg.routing_backend, logits_TN, cfg.null_tie_break if cfg.router == "null" else "true_first"):
+        return None
+    return route_topk(logits_TN, top_k, num_true, bias_N, norm_topk_prob, cfg.score_func, backend="triton")

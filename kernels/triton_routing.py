@@ -1,0 +1,137 @@
+"""Routing in one pass, as a Triton kernel: logits -> fp32 scores -> biased top-k -> null mask -> renormalisation ->
+counts, and its autograd wrapper. The torch reference (the routers' own math) is moe_train.kernels.routing.
+
+One program takes BLOCK_T tokens and all N = E true + Z null experts of each (a [BLOCK_T, BLOCK_N] tile):
+    p      = softmax(z) in fp32 (or sigmoid(z))                              -> probs_TN (stored: aux loss, stats)
+    s      = p + bias                                                        (selection only)
+    k times: pick the largest s, the LOWEST index among exactly equal ones (the reference's stable descending sort,
+             config null_tie_break "true_first"), then mask it out           -> pick_TK, p at the picks
+    true   = pick < E;  w = p_pick / sum over true picks (norm_topk_prob; a token with none divides by 1), else
+             p_pick * true;  expert_idx = pick where true, else -1           -> weight_TK, expert_idx_TK
+    counts_N[pick] += 1 (integer atomics: the totals do not depend on the order)
+Backward (``RoutingFn``): the gradient of weight_TK through the renormalisation and of probs_TN, then through the
+softmax / sigmoid, in torch (``routing_backward``: a few [T, N] element-wise ops).
+Like triton_permute, TRITON_INTERPRET=1 must be set before this module is first imported to run on CPU tensors.
+Shape legend: T tokens, K picks per token, E true experts, N = E + Z scored experts (true, then null: the
+routing/ exception of docs/shapes.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+BLOCK_T = 16  # tokens per program
+SCORE_FUNCS = ("softmax", "sigmoid")  # the kernel's SIGMOID flag; moe_train.kernels.routing checks the name
+
+
+@triton.jit
+def _route_kernel(logit_ptr, bias_ptr, prob_ptr, pick_ptr, idx_ptr, w_ptr, count_ptr, T, N, E, K,
+                  HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, NORM: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.arange(0, BLOCK_N)
+    in_t = t < T
+    mask = in_t[:, None] & (n < N)[None, :]
+    z = tl.load(logit_ptr + t[:, None] * N + n[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        p = 1.0 / (1.0 + tl.exp(-z))
+        p = tl.where(mask, p, 0.0)
+    else:
+        m = tl.max(z, axis=1)
+        m = tl.where(in_t, m, 0.0)  # rows past T are all -inf: keep them finite
+        e = tl.where(mask, tl.exp(z - m[:, None]), 0.0)
+        den = tl.sum(e, axis=1)
+        p = e / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(prob_ptr + t[:, None] * N + n[None, :], p, mask=mask)
+    s = p
+    if HAS_BIAS:
+        s = s + tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    s = tl.where(mask, s, float("-inf"))
+    ks = tl.arange(0, BLOCK_K)
+    picks = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    vals = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for j in range(0, K):
+        best = tl.max(s, axis=1)
+        pick = tl.min(tl.where(s == best[:, None], n[None, :], BLOCK_N), axis=1)  # lowest index among ties
+        hit = n[None, :] == pick[:, None]
+        pv = tl.sum(tl.where(hit, p, 0.0), axis=1)
+        picks = tl.where(ks[None, :] == j, pick[:, None], picks)
+        vals = tl.where(ks[None, :] == j, pv[:, None], vals)
+        s = tl.where(hit, float("-inf"), s)
+    in_k = ks < K
+    true = (picks < E) & in_k[None, :]
+    w = tl.where(true, vals, 0.0)
+    if NORM:
+        den = tl.sum(w, axis=1)
+        w = w / tl.where(den > 0, den, 1.0)[:, None]
+    out = t[:, None] * K + ks[None, :]
+    mask_k = in_t[:, None] & in_k[None, :]
+    tl.store(pick_ptr + out, picks.to(tl.int64), mask=mask_k)
+    tl.store(idx_ptr + out, tl.where(true, picks, -1).to(tl.int64), mask=mask_k)
+    tl.store(w_ptr + out, w, mask=mask_k)
+    tl.atomic_add(count_ptr + picks, tl.full([BLOCK_T, BLOCK_K], 1, tl.int32), mask=mask_k)
+
+
+def route(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: torch.Tensor | None = None,
+          norm_topk_prob: bool = True, score_func: str = "softmax", block_t: int = BLOCK_T):
+    """(probs_TN fp32, weight_TK fp32, expert_idx_TK int64 (-1 = null pick), counts_N int64, pick_TK int64)."""
+    T, N = logits_TN.shape
+    dev = logits_TN.device
+    probs = torch.empty(T, N, dtype=torch.float32, device=dev)
+    pick = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    idx = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    counts = torch.zeros(N, dtype=torch.int32, device=dev)  # int32 atomics; returned as int64
+    if T == 0 or top_k == 0:
+        return probs, w, idx, counts.to(torch.int64), pick
+    logits_TN = logits_TN.contiguous()
+    bias = bias_N.contiguous() if bias_N is not None else logits_TN
+    _route_kernel[(triton.cdiv(T, block_t),)](
+        logits_TN, bias, probs, pick, idx, w, counts, T, N, num_true, top_k,
+        HAS_BIAS=bias_N is not None, SIGMOID=score_func == "sigmoid", NORM=norm_topk_prob,
+        BLOCK_T=block_t, BLOCK_N=triton.next_power_of_2(N), BLOCK_K=triton.next_power_of_2(top_k))
+    return probs, w, idx, counts.to(torch.int64), pick
+
+
+def routing_backward(grad_probs_TN, grad_w_TK, probs_TN, pick_TK, num_true: int, norm_topk_prob: bool,
+                     score_func: str) -> torch.Tensor:
+    """d loss / d logits (fp32) from the gradients of probs_TN and weight_TK (either may be None)."""
+    gp = torch.zeros_like(probs_TN) if grad_probs_TN is None else grad_probs_TN.float().clone()
+    if grad_w_TK is not None:
+        true = pick_TK < num_true
+        p_K = probs_TN.gather(1, pick_TK) * true
+        g = grad_w_TK.float() * true
+        if norm_topk_prob:
+            den = p_K.sum(1, keepdim=True)
+            den = torch.where(den > 0, den, torch.ones_like(den))
+            w = p_K / den
+            g = (g - (g * w).sum(1, keepdim=True)) / den * true
+        gp.scatter_add_(1, pick_TK, g)  # the picks of a token are distinct experts
+    if score_func == "sigmoid":
+        return gp * probs_TN * (1 - probs_TN)
+    return probs_TN * (gp - (gp * probs_TN).sum(1, keepdim=True))
+
+
+class RoutingFn(torch.autograd.Function):
+    """Differentiable outputs: probs_TN, weight_TK (w.r.t. the logits); expert_idx_TK and counts_N are integers."""
+
+    @staticmethod
+    def forward(ctx, logits_TN, bias_N, top_k, num_true, norm_topk_prob, score_func):
+        probs, w, idx, counts, pick = route(logits_TN, top_k, num_true, bias_N, norm_topk_prob, score_func)
+        ctx.save_for_backward(probs, pick)
+        ctx.cfg = (num_true, norm_topk_prob, score_func, logits_TN.dtype)
+        ctx.mark_non_differentiable(idx, counts)
+        return probs, w, idx, counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_probs, grad_w, _gi, _gc):
+        probs, pick = ctx.saved_tensors
+        num_true, norm, score_func, dtype = ctx.cfg
+        g = routing_backward(grad_probs, grad_w, probs, pick, num_true, norm, score_func)
+        return g.to(dtype), None, None, None, None, None

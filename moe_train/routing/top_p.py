@@ -1,0 +1,71 @@
+"""Top-p ("dynamic") routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE
+Models", arXiv 2403.07652): every token takes the SMALLEST set of experts whose summed router probability reaches p.
+
+    z = W_g x,  p = softmax(z) (fp32),  (p_(1) >= p_(2) >= ...) the probabilities sorted, best first
+    k_t = min{ k : p_(1) + ... + p_(k) >= p }  capped at k_max (default: every expert)
+        i.e. slot j is kept iff the probability mass BEFORE it is < p (the first slot always)
+    w = p of the kept slots; renormalised over them when norm_topk_prob (the base model's convention, as Ada-K
+        keeps it); raw p otherwise (the paper's and its released code's convention: norm_topk_prob: false)
+    dynamic loss  L_d = mean_t ( - sum_i p_{t,i} log p_{t,i} )    (the router entropy, MINIMISED with weight
+        entropy_loss_coef: without it the router can flatten p and buy more experts per token for free)
+
+The plan has K = k_max slots, unused ones -1 (weight 0): a variable-k plan that every dispatcher (local, all-to-all)
+consumes like the null and Ada-K ones; unused slots are never permuted, sent or computed.
+The released inference code (ZhenweiAn/Dynamic_MoE, modeling_moe.py) keeps experts up to the first whose cumulative
+probability EXCEEDS p (strict >); the paper's definition, used here, stops where the sum REACHES p (>=): they differ
+only when a prefix sum equals p exactly.
+Ties: experts of exactly equal probability rank by index (select_topk's stable sort), as for every router.
+Shape legend: T tokens, D hidden, E experts, K slots per token (k_max).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss
+from moe_train.routing.plan import RoutingPlan, counts_from_idx
+from moe_train.routing.topk import renormalize, select_topk
+
+
+def top_p_keep(sorted_probs_TK: torch.Tensor, p: float) -> torch.Tensor:
+    """Which slots of the best-first probabilities a token keeps: the mass before slot j is below p."""
+    before_TK = sorted_probs_TK.cumsum(dim=-1) - sorted_probs_TK
+    return before_TK < p
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the router distribution's entropy (nats), 0 log 0 = 0; 0 for no tokens."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    return -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1).mean()
+
+
+class TopPRouter(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_p = cfg.top_p
+        self.k_max = cfg.resolved_k_max
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
+        logits_TE = self.gate(x_TD)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weight_TK, idx_TK = select_topk(probs_TE, self.k_max)
+        keep_TK = top_p_keep(weight_TK.detach(), self.top_p)
+        weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
+        expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
+        counts_E = counts_from_idx(expert_idx_TK, self.num_experts)
+        return RoutingPlan(
+            expert_idx_TK=expert_idx_TK,
+            weight_TK=weight_TK,
+            counts_E=counts_E,
+            aux_loss=load_balancing_loss(probs_TE, counts_E),
+            z_loss=router_z_loss(logits_TE),
+            probs_TN=probs_TE,
+            logits_TN=logits_TE,
+            extras={"entropy_loss": router_entropy(probs_TE)},
+        )

@@ -1,0 +1,317 @@
+"""DeepSpeed as moe_train's training engine (parallel.engine: deepspeed; docs/deepspeed.md).
+
+Our model, routers and variable-k all-to-all dispatcher run inside ``deepspeed.initialize``; DeepSpeed does the
+backward bookkeeping, the gradient reduction (ZeRO stage 1 / 2 / 3), the clipping, the optimizer step (moe_train's
+AdamW and LR schedule, handed over as client objects) and the checkpoints. The loop stays moe_train's
+(train/trainer.py, train/adak.py through the engine interface of train/engine.py).
+
+Expert parallelism (ep > 1), as deepspeed.moe does it:
+  * each MoE layer keeps its expert shard and gets the AllToAllDispatcher (parallel/parallelize.py: shard_experts);
+  * DeepSpeed's own expert groups are made with ``groups._create_expert_and_data_parallel(ep)``, named
+    ``ep_size_<ep>``: ep groups of consecutive ranks, expert-data-parallel groups of the ranks holding the same shard,
+    i.e. exactly our mesh (parallel/distributed.py; checked here);
+  * every stacked expert tensor (base weights and LoRA adapters, trainable or frozen) is a DeepSpeed MoE parameter:
+    ``param.allreduce = False``, ``param.group_name = "ep_size_<ep>"``: DeepSpeed broadcasts it within, and reduces
+    its gradient over, the expert-data-parallel group, dividing by the data-parallel world size ("to maintain the
+    gradients value unaffected by ep_size"), which is our scale: grad = (1/world) sum over all ranks
+    (docs/parallel.md). Everything else is reduced over all ranks. The optimizer's parameter groups are split into
+    MoE / non-MoE groups with DeepSpeed's split_params_into_different_moe_groups_for_optimizer;
+  * DeepSpeed recognises a model with expert parameters by an instance of ``deepspeed.moe.layer.MoE`` among its
+    modules; ``ExpertGroups`` (no parameters, no state) is that marker, attached to the model root when some
+    expert parameter trains.
+With ep = 1 the experts are ordinary data-parallel parameters (the expert-data-parallel group is the world).
+
+Not supported, refused before training (config.py validate_engine, or here): ZeRO stage 3 with ep > 1 (DeepSpeed
+refuses native MoE parameters under stage 3), a single process (DeepSpeed runs under a launcher; use fsdp, the same
+math), a DeepSpeed JSON that sets what moe_train's own keys set. A non-finite loss ends the run (TrainingError from
+the Trainer): DeepSpeed has reduced the step's gradients by then and offers no way to drop them (fsdp skips it).
+
+Checkpoints: ``engine.save_checkpoint`` (model states, ZeRO partitions with the fp32 masters and AdamW moments, LR
+schedule, step counters) inside moe_train's atomic, checksummed checkpoint folder (io/dcp_checkpoint.py:
+step_X/deepspeed/, trainer.pt, rng_rank<r>.pt, manifest.json); resume at the same world size and ep. DeepSpeed's
+native MoE checkpoint writes experts per expert module of ITS MoE class; ours are stacked tensors, so expert
+weights are restored from the ZeRO fp32 partitions (trainable) or stay as built from train.init_from (frozen; a
+resume checks that the config, init_from included, is the same: train/fingerprint.py), never from rank 0's
+model-state file, which holds only rank 0's shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_train.config import Config, deepspeed_json, deepspeed_stage
+from moe_train.parallel.distributed import ParallelContext
+from moe_train.parallel.state import _gather_full, expert_shards
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # the DeepSpeed checkpoint's tag (sub-folder) inside a moe_train checkpoint folder
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("parallel.engine: deepspeed needs DeepSpeed: pip install 'moe_train[deepspeed]' "
+                          "(deepspeed 0.19.8 is tested), or use parallel.engine: fsdp") from e
+    return deepspeed
+
+
+def init_comm(ctx: ParallelContext) -> None:
+    """deepspeed.comm over the process groups moe_train made (parallel/distributed.py); it makes none itself."""
+    import deepspeed.ops
+    from deepspeed import comm
+
+    if ctx.device.type == "cpu":
+        # DeepSpeed's shared-memory CPU kernel serves only inference_all_reduce (not used in training) and is
+        # JIT-compiled on first use (about 3 minutes on 2 cores): training collectives stay torch.distributed's (gloo)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    comm.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False,
+                          dist_init_required=False)
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name of the expert / expert-data-parallel groups of size ep (utils/groups.py)."""
+    return f"ep_size_{ep}"
+
+
+def engine_config(cfg: Config, ctx: ParallelContext, bf16: bool) -> dict:
+    """The DeepSpeed config: the user's JSON (deepspeed.config, validated in config.py) plus what moe_train owns."""
+    t = cfg.train
+    user = deepspeed_json(cfg.deepspeed)
+    stage = deepspeed_stage(cfg.deepspeed)
+    zero = {**user.get("zero_optimization", {}), "stage": stage}
+    if stage in (1, 2):  # DeepSpeed asserts both for models with expert parameters
+        zero.setdefault("contiguous_gradients", True)
+        zero.setdefault("reduce_scatter", True)
+    return {
+        **{"steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False}, **user,
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // (ctx.dp_size * t.grad_accum_steps),
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+    }
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE
+
+    class ExpertGroups(MoE):
+        """DeepSpeed's sign that a model has expert parameters (an instance of its MoE class); no parameters, no
+        state, never called. The groups exist already (prepare_experts); DeepSpeed's per-expert checkpoint files
+        are not used (num_local_experts = 0; module docstring)."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.expert_group_name = expert_group_name(ep_size)
+            self.num_local_experts = 0
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertGroups marks expert parameters for DeepSpeed; it is never called")
+
+    return ExpertGroups
+
+
+def prepare_experts(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter]:
+    """Expert shards, all-to-all dispatchers and DeepSpeed's expert groups (ep > 1); returns the MoE parameters."""
+    from deepspeed.utils import groups
+
+    from moe_train.parallel.dispatcher import AllToAllDispatcher
+    from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
+
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("parallel.engine: deepspeed found no MoELayer in the model")
+    init_comm(ctx)
+    E = layers[0].experts.num_experts
+    for layer in layers:
+        if ctx.global_aux_loss:
+            layer.router.register_forward_hook(_global_aux_hook(ctx))
+    if ctx.ep_size == 1:
+        return []
+    name = expert_group_name(ctx.ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ctx.ep_size)
+    # DeepSpeed's layout must be our mesh's: ep groups of consecutive ranks, edp groups with one ep coordinate
+    assert groups._get_expert_parallel_rank(name) == ctx.ep_rank, (groups._get_expert_parallel_rank(name), ctx)
+    assert (dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name))
+            == dist.get_process_group_ranks(ctx.edp_group))
+    params = []
+    for layer in layers:
+        shard_experts(layer.experts, ctx.ep_rank, ctx.ep_size)
+        layer.dispatcher = AllToAllDispatcher(ctx.ep_group, E, layer.dispatcher.permute_backend)
+        for _, p in layer.experts.stacked_parameters():
+            p.allreduce, p.group_name = False, name  # what deepspeed.moe's experts set (moe/experts.py)
+            params.append(p)
+    if any(p.requires_grad for p in params):
+        model.add_module("deepspeed_expert_groups", _marker_class()(E, ctx.ep_size))
+    return params
+
+
+def split_moe_groups(opt: torch.optim.Optimizer) -> None:
+    """In place, before any LR schedule wraps ``opt``: its parameter groups split into non-MoE and MoE groups
+    (DeepSpeed's own splitter; MoE groups are named by their expert group and carry moe=True, as ZeRO requires).
+    Same parameters, same hyperparameters per parameter."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [dict(g, name=f"group{i}") for i, g in enumerate(opt.param_groups)]
+    groups_ = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+    opt.param_groups.clear()
+    opt.param_groups.extend(groups_)
+
+
+class DeepSpeedEngine:
+    """The engine interface of train/engine.py over ``deepspeed.initialize`` (module docstring)."""
+
+    can_skip_steps = False  # the step's gradients are already reduced into ZeRO's buffers: no way to drop them
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, ctx: ParallelContext, ds_config: dict,
+                 sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None):
+        deepspeed = import_deepspeed()
+        self.model, self.opt, self.sched, self.ctx = model, opt, sched, ctx
+        self.stage = ds_config["zero_optimization"]["stage"]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                    config=ds_config, dist_init_required=False)
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    @staticmethod
+    def loss_scale(accum: int) -> float:
+        return 1.0  # engine.backward divides by gradient_accumulation_steps itself
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        # the caller owns the accumulation boundary (one step() per optimizer step, after its last micro-batch):
+        # ZeRO reduces the accumulated gradients in the backward of the boundary micro-batch
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor, bool]:
+        """DeepSpeed clips (gradient_clipping = train.grad_clip) and steps; returns its global gradient norm."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(math.nan if norm is None else float(norm)), True
+
+    def skip(self) -> None:
+        raise AssertionError("DeepSpeedEngine cannot skip a step (can_skip_steps is False)")
+
+    def reset_optimizer_state(self) -> None:
+        """A fresh AdamW over the same parameters (Ada-K's second stage): the moments and step counts go."""
+        self.opt.state.clear()
+
+    # ------------------------------------------------------------------------------------------------------
+    # the full model and checkpoints
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: plain full fp32 tensors with the model's keys (trainable parameters from DeepSpeed's fp32
+        masters, so a bf16 run exports its master weights; experts gathered over the ep group)."""
+        from deepspeed import zero
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        items = [(k, v) for k, v in self.model.state_dict(keep_vars=True).items()]
+        frozen = [v for _, v in items if isinstance(v, nn.Parameter) and not v.requires_grad]
+        out = []
+        with zero.GatheredParameters(frozen, enabled=self.stage == 3):
+            for k, v in items:
+                if isinstance(v, nn.Parameter) and v.requires_grad:
+                    full = safe_get_full_fp32_param(v)
+                    v = v if full is None else full
+                out.append((k, v.detach().clone()))
+        return {k: v for k, v in _gather_full(out, expert_shards(self.model), self.ctx).items()}
+
+    def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+        """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder."""
+        from moe_train.io.atomic import staging_folder, staging_path
+        from moe_train.io.dcp_checkpoint import FORMAT, checkpoint_root, commit_checkpoint, file_records, save_rng_state
+
+        final = checkpoint_root(out_dir) / f"step_{step:08d}"
+        tmp = staging_path(final)
+        if self.ctx.is_main:
+            staging_folder(final)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+        save_rng_state(tmp, self.ctx)
+        if self.ctx.is_main:
+            torch.save({"format": FORMAT, "step": step, "engine": "deepspeed", "stage": self.stage,
+                        **trainer_state}, tmp / "trainer.pt")
+        dist.barrier()
+        # rank 0 records every file (DeepSpeed decides which rank writes which; checkpoints need a shared folder)
+        mine = file_records(tmp, sorted(p for p in tmp.rglob("*") if p.is_file())) if self.ctx.is_main else {}
+        return commit_checkpoint(out_dir, tmp, final, step, mine, self.ctx, keep_last)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Collective: verifies the folder, loads DeepSpeed's state (same world size and ep), the RNG states."""
+        from moe_train.io.dcp_checkpoint import CheckpointError, restore_rng_state, verify_checkpoint
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        manifest = verify_checkpoint(path)
+        if not (path / TAG).is_dir():
+            raise CheckpointError(f"checkpoint {str(path)!r} was not written by parallel.engine: deepspeed (no "
+                                  f"{TAG}/ folder): resume it with the engine that wrote it")
+        if (manifest["world_size"], manifest["ep_size"]) != (self.ctx.world_size, self.ctx.ep_size):
+            raise CheckpointError(f"checkpoint {str(path)!r} was saved by {manifest['world_size']} ranks with ep="
+                                  f"{manifest['ep_size']}; a DeepSpeed checkpoint resumes at the same layout (this "
+                                  f"launch: {self.ctx.world_size} ranks, ep={self.ctx.ep_size})")
+        experts = set(expert_shards(self.model))
+
+        def load_non_experts(src: dict, dst: nn.Module) -> None:
+            # the model-state file holds rank 0's expert shard only: experts come from the ZeRO partitions
+            missing, unexpected = dst.load_state_dict({k: v for k, v in src.items() if k not in experts},
+                                                      strict=False)
+            assert not unexpected and set(missing) <= experts, (missing, unexpected)
+
+        self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                    custom_load_fn=load_non_experts if experts else None)
+        if experts and self.stage in (1, 2):
+            self._experts_from_masters()
+        restore_rng_state(path, self.ctx)
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+    @torch.no_grad()
+    def _experts_from_masters(self) -> None:
+        """After a ZeRO-1/2 load, the trainable expert parameters the module computes with are set from the restored
+        fp32 masters: DeepSpeed 0.19.8 restores the masters but leaves the module's expert copies as they were
+        (found by tests/test_deepspeed.py: resumed losses differed by ~1e-3 until this)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        experts = expert_shards(self.model)
+        for name, p in self.model.named_parameters():  # the same order on every rank: matched collectives
+            if name in experts and p.requires_grad:
+                p.copy_(safe_get_full_fp32_param(p).to(p.dtype))
+
+
+def check_launch(cfg: Config, ctx: ParallelContext) -> None:
+    """What the DeepSpeed engine needs from a launch, as a ValueError before any model is built."""
+    if not ctx.distributed:
+        raise ValueError("parallel.engine: deepspeed needs a distributed launch (torchrun, the deepspeed launcher, "
+                         "mpirun or srun with WORLD_SIZE >= 2); for one process use parallel.engine: fsdp (the same "
+                         "loop and math)")
+    import_deepspeed()
+
+
+def build_engine(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, ctx: ParallelContext, bf16: bool,
+                 sched=None) -> DeepSpeedEngine:
+    """``deepspeed.initialize`` around a model prepared by prepare_experts and an optimizer whose groups came from
+    moe_param_groups."""
+    init_comm(ctx)
+    return DeepSpeedEngine(model, opt, ctx, engine_config(cfg, ctx, bf16), sched)

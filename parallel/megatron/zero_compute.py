@@ -1,0 +1,49 @@
+"""Identity / constant null experts inside Megatron's MoELayer: the null term added on the token's own rank.
+
+Megatron's router contract (probs [T, E], routing_map [T, E]) holds only the TRUE experts, so whichever token
+dispatcher runs (ours, VariableKAllToAllDispatcher, or Megatron's allgather / unfused alltoall) never permutes, sends
+or multiplies a row for a null pick. What an identity / constant null pick returns (moe_train/routing/zero_compute.py,
+docs/zero_compute.md) is added here, by the same pure function moe_train's own MoE layer calls:
+
+    route(x)            VariableKRouter -> (probs, routing_map); its last_plan keeps null_idx_TK / null_weight_TK
+                        (already scaled like probs by moe_router_topk_scaling_factor); the layer keeps x
+    ... dispatch, experts, combine, shared experts (Megatron's, unchanged)
+    postprocess(y)      y + null_expert_output(x, null_idx_TK, null_weight_TK, kind, router.null_values)
+
+Both hooks run inside Megatron's custom_forward, so MoE-layer recomputation (moe_layer_recompute) recomputes the
+term with its own routing. A router of kind ``zero`` (or Megatron's own router) leaves the layer unchanged.
+Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, K slots, Z null experts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from moe_train.routing.zero_compute import null_expert_output
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+
+class ZeroComputeMoELayer(MoELayer):
+    """Megatron's MoELayer plus the identity / constant null term of a VariableKRouter (module docstring); the
+    token dispatcher is whatever the config names (VariableKMoELayer, its subclass, installs ours)."""
+
+    _null_input: Optional[torch.Tensor] = None
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        self._null_input = hidden_states if getattr(self.router, "null_kind", "zero") != "zero" else None
+        return probs, routing_map
+
+    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        output = super().postprocess(output, shared_expert_output)
+        x, self._null_input = self._null_input, None
+        if x is None:
+            return output
+        plan = self.router.last_plan
+        x_TD = x.reshape(-1, x.shape[-1])
+        y_TD = null_expert_output(x_TD, plan.null_idx_TK, plan.null_weight_TK, plan.null_kind,
+                                  getattr(self.router, "null_values", None))
+        return output + y_TD.view(output.shape).to(output.dtype)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -82,8 +82,9 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-def engine_config(cfg: Config, ctx: ParallelContext, bf16: bool) -> dict:
-    """The DeepSpeed config: the user's JSON (deepspeed.config, validated in config.py) plus what moe_train owns."""
+def engine_config(cfg: Config, ctx: ParallelContext, bf16: bool, accum: int) -> dict:
+    """The DeepSpeed config: the user's JSON (deepspeed.config, validated in config.py) plus what moe_train owns
+    (``accum``: micro-batches per optimizer step, train.grad_accum_steps; 1 for Ada-K, which does not accumulate)."""
     t = cfg.train
     user = deepspeed_json(cfg.deepspeed)
     stage = deepspeed_stage(cfg.deepspeed)
@@ -94,8 +95,8 @@ def engine_config(cfg: Config, ctx: ParallelContext, bf16: bool) -> dict:
     return {
         **{"steps_per_print": 2 ** 31 - 1, "wall_clock_breakdown": False}, **user,
         "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.batch_size // (ctx.dp_size * t.grad_accum_steps),
-        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_micro_batch_size_per_gpu": t.batch_size // (ctx.dp_size * accum),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
@@ -192,13 +193,11 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    @staticmethod
-    def loss_scale(accum: int) -> float:
-        return 1.0  # engine.backward divides by gradient_accumulation_steps itself
-
-    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        # the caller owns the accumulation boundary (one step() per optimizer step, after its last micro-batch):
-        # ZeRO reduces the accumulated gradients in the backward of the boundary micro-batch
+    def backward(self, loss: torch.Tensor, accum: int = 1, last: bool = True) -> None:
+        # engine.backward divides by its gradient_accumulation_steps (= train.grad_accum_steps; 1 for Ada-K); the
+        # caller owns the boundary (one step() per optimizer step, after its last micro-batch): ZeRO reduces the
+        # accumulated gradients in the backward of the boundary micro-batch
+        assert accum == self.engine.gradient_accumulation_steps(), (accum, self.engine.gradient_accumulation_steps())
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
@@ -310,8 +309,8 @@ def check_launch(cfg: Config, ctx: ParallelContext) -> None:
 
 
 def build_engine(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, ctx: ParallelContext, bf16: bool,
-                 sched=None) -> DeepSpeedEngine:
+                 sched=None, accum: int = 1) -> DeepSpeedEngine:
     """``deepspeed.initialize`` around a model prepared by prepare_experts and an optimizer whose groups came from
     moe_param_groups."""
     init_comm(ctx)
-    return DeepSpeedEngine(model, opt, ctx, engine_config(cfg, ctx, bf16), sched)
+    return DeepSpeedEngine(model, opt, ctx, engine_config(cfg, ctx, bf16, accum), sched)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 import ep_workers as W
 import planner_workers as PW
@@ -82,3 +83,32 @@ def test_planner_sees_what_the_step_holds():
     n = sum(p.numel() for p in build_model(cfg.model).parameters())
     assert plan["memory"]["params"] == 4 * n
     assert plan["memory"]["optimizer"] == 2 * 4 * n
+
+
+@pytest.mark.parametrize("dtype, minibatches", [("float32", 4), ("bfloat16", 2)])
+def test_adak_ppo_step_peak_within_10_percent(dtype, minibatches):
+    """Ada-K: one PPO step (chunked rollouts, greedy baseline, 2 epochs of minibatch updates) on a frozen base,
+    measured with live storages (MemTracker cannot take frozen parameters), against the planner's adak job."""
+    from moe_train.config import AdaKConfig, Config, DataConfig, ModelConfig, MoEConfig, TrainConfig
+    from moe_train.io.adak_convert import add_allocators
+    from moe_train.model import build_model
+    from moe_train.train.adak import RewardBaseline, build_allocator_optimizer, freeze_base, ppo_step
+
+    model_cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            num_kv_heads=2, max_seq_len=128, moe=MoEConfig(router="topk", num_experts=8, top_k=2))
+    a = AdaKConfig(k_min=1, k_max=4, ppo_epochs=2, ppo_minibatches=minibatches, baseline="greedy", dtype=dtype)
+    cfg = Config(model=model_cfg, train=TrainConfig(batch_size=8, seq_len=64), adak=a, data=DataConfig())
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(getattr(torch, dtype))
+    add_allocators(model, a.k_min, a.k_max)
+    params = freeze_base(model)
+    opt = build_allocator_optimizer(params, a, cfg.train)
+    x, y = torch.randint(0, 512, (8, 64)), torch.randint(0, 512, (8, 64))
+    gen, baseline = torch.Generator().manual_seed(0), RewardBaseline("greedy")
+    ppo_step(model, opt, params, x, y, a, baseline, 1.0, gen)  # optimizer state exists from here on
+    tracker = PW.StorageTracker()
+    tracker.track(*model.parameters(), *model.buffers(), *[v for s in opt.state.values() for v in s.values()])
+    with tracker:
+        record = ppo_step(model, opt, params, x, y, a, baseline, 1.0, gen)
+    plan = make_plan(cfg, Cluster(1, 1), "adak", advise=False, memory_true_experts=record["mean_k"])
+    assert abs(plan["memory"]["peak"] / tracker.peak - 1) <= TOLERANCE, (plan["memory"]["candidates"], tracker.peak)

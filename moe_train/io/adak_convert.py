@@ -30,7 +30,10 @@ from moe_train.routing.adak import AdaKRouter
 def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
     if moe.router != "topk":
-        raise ValueError(f"Ada-K conversion starts from a top-k model; this model's router is {moe.router!r}")
+        raise ValueError(f"Ada-K conversion starts from a top-k model; this model's router is {moe.router!r}"
+                         + (f" with {moe.num_null_experts} {moe.null_kind!r} null experts (as LongCat-Flash's "
+                            "zero-computation experts: steer their share with model.moe.target_true_experts)"
+                            if moe.router == "null" and moe.null_kind != "zero" else ""))
     if moe.expert_bias_rate > 0:
         raise ValueError(f"this model still trains its aux-loss-free expert bias (expert_bias_rate="
                          f"{moe.expert_bias_rate}); Ada-K freezes the base router, so set model.moe.expert_bias_rate "

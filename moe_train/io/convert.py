@@ -68,7 +68,9 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline
                          "convert with null_kind: zero, or train a model with this kind from the start")
     if moe.router != "topk":
         raise ValueError(f"AdaMoE conversion starts from a top-k model; this model's router is {moe.router!r}"
-                         + (f" with {moe.num_null_experts} null experts already" if moe.router == "null" else ""))
+                         + (f" with {moe.num_null_experts} null experts already" if moe.router == "null" else "")
+                         + (f" (of kind {moe.null_kind!r}, as LongCat-Flash's zero-computation experts: steer their "
+                            "share with model.moe.target_true_experts instead)" if moe.null_kind != "zero" else ""))
     if not _is_int(num_null_experts) or num_null_experts < 1:
         raise ValueError(f"num_null_experts={num_null_experts!r} must be an integer >= 1")
     if num_null_experts % n:

@@ -112,9 +112,9 @@ def _refuse(hf: dict, family: str, where: str) -> None:
 def _moe(hf: dict, family: str) -> MoEConfig:
     method = hf.get("topk_method", FAMILY_TOPK_METHODS[family][0])
     groups = (1, 1) if method == "greedy" else (_get(hf, "n_group", family), _get(hf, "topk_group", family))
-    return MoEConfig(router="topk", num_experts=hf.get("n_routed_experts", hf.get("num_local_experts",
-                                                                                     _get(hf, "n_routed_experts", family))),
-                     top_k=_get(hf, "num_experts_per_tok", family), norm_topk_prob=bool(_get(hf, "norm_topk_prob", family)),
+    num_experts = hf.get("n_routed_experts", hf.get("num_local_experts", _get(hf, "n_routed_experts", family)))
+    return MoEConfig(router="topk", num_experts=num_experts, top_k=_get(hf, "num_experts_per_tok", family),
+                     norm_topk_prob=bool(_get(hf, "norm_topk_prob", family)),
                      score_func=SCORE_FUNC[family], topk_method=method, n_group=groups[0], topk_group=groups[1],
                      routed_scaling_factor=float(_get(hf, "routed_scaling_factor", family)),
                      use_expert_bias=family == "deepseek_v3")

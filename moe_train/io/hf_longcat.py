@@ -72,12 +72,15 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     heads = _get(hf, "num_attention_heads")
     kv_heads = _get(hf, "num_key_value_heads")
     n, z = _get(hf, "n_routed_experts"), _get(hf, "zero_expert_num") or 0
+    # transformers derives num_hidden_layers = 2 x num_layers (two attention sublayers each) and accepts either key
+    layers = hf["num_hidden_layers"] // 2 if "num_layers" not in hf and "num_hidden_layers" in hf \
+        else _get(hf, "num_layers")
     moe = MoEConfig(router="null" if z else "topk", num_experts=n, num_null_experts=z,
                     null_kind="identity" if z else "zero", top_k=_get(hf, "moe_topk"), norm_topk_prob=False,
                     routed_scaling_factor=float(_get(hf, "routed_scaling_factor")), use_expert_bias=True)
     cfg = ModelConfig(
         family=FAMILY, vocab_size=_get(hf, "vocab_size"), hidden_size=_get(hf, "hidden_size"),
-        intermediate_size=_get(hf, "expert_ffn_hidden_size"), num_layers=_get(hf, "num_layers"), num_heads=heads,
+        intermediate_size=_get(hf, "expert_ffn_hidden_size"), num_layers=layers, num_heads=heads,
         num_kv_heads=heads if kv_heads is None else kv_heads, rope_theta=_rope_theta(hf, FAMILY, where),
         rms_norm_eps=float(_get(hf, "rms_norm_eps")), max_seq_len=_get(hf, "max_position_embeddings"),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings")), attention_bias=bool(_get(hf, "attention_bias")),

@@ -46,7 +46,8 @@ MOE_PREFIXES = {"mixtral": ("block_sparse_moe.", "mlp."), "qwen2_moe": ("mlp.",)
 # Per-expert Linear names: (gate, up, down).
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-                "deepseek_v2": ("gate_proj", "up_proj", "down_proj"), "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+                "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
+                "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
                 "longcat_flash": ("gate_proj", "up_proj", "down_proj")}
 
 # Router state beyond gate.weight, for error messages.

@@ -488,7 +488,7 @@ class AdaKTrainer(Trainer):
         if self.cfg.parallel.engine != "deepspeed":
             self.engine = self.make_engine(opt, params=self.params)
         elif getattr(self, "engine", None) is None:
-            self.engine = self.make_engine(opt)
+            self.engine = self.make_engine(opt, accum=1)  # Ada-K steps once per backward
         else:
             self.engine.reset_optimizer_state()
         return self.engine  # also the Trainer's: save_model_file gathers the model through it

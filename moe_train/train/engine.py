@@ -9,10 +9,9 @@ Two implementations, one interface, so the Trainer (train/trainer.py) and Ada-K 
 Interface (duck-typed):
     forward(*args, **kw)        the module call that the backward will go through
     zero_grad()
-    backward(loss, last=True)   one micro-batch's backward of ``loss`` (already divided by the accumulation count
-                                where the engine does not divide itself: ``loss_scale`` below)
-    loss_scale(accum)           what the caller multiplies a micro-batch loss by (1/accum for torch, 1 for DeepSpeed,
-                                which divides by its gradient_accumulation_steps itself)
+    backward(loss, accum=1, last=True)
+                                one micro-batch's backward of loss / accum (the step's gradient is the mean over its
+                                accum micro-batches); ``last``: the step's final micro-batch
     clip_and_step(max_norm)     (global grad norm, stepped); torch: a non-finite norm skips the step
     skip()                      drop this step's gradients (the non-finite guard); can_skip_steps says if it can
     save_checkpoint / load_checkpoint / full_state_dict
@@ -50,12 +49,8 @@ class TorchEngine:
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
 
-    @staticmethod
-    def loss_scale(accum: int) -> float:
-        return 1.0 / accum
-
-    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, accum: int = 1, last: bool = True) -> None:
+        (loss / accum).backward()
 
     def clip_and_step(self, max_norm: float) -> tuple[torch.Tensor, bool]:
         """Clips to ``max_norm`` (0 = no clipping, the norm is still computed: it is the non-finite guard's test)

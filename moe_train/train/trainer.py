@@ -81,10 +81,12 @@ def bf16_compute(cfg: Config, device: torch.device) -> bool:
 def use_autocast(model: torch.nn.Module, cfg: Config, device: torch.device) -> bool:
     """bf16 autocast only for a model that FSDP2 does not wrap: a wrapped one computes in bf16 through its
     MixedPrecisionPolicy (parallelize_model(param_dtype=bf16)); autocast is for the unsharded model only (over FSDP
-    it would all-gather fp32 and cast per op)."""
+    it would all-gather fp32 and cast per op). Nor under DeepSpeed, whose bf16 mode keeps the module's parameters in
+    bf16 (fp32 masters in its optimizer): the same computation as FSDP2's, no per-op casts."""
     from torch.distributed.fsdp import FSDPModule
 
-    return bf16_compute(cfg, device) and not isinstance(model, FSDPModule)
+    deepspeed = cfg.parallel.engine == "deepspeed"
+    return bf16_compute(cfg, device) and not isinstance(model, FSDPModule) and not deepspeed
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -315,16 +317,19 @@ class Trainer:
         logger.info(f"resumed from {path} at step {state['step']}")
         return state["step"]
 
-    def make_engine(self, opt: torch.optim.Optimizer, sched=None, params=None):
+    def make_engine(self, opt: torch.optim.Optimizer, sched=None, params=None, accum: Optional[int] = None):
         """The engine the loop delegates to (train/engine.py), by parallel.engine: fsdp -> TorchEngine over the
-        (FSDP2) model; deepspeed -> deepspeed.initialize around it, ``opt`` regrouped into MoE / non-MoE groups."""
+        (FSDP2) model; deepspeed -> deepspeed.initialize around it and ``opt`` (whose groups a trainable-expert model
+        split into MoE / non-MoE groups first: setup_optimizer). ``accum``: micro-batches per step (default
+        train.grad_accum_steps)."""
         if self.cfg.parallel.engine != "deepspeed":
             from moe_train.train.engine import TorchEngine
 
             return TorchEngine(self.model, opt, self.ctx, sched, params)
         from moe_train.parallel.deepspeed_engine import build_engine
 
-        return build_engine(self.model, opt, self.cfg, self.ctx, bf16_compute(self.cfg, self.ctx.device), sched)
+        return build_engine(self.model, opt, self.cfg, self.ctx, bf16_compute(self.cfg, self.ctx.device), sched,
+                            self.cfg.train.grad_accum_steps if accum is None else accum)
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -389,14 +394,15 @@ class Trainer:
         acc = _RoutingAccumulator()
         sums = torch.zeros(5, device=ctx.device)  # loss, lm, aux, z, entropy (means over micro-batches)
         self.engine.zero_grad()
-        for i, (inputs, targets) in enumerate(zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps))):
+        micro = zip(inputs_all.chunk(t.grad_accum_steps), targets_all.chunk(t.grad_accum_steps))
+        for i, (inputs, targets) in enumerate(micro):
             # fp32 master weights and optimizer state either way; routers' softmax and the LM loss stay in fp32
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits, plans = self.engine.forward(inputs.to(ctx.device), return_plans=True)
             lm = lm_loss(logits, targets.to(ctx.device))
             terms = routing_losses(plans, self.cfg.model.moe)
             loss = lm + terms["aux_loss"] + terms["z_loss"] + terms["entropy_loss"]
-            self.engine.backward(loss * self.engine.loss_scale(t.grad_accum_steps), last=i == t.grad_accum_steps - 1)
+            self.engine.backward(loss, accum=t.grad_accum_steps, last=i == t.grad_accum_steps - 1)
             sums += torch.stack([loss, lm, terms["aux_loss"], terms["z_loss"], terms["entropy_loss"]]
                                 ).detach().float() / t.grad_accum_steps
             acc.add(plans)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from moe_train.planner.activations import Regime, head_activations, head_casts, layer_activations
-from moe_train.planner.shard import ShardReport
+from moe_train.planner.shard import PlanError, ShardReport
 
 
 @dataclass
@@ -118,27 +118,45 @@ def adak_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload) ->
     root = sum(u.unsharded for u in rep.units if u.kind in ("root", "model")) if distributed else 0
     expert = max((u.unsharded for u in rep.units if u.kind == "experts"), default=0) if distributed else 0
     m.gathered_params = root + expert
-    layers = [layer_activations(layer, reg) for layer in _decoder_layers(model)]
     D, V = _hidden(model), _vocab(model)
     A = max(layer.moe.router.k_max - layer.moe.router.k_min + 1 for layer in model.layers if layer.moe is not None)
-    T = w.tokens
-    # a no-grad forward holds the residual stream and one op group's outputs at a time: the attention block's
-    # (normalised input, q, k, v, output) or the experts' (rows, gate, up, product), then the logits with their
-    # fp32 copy and log-softmax (the rewards)
-    attn = model.layers[0].self_attn
-    Dq, Dkv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-    F, Z = _ffn_width(model), max(layer.moe.router.num_experts for layer in model.layers if layer.moe is not None)
-    block = max(T * reg.c * (D + 2 * Dq + 2 * Dkv), w.rows_recv * reg.c * (D + 3 * F) + T * 8 * Z)
+    T, Tg = w.tokens, w.grad_tokens
+    # a forward of the frozen base saves nothing but the allocators' fp32 inputs and log-probs; it holds the
+    # residual stream and one op group's outputs at a time, then the logits with their fp32 copy and log-softmax
     head_fwd = T * V * (reg.c + (4 if reg.c != 4 else 0) + 4)
-    rollout = 2 * reg.r * D * T + max(block, head_fwd)
-    working = max(la.bytes(T, w.rows_recv, w.rows_sent) for la in layers)
-    saved = len(layers) * w.grad_tokens * ((4 * D if reg.c != 4 else 0) + 8 * A)
+    rollout = 2 * reg.r * D * T + max(_forward_block(model, reg, T, w.rows_recv), head_fwd)
+    # the allocator's fp32 input (a copy of a bf16 hidden state, or the fp32 norm output itself: kept alive either
+    # way) and its log-probabilities, per MoE layer
+    saved = sum(1 for layer in model.layers if layer.moe is not None) * Tg * (4 * D + 8 * A)
+    ppo = saved + 2 * reg.r * D * Tg + _forward_block(model, reg, Tg, w.rows_recv * Tg / max(T, 1))
     m.activations = int(saved)
     static = m.params + m.buffers + m.optimizer + m.gradients
     m.candidates = {"rollout forward": int(static + m.gathered_params + rollout),
-                    "PPO forward": int(static + m.gathered_params + saved + working * w.grad_tokens / max(T, 1))}
+                    "PPO forward": int(static + m.gathered_params + ppo)}
     m.peak_at, m.peak = max(m.candidates.items(), key=lambda kv: kv[1])
     return m
+
+
+def _forward_block(model: nn.Module, reg: Regime, T: float, R: float) -> float:
+    """The widest op group of a no-grad forward, over the layers: the attention block (its input and the outputs of
+    all its projections, whatever the attention kind: read off its Linear modules), the routed experts (rows, gate,
+    up, product; router scores), a dense or shared SwiGLU (input, gate, up, product)."""
+    widest = 0.0
+    for layer in model.layers:
+        attn = getattr(layer, "self_attn", None)
+        if not isinstance(attn, nn.Module):
+            raise PlanError(f"no forward working-set formula for decoder layer {type(layer).__name__}: add it to "
+                            "moe_train/planner/memory.py")
+        D = layer.input_layernorm.weight.shape[0]
+        outs = sum(mod.out_features for mod in attn.modules() if isinstance(mod, nn.Linear))
+        widest = max(widest, T * reg.c * (D + outs))
+        if layer.moe is not None:
+            F = layer.moe.experts.w_gate.shape[-1]
+            widest = max(widest, R * reg.c * (D + 3 * F) + T * 8 * layer.moe.router.num_experts)
+        for mlp in (getattr(layer, "mlp", None), getattr(layer.moe, "shared_expert", None) if layer.moe else None):
+            if mlp is not None:
+                widest = max(widest, T * reg.c * (D + 3 * mlp.gate_proj.out_features))
+    return widest
 
 
 def _later_grad_bytes(model: nn.Module, rep: ShardReport, reg: Regime) -> tuple[float, float]:

@@ -86,7 +86,8 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
     toks = (adak_tokens if job == "adak" else train_tokens)(cfg, world, ep, true_experts)
     jm = build_job_model(cfg, job, world)
     reg = Regime(c=2 if jm.bf16 else 4, r=4 if jm.autocast or not jm.bf16 else 2, autocast=jm.autocast)
-    check_formulas(jm.model, reg)  # a layer kind without an activation formula fails before any sharding
+    if job == "train":  # a layer kind without an activation formula fails before any sharding
+        check_formulas(jm.model, reg)
     with fake_process_group(world):
         ctx = fake_context(world, ep) if world > 1 else _single_context()
         rep = shard_report(jm.model, ctx, jm.param_dtype)
@@ -169,6 +170,7 @@ def _traffic(cfg: Config, job: str, toks, rep, cluster: Cluster, reg: Regime, k:
     intra, inter = a2a_traffic(toks.tokens * k, row_bytes, L, passes * toks.micro_batches, ep, G, me)
     tr = Traffic(a2a_intra=intra, a2a_inter=inter)
     gathers = 1 if job == "adak" else 2
+    all_gather = reduce_scatter = 0.0
     for u in rep.units:
         if u.kind == "model":
             continue
@@ -178,8 +180,11 @@ def _traffic(cfg: Config, job: str, toks, rep, cluster: Cluster, reg: Regime, k:
         rs = split_collective(u.unsharded_trainable_reduce, ranks, G, me) if job != "adak" else (0.0, 0.0)
         tr.fsdp_intra += ag[0] * n_ag + rs[0] * toks.micro_batches
         tr.fsdp_inter += ag[1] * n_ag + rs[1] * toks.micro_batches
+        all_gather += (ag[0] + ag[1]) * n_ag
+        reduce_scatter += (rs[0] + rs[1]) * toks.micro_batches
     tr.detail = {"a2a_rows_per_layer": toks.tokens * k, "a2a_exchanges_per_layer": passes * toks.micro_batches,
-                 "row_bytes": row_bytes}
+                 "row_bytes": row_bytes, "fsdp_all_gather_bytes": all_gather,
+                 "fsdp_reduce_scatter_bytes": reduce_scatter}
     return tr
 
 

@@ -43,7 +43,9 @@ def render(plan: dict) -> str:
               f"{fl['forward_per_token_topk_baseline'] / 1e9:13.2f} G   (flops vs top-k {fl['flops_vs_topk']:.3f})",
               f"  all-to-all NVLink          {tr['a2a_intra'] / 1e9:11.2f} GB {trb['a2a_intra'] / 1e9:13.2f} GB",
               f"  all-to-all InfiniBand      {tr['a2a_inter'] / 1e9:11.2f} GB {trb['a2a_inter'] / 1e9:13.2f} GB",
-              f"  FSDP NVLink / InfiniBand   {tr['fsdp_intra'] / 1e9:7.2f} / {tr['fsdp_inter'] / 1e9:.2f} GB"]
+              f"  FSDP NVLink / InfiniBand   {tr['fsdp_intra'] / 1e9:7.2f} / {tr['fsdp_inter'] / 1e9:.2f} GB "
+              f"(all-gather {tr['detail']['fsdp_all_gather_bytes'] / 1e9:.2f} GB, reduce-scatter "
+              f"{tr['detail']['fsdp_reduce_scatter_bytes'] / 1e9:.2f} GB)"]
     for name, secs in t["terms"].items():
         lines.append(f"  time {name:<21} {_ms(secs)} {_ms(tb['terms'][name])}")
     lines += [f"  step time (serial)         {_ms(t['serial_s'])} {_ms(tb['serial_s'])}",

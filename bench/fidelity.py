@@ -12,11 +12,12 @@ difficulty label; whole-model forward FLOPs per token at the measured experts pe
 Prints one JSON line per run and a summary per goal; writes <out>/fidelity.jsonl and three PNG plots
 (--img-dir): validation loss vs FLOPs (the frontier), experts per token by label, loss by label.
 
-    python bench/fidelity.py [--base-steps 500 --steps 200 --seeds 0 1 --out /tmp/h-fid/fidelity]
+    python bench/fidelity.py [--base-steps 1200 --steps 200 --seeds 0 1 2 3 --out /tmp/h-fid/fidelity]
     python bench/fidelity.py --plot-only --out /tmp/h-fid/fidelity      # re-plot / re-summarise a finished run
 Runs whose row is already in <out>/fidelity.jsonl are skipped, so a second call with more --seeds or settings
 extends a sweep (the base is trained once).
-Sizes default to a run of about half an hour on 2 shared CPU cores (fp32).
+The defaults are the measured sweep of docs/fidelity.md: 1 base + 4 seeds x 16 runs, about 35 minutes on 2 shared
+CPU cores (fp32, one torch thread: with 7 processes on 2 cores, 2 threads per process ran ~10x slower).
 """
 
 from __future__ import annotations
@@ -321,9 +322,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="/tmp/h-fid/fidelity")
     p.add_argument("--img-dir", default="docs/img")
-    p.add_argument("--base-steps", type=int, default=500)
+    p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--steps", type=int, default=200, help="continuation steps of every trained variant")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--num-sequences", type=int, default=4096)
@@ -333,10 +334,10 @@ def main() -> None:
     p.add_argument("--eval-seed", type=int, default=4321)
     p.add_argument("--kmax", type=int, default=4)
     p.add_argument("--budgets", type=float, nargs="+", default=[1.25, 1.5, 1.75])
-    p.add_argument("--top-p", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    p.add_argument("--adak-penalties", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
-    p.add_argument("--adak-warm", type=int, default=20)
-    p.add_argument("--adak-ppo", type=int, default=60)
+    p.add_argument("--top-p", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--adak-penalties", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
+    p.add_argument("--adak-warm", type=int, default=30)
+    p.add_argument("--adak-ppo", type=int, default=80)
     p.add_argument("--phases", nargs="+", choices=("train", "adak"), default=["train", "adak"],
                    help="train: base, fixed top-k, AdaMoE, top-p; adak: Ada-K on each seed's top-2 run (after train)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")

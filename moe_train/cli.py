@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_train.config import CORPORA, NULL_TIE_BREAKS, ConfigError
+from moe_train.config import CORPORA, NULL_KINDS, NULL_TIE_BREAKS, ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -44,7 +44,8 @@ def _convert(args: argparse.Namespace) -> None:
         raise ValueError(f"--dst {args.dst!r} already exists; convert refuses to replace it: choose a new folder or "
                          f"pass --overwrite")
     dst = convert_to_adamoe(args.src, args.dst, num_null_experts=args.num_null_experts, top_k=args.top_k,
-                            baseline_top_k=args.baseline_top_k, null_tie_break=args.null_tie_break)
+                            baseline_top_k=args.baseline_top_k, null_tie_break=args.null_tie_break,
+                            null_kind=args.null_kind)
     print(f"wrote AdaMoE model to {dst}")
 
 
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-tie-break", default="true_first", choices=NULL_TIE_BREAKS,
                    help="true_first (default): function-preserving conversion, refused where it cannot be; topk: the "
                         "AdaMoE authors' exact twins with torch.topk's tie order (moe_train/io/convert.py)")
+    p.add_argument("--null-kind", default=None, choices=NULL_KINDS,
+                   help="what a null pick returns (default: zero for a top-k model; a model that has null experts "
+                        "already, as LongCat-Flash's identity experts, is re-written as is when this, "
+                        "--num-null-experts and --top-k are its own, and refused otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace --dst when it already exists")
     p.set_defaults(func=_convert)
 

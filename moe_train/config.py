@@ -161,8 +161,14 @@ class MoEConfig:
     routing_backend: str = "auto"
 
     @property
+    def pickable_experts(self) -> int:
+        """n true + m null experts (the null router, and Ada-K over a null router's ranking), else n."""
+        return self.num_experts + (self.num_null_experts if self.router in ("null", "adak") else 0)
+
+    @property
     def resolved_k_max(self) -> int:
-        return self.num_experts if self.k_max is None else self.k_max
+        return (self.pickable_experts if self.router == "adak" else self.num_experts) if self.k_max is None \
+            else self.k_max
 
     @property
     def resolved_baseline_top_k(self) -> int:
@@ -592,7 +598,7 @@ def _validate_longcat(m: ModelConfig, p: str) -> None:
     if not m.moe.use_expert_bias:
         _fail(f"{p}.moe.use_expert_bias", m.moe.use_expert_bias, "true for longcat_flash (its router selects with "
               "e_score_correction_bias over the FFN and zero-computation experts)")
-    if m.moe.router == "null" and m.moe.null_kind != "identity":
+    if m.moe.num_null_experts and m.moe.null_kind != "identity":
         _fail(f"{p}.moe.null_kind", m.moe.null_kind, "identity for longcat_flash (its zero-computation experts "
               "return their input)")
 
@@ -664,27 +670,27 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.num_experts", e.num_experts, "must be >= 1")
     if e.num_null_experts < 0:
         _fail(f"{p}.num_null_experts", e.num_null_experts, "must be >= 0")
-    if e.num_null_experts > 0 and e.router != "null":
+    if e.num_null_experts > 0 and e.router not in ("null", "adak"):  # adak: over a frozen null router's ranking
         _fail(f"{p}.num_null_experts", e.num_null_experts,
               f"null experts need router: null (router is {e.router!r}); set num_null_experts: 0 or router: null")
     if e.null_tie_break not in NULL_TIE_BREAKS:
         _fail(f"{p}.null_tie_break", e.null_tie_break, f"one of {NULL_TIE_BREAKS} (see NULL_TIE_BREAKS in config.py)")
     if e.null_kind not in NULL_KINDS:
         _fail(f"{p}.null_kind", e.null_kind, f"one of {NULL_KINDS} (see NULL_KINDS in config.py)")
-    if e.null_kind != "zero" and (e.router != "null" or e.num_null_experts < 1):
+    if e.null_kind != "zero" and (e.router not in ("null", "adak") or e.num_null_experts < 1):
         _fail(f"{p}.null_kind", e.null_kind, f"a {e.null_kind!r} kind describes null experts: needs router: null "
               f"and num_null_experts >= 1 (router is {e.router!r}, num_null_experts={e.num_null_experts}); "
               f"or null_kind: zero")
     _validate_router_conventions(e, p)
-    pickable = e.num_experts + (e.num_null_experts if e.router == "null" else 0)
+    pickable = e.pickable_experts
     if not 1 <= e.top_k <= pickable:
         what = "true + null experts" if e.router == "null" else "experts"
         _fail(f"{p}.top_k", e.top_k, f"must be in [1, {pickable}] (k cannot exceed the {pickable} {what})")
     if e.router == "adak":
         if e.k_min < 0:
             _fail(f"{p}.k_min", e.k_min, "must be >= 0")
-        if not 1 <= e.resolved_k_max <= e.num_experts:
-            _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}]")
+        if not 1 <= e.resolved_k_max <= pickable:
+            _fail(f"{p}.k_max", e.k_max, f"must be in [1, {pickable}] (num_experts + num_null_experts)")
         if e.k_min > e.resolved_k_max:
             _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
     if e.router == "top_p":
@@ -757,7 +763,7 @@ def _validate_router_conventions(e: MoEConfig, p: str) -> None:
               f"experts (num_experts={e.num_experts})")
     if e.topk_method != "greedy":  # at most topk_group groups' experts are eligible (null experts aside)
         eligible = e.topk_group * (e.num_experts // e.n_group)
-        k = e.resolved_k_max if e.router == "adak" else e.top_k - (e.num_null_experts if e.router == "null" else 0)
+        k = (e.resolved_k_max if e.router == "adak" else e.top_k) - (e.pickable_experts - e.num_experts)
         if k > eligible:
             _fail(f"{p}.topk_group", e.topk_group, f"leaves {eligible} eligible experts ({e.topk_group} of {e.n_group} "
                   f"groups of {e.num_experts // e.n_group}), fewer than the {k} true experts a token may need (top_k, or "
@@ -873,9 +879,10 @@ def validate(cfg: Config) -> None:
 def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
     if a.k_min < 0:
         _fail(f"{p}.k_min", a.k_min, "must be >= 0 (0 lets a token skip the layer's experts)")
-    if a.k_max is not None and not 1 <= a.k_max <= moe.num_experts:
-        _fail(f"{p}.k_max", a.k_max, f"must be in [1, model.moe.num_experts={moe.num_experts}] or null")
-    k_max = moe.num_experts if a.k_max is None else a.k_max
+    n = moe.pickable_experts  # k counts picks over the true (+ null) experts
+    if a.k_max is not None and not 1 <= a.k_max <= n:
+        _fail(f"{p}.k_max", a.k_max, f"must be in [1, {n}] (model.moe's num_experts + num_null_experts) or null")
+    k_max = n if a.k_max is None else a.k_max
     if a.k_min > k_max:
         _fail(f"{p}.k_min", a.k_min, f"must be <= k_max={k_max}")
     for key in ("lr", "clip_eps"):

@@ -13,6 +13,12 @@ With the allocator forced to k = top_k the converted model computes exactly what
 Ada-K router keeps the base gate convention: renormalised over the picked experts when norm_topk_prob; the score
 function, group limits and routed scaling; a fixed selection bias such as DeepSeek-V3's e_score_correction_bias,
 use_expert_bias, is copied and selects as before, while a bias still being trained, expert_bias_rate > 0, is refused).
+
+A null router (LongCat-Flash's identity experts, or any null kind) converts too: the Ada-K router keeps its null
+gate, null selection biases, null vectors and tie order, and k counts picks over all n + z experts (k_max defaults to
+n + z); the first k of the same ranking are taken, so forced to the base top_k it is the base model. A compute budget
+(target_true_experts) is frozen with the rest: its controller bias is added into null_expert_bias, the controller
+removed (docs/adak.md: Ada-K over routers with identity experts).
 Shape legend: E experts, D hidden, A allocator actions.
 """
 
@@ -29,11 +35,9 @@ from moe_train.routing.adak import AdaKRouter
 
 def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
-    if moe.router != "topk":
-        raise ValueError(f"Ada-K conversion starts from a top-k model; this model's router is {moe.router!r}"
-                         + (f" with {moe.num_null_experts} {moe.null_kind!r} null experts (as LongCat-Flash's "
-                            "zero-computation experts: steer their share with model.moe.target_true_experts)"
-                            if moe.router == "null" and moe.null_kind != "zero" else ""))
+    if moe.router not in ("topk", "null"):
+        raise ValueError(f"Ada-K conversion starts from a top-k model or a null-expert model (its ranking over "
+                         f"true + null experts is kept); this model's router is {moe.router!r}")
     if moe.expert_bias_rate > 0:
         raise ValueError(f"this model still trains its aux-loss-free expert bias (expert_bias_rate="
                          f"{moe.expert_bias_rate}); Ada-K freezes the base router, so set model.moe.expert_bias_rate "
@@ -42,13 +46,17 @@ def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> M
     if moe.capacity_factor is not None:
         raise ValueError(f"capacity_factor={moe.capacity_factor}: Ada-K evaluates the frozen model dropless; "
                          "set model.moe.capacity_factor to null")
-    n = moe.num_experts
+    n = moe.pickable_experts  # the picks the frozen router ranks: true (+ null) experts
     k_max_ = n if k_max is None else k_max
     if not 0 <= k_min <= k_max_ <= n or k_max_ < 1:
         raise ValueError(f"Ada-K action range k_min={k_min}, k_max={k_max}: need 0 <= k_min <= k_max <= {n} "
-                         f"(the model's experts) and k_max >= 1")
+                         f"(the model's {moe.num_experts} experts"
+                         + (f" + {moe.num_null_experts} {moe.null_kind!r} null experts" if moe.router == "null" else "")
+                         + ") and k_max >= 1")
+    budget = moe.target_true_experts is not None  # frozen: its bias joins the fixed null selection bias
     new = dataclasses.replace(moe, router="adak", k_min=k_min, k_max=k_max_,
-                              baseline_top_k=moe.resolved_baseline_top_k)
+                              baseline_top_k=moe.resolved_baseline_top_k, target_true_experts=None,
+                              use_expert_bias=moe.use_expert_bias or budget)
     try:
         validate_moe(new)
     except ConfigError as e:
@@ -64,7 +72,15 @@ def add_allocators(model: MoETransformer, k_min: int = 1, k_max: Optional[int] =
     def init(old, new):
         new.allocator.float()  # fp32 master weight on any model dtype (module docstring)
         new.allocator.weight.zero_()
-        if new.expert_bias is not None:  # DeepSeek-V3's correction bias: the frozen router selects with it
+        if old.expert_bias is not None:  # DeepSeek-V3's correction bias: the frozen router selects with it
             new.expert_bias.copy_(old.expert_bias)
+        if new.num_null:  # the frozen null router's null experts and their fixed selection offsets
+            new.null_gate.weight.copy_(old.null_gate.weight)
+            if new.null_values is not None:
+                new.null_values.copy_(old.null_values)
+            if new.null_expert_bias is not None:
+                new.null_expert_bias.copy_(old.null_expert_bias if old.null_expert_bias is not None else 0)
+                if old.null_bias is not None:  # the compute budget's shared null bias, now fixed
+                    new.null_expert_bias.add_(old.null_bias)
 
     return swap_routers(model, new_moe, AdaKRouter, init)

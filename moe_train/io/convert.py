@@ -23,6 +23,10 @@ true expert's group is (routing/scores.py, docs/families.md), so the conversion 
     add_null_experts(model, m, k)                 in place on a loaded model (returns it)
     convert_to_adamoe(src, dst, m, k)             Hugging Face folder -> converted Hugging Face folder
 
+A source that already routes over null experts (LongCat-Flash's identity zero-computation experts) gets nothing
+added: convert_to_adamoe re-writes it (our config extras included) when m, k and the null kind asked for are the
+model's own, and refuses naming the model's count, k and kind otherwise (check_existing_nulls).
+
 Shape legend: E = n true experts, Z = m null experts, D hidden.
 """
 
@@ -159,20 +163,47 @@ def add_null_experts(model: MoETransformer, num_null_experts: int, top_k: int,
     return swap_routers(model, new_moe, NullExpertRouter, init)
 
 
+def check_existing_nulls(moe: MoEConfig, num_null_experts: int, top_k: int, null_kind: Optional[str],
+                         baseline_top_k: Optional[int] = None) -> MoEConfig:
+    """A model that has null experts already (router null): its MoEConfig (with ``baseline_top_k`` when given) if
+    the request is what it has, else ValueError naming the model's count, k and kind (module docstring)."""
+    assert moe.router == "null", moe.router
+    have = (moe.num_null_experts, moe.top_k, moe.null_kind)
+    want = (num_null_experts, top_k, moe.null_kind if null_kind is None else null_kind)
+    if want != have:
+        raise ValueError(f"this model already routes over {have[0]} null experts of kind {have[2]!r} with top_k="
+                         f"{have[1]} (as LongCat-Flash's zero-computation experts); AdaMoE conversion adds none to it: "
+                         f"ask for num_null_experts={have[0]}, top_k={have[1]}, null_kind={have[2]!r} to re-write it "
+                         f"as is (asked: num_null_experts={want[0]}, top_k={want[1]}, null_kind={want[2]!r})")
+    new = moe if baseline_top_k is None else dataclasses.replace(moe, baseline_top_k=baseline_top_k)
+    try:
+        validate_moe(new)
+    except ConfigError as e:
+        raise ValueError(f"the converted MoE config is invalid: {e}") from None
+    return new
+
+
 def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_experts: int, top_k: int,
                       baseline_top_k: Optional[int] = None, max_shard_size: Union[int, str] = "5GB",
-                      null_tie_break: str = "true_first") -> Path:
+                      null_tie_break: str = "true_first", null_kind: Optional[str] = None) -> Path:
     """Hugging Face top-k checkpoint ``src`` -> AdaMoE checkpoint ``dst`` (from_hf + add_null_experts + to_hf).
 
     Arguments are validated against src's config.json before any weight is read. Weights keep their stored
     dtype; the tokenizer and other non-weight files of ``src`` are copied along, with its token ids. ``dst`` is
-    written atomically and may equal ``src``. Returns ``dst`` as a Path.
+    written atomically and may equal ``src``. Returns ``dst`` as a Path. ``null_kind``: None = zero for a top-k
+    source, the model's own for one with null experts (re-written as is, module docstring).
     """
     src, dst = Path(src), Path(dst)
     hf = read_hf_config(src)
-    check_conversion(config_from_hf(hf, str(src / "config.json")).moe, num_null_experts, top_k, baseline_top_k,
-                     null_tie_break)
-    model = from_hf(src, dtype=stored_dtype(src))
-    add_null_experts(model, num_null_experts, top_k, baseline_top_k, null_tie_break)
+    moe = config_from_hf(hf, str(src / "config.json")).moe
+    if moe.router == "null":
+        new_moe = check_existing_nulls(moe, num_null_experts, top_k, null_kind, baseline_top_k)
+        model = from_hf(src, dtype=stored_dtype(src))
+        model.config = dataclasses.replace(model.config, moe=new_moe)
+    else:
+        kind = "zero" if null_kind is None else null_kind
+        check_conversion(moe, num_null_experts, top_k, baseline_top_k, null_tie_break, kind)
+        model = from_hf(src, dtype=stored_dtype(src))
+        add_null_experts(model, num_null_experts, top_k, baseline_top_k, null_tie_break, kind)
     extra = {key: hf[key] for key in _CARRIED_HF_KEYS if key in hf}
     return to_hf(model, dst, max_shard_size=max_shard_size, extra_config=extra, carry_from=[src])

@@ -53,8 +53,8 @@ def forward_flops_per_token(cfg: ModelConfig, true_experts_per_layer: Union[floa
     if include_routing_extras:
         if moe.router == "null":
             router += 2 * D * moe.num_null_experts
-        elif moe.router == "adak":
-            router += 2 * D * (moe.resolved_k_max - moe.k_min + 1)
+        elif moe.router == "adak":  # its allocator, and the null gate of a frozen null router (LongCat-Flash)
+            router += 2 * D * (moe.resolved_k_max - moe.k_min + 1) + 2 * D * moe.num_null_experts
     shared = (3 * 2 * D * cfg.shared_expert_intermediate_size + 2 * D) if cfg.shared_expert_intermediate_size else 0
     shared += 3 * 2 * D * F * cfg.n_shared_experts  # DeepSeek's ungated shared experts
     # LongCat-Flash (model/longcat.py): a second attention sublayer and two dense MLPs beside every MoE block

@@ -5,6 +5,11 @@
     the frozen router's experts: idx = topk(softmax(W_g x), k_max)[:, :k], gates renormalised over those k
     when the base model does (norm_topk_prob), else its raw probabilities; the base's score function, expert bias,
     group limits and routed scaling apply as in its top-k router (routing/scores.py)
+    with z null experts (a frozen null router, e.g. LongCat-Flash's identity experts): the ranking is over all
+    n + z (softmax over n + z, selection biases over all, the null router's tie order), a token takes the first k
+    of it, and split_null_slots applies the null kind's gate rule to those k picks (routing/zero_compute.py):
+    identity / constant picks return gate * x / gate * v_j on the token's rank, never dispatched; k counts picks,
+    the plan's true slots (what the PPO penalty and the FLOPs count) only the FFN ones (docs/adak.md)
 
 The allocator is one bias-free linear map per layer (Qwen1.5-MoE: 2048 * 60 * 24 layers = 2.95M parameters).
 Modes: ``greedy`` (argmax), ``sample`` (a ~ P), ``forced`` (use ``forced_action_T``, to recompute log-probs of
@@ -18,7 +23,7 @@ trainer keeps it as an fp32 master weight even on a bf16 model), and so do log p
 keeps the model's dtype (its probabilities are fp32 as for every router).
 The plan carries the full allocator log-probabilities as ``extras["allocator_log_probs_TA"]`` (differentiable in
 W_p), for the warm start's cross-entropy.
-Shape legend: T tokens, D hidden, E true experts, K = k_max slots, A actions.
+Shape legend: T tokens, D hidden, E true experts, Z null experts, N = E + Z, K = k_max slots, A actions.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
 from moe_train.routing.topk import renormalize, select_topk
+from moe_train.routing.zero_compute import split_null_slots
 
 MODES = ("greedy", "sample", "forced")
 
@@ -50,6 +56,12 @@ class AdaKRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         # The frozen base router's selection-only bias (DeepSeek-V3's e_score_correction_bias; never updated here)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.use_expert_bias else None)
+        # The frozen null router's null experts, under NullExpertRouter's names (module docstring; none when z = 0)
+        Z = cfg.num_null_experts
+        self.num_null, self.null_kind, self.tie_break = Z, cfg.null_kind, cfg.null_tie_break
+        self.null_gate = nn.Linear(hidden_size, Z, bias=False) if Z else None
+        self.register_buffer("null_expert_bias", torch.zeros(Z) if cfg.use_expert_bias and Z else None)
+        self.null_values = nn.Parameter(torch.zeros(Z, hidden_size)) if Z and cfg.null_kind == "constant" else None
         self.allocator = nn.Linear(hidden_size, self.k_max - self.k_min + 1, bias=False)
         self.mode = "greedy"
         self.forced_action_T: Optional[torch.Tensor] = None
@@ -69,24 +81,12 @@ class AdaKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         c = self.moe_cfg
+        if self.num_null:  # one GEMM over true + null gates, as NullExpertRouter (tied twins stay tied)
+            return self._forward_with_nulls(x_TD)
         logits_TE = self.gate(x_TD)
         scores_TE = router_scores(logits_TE, c.score_func)
         probs_TE = score_distribution(scores_TE, c.score_func)
-        # fp32 whatever the model's dtype (module docstring): bf16 logits would quantise log pi and the PPO ratio
-        log_pi_TA = torch.log_softmax(F.linear(x_TD.float(), self.allocator.weight.float()), dim=-1)
-        if self.mode == "greedy":
-            action_T = log_pi_TA.argmax(dim=-1)
-        elif self.mode == "sample":
-            u_T = self.uniform_T
-            if u_T is None:
-                u_T = torch.rand(x_TD.shape[0], device=x_TD.device)
-            assert u_T.shape == log_pi_TA.shape[:1], (u_T.shape, log_pi_TA.shape)
-            cdf_TA = log_pi_TA.detach().exp().cumsum(dim=-1)
-            # inverse CDF; the clamp covers u above a last cumulative value rounded just below 1
-            action_T = (cdf_TA < u_T.to(cdf_TA)[:, None]).sum(dim=-1).clamp(max=log_pi_TA.shape[-1] - 1)
-        else:
-            assert self.forced_action_T is not None and self.forced_action_T.shape == log_pi_TA.shape[:1]
-            action_T = self.forced_action_T
+        log_pi_TA, action_T = self._allocate(x_TD)
         k_T = self.k_min + action_T
         bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group, c.topk_group)
         weight_TK, idx_TK = select_topk(scores_TE, self.k_max, bias)
@@ -103,6 +103,58 @@ class AdaKRouter(nn.Module):
             z_loss=router_z_loss(logits_TE),
             probs_TN=probs_TE,
             logits_TN=logits_TE,
+            **self._policy_fields(log_pi_TA, action_T),
+        )
+
+    def _forward_with_nulls(self, x_TD: torch.Tensor) -> RoutingPlan:
+        """The first k of the frozen null router's ranking over all n + z experts (module docstring)."""
+        c, E = self.moe_cfg, self.num_experts
+        logits_TN = F.linear(x_TD, torch.cat([self.gate.weight, self.null_gate.weight]))
+        scores_TN = router_scores(logits_TN, c.score_func)
+        bias_N = None if self.expert_bias is None else torch.cat([self.expert_bias, self.null_expert_bias])
+        bias = selection_bias(scores_TN, E, bias_N, c.topk_method, c.n_group, c.topk_group)
+        weight_TK, idx_TK = select_topk(scores_TN, self.k_max, bias, self.tie_break)
+        log_pi_TA, action_T = self._allocate(x_TD)
+        keep_TK = torch.arange(self.k_max, device=x_TD.device) < (self.k_min + action_T)[:, None]
+        # dropped slots: index -1 (a "true" slot of no expert) and weight 0, then the kind's gate rule
+        expert_idx_TK, weight_TK, null_idx_TK, null_weight_TK = split_null_slots(
+            weight_TK * keep_TK, torch.where(keep_TK, idx_TK, -1), E, self.null_kind, self.norm_topk_prob)
+        weight_TK = scale_routed(weight_TK, c.routed_scaling_factor)
+        if null_weight_TK is not None:
+            null_weight_TK = scale_routed(null_weight_TK, c.routed_scaling_factor)
+        probs_TN = score_distribution(scores_TN, c.score_func)
+        counts_N = counts_from_idx(torch.where(keep_TK, idx_TK, -1), E + self.num_null)
+        return RoutingPlan(
+            expert_idx_TK=expert_idx_TK, weight_TK=weight_TK, counts_E=counts_N[:E], selected_counts_E=counts_N[:E],
+            aux_loss=load_balancing_loss(probs_TN, counts_N, num_null=self.num_null),
+            z_loss=router_z_loss(logits_TN), probs_TN=probs_TN, logits_TN=logits_TN,
+            null_idx_TK=null_idx_TK, null_weight_TK=null_weight_TK, null_kind=self.null_kind,
+            **self._policy_fields(log_pi_TA, action_T),
+        )
+
+    def _allocate(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi_TA, action_T) under the current mode (module docstring)."""
+        # fp32 whatever the model's dtype (module docstring): bf16 logits would quantise log pi and the PPO ratio
+        log_pi_TA = torch.log_softmax(F.linear(x_TD.float(), self.allocator.weight.float()), dim=-1)
+        if self.mode == "greedy":
+            action_T = log_pi_TA.argmax(dim=-1)
+        elif self.mode == "sample":
+            u_T = self.uniform_T
+            if u_T is None:
+                u_T = torch.rand(x_TD.shape[0], device=x_TD.device)
+            assert u_T.shape == log_pi_TA.shape[:1], (u_T.shape, log_pi_TA.shape)
+            cdf_TA = log_pi_TA.detach().exp().cumsum(dim=-1)
+            # inverse CDF; the clamp covers u above a last cumulative value rounded just below 1
+            action_T = (cdf_TA < u_T.to(cdf_TA)[:, None]).sum(dim=-1).clamp(max=log_pi_TA.shape[-1] - 1)
+        else:
+            assert self.forced_action_T is not None and self.forced_action_T.shape == log_pi_TA.shape[:1]
+            action_T = self.forced_action_T
+        return log_pi_TA, action_T
+
+    @staticmethod
+    def _policy_fields(log_pi_TA: torch.Tensor, action_T: torch.Tensor) -> dict:
+        """The plan's allocator fields: action, its log-prob, the policy entropy, the full log-probs."""
+        return dict(
             action_T=action_T,
             # not a view: FSDP2 warns about (and an in-place op would break) view outputs that require grad
             log_prob_T=log_pi_TA.gather(-1, action_T[:, None]).squeeze(-1).clone(),

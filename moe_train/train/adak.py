@@ -25,7 +25,8 @@ PPO, one step per batch:
               actions are therefore a function of (seed, step, global position): 1 process and N ranks sample the
               same actions for the same global batch (up to float rounding of pi near a CDF boundary).
     reward    r_t = log P(x_{t+1} | x_<=t) under the adapted model - penalty * sum_l k_{l,t}
-              (k = true experts actually used; lambda = penalty, 3e-3 in the paper)
+              (k = true experts actually used; lambda = penalty, 3e-3 in the paper; over a null router, e.g.
+              LongCat-Flash's identity experts, the allocator's k counts picks and the penalty its FFN picks only)
     credit    every layer's action at position t gets token t's reward: A_{l,t} = A_t. The action also changes
               later positions through attention; that effect is not credited (a per-token bandit reading of the
               paper's per-token reward).
@@ -148,16 +149,17 @@ def load_adak_model(cfg: Config) -> MoETransformer:
     if dtype is not None and not Path(src).is_dir():
         _cast_except_allocators(model, dtype)
     moe = model.config.moe
-    if moe.router == "topk":
+    if moe.router in ("topk", "null"):  # null: over its ranking of true + null experts (LongCat-Flash)
         return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)  # fp32 allocators
     if moe.router == "adak":
-        k_max = moe.num_experts if cfg.adak.k_max is None else cfg.adak.k_max
+        k_max = moe.pickable_experts if cfg.adak.k_max is None else cfg.adak.k_max
         if (moe.k_min, moe.resolved_k_max) != (cfg.adak.k_min, k_max):
             raise ValueError(f"train.init_from={src!r} is an Ada-K model with k in [{moe.k_min}, {moe.resolved_k_max}]"
                              f" but adak.k_min/k_max ask for [{cfg.adak.k_min}, {k_max}]; make them agree")
         allocators_to_fp32(adak_routers(model))
         return model
-    raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k model")
+    raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k or null-expert "
+                     "model")
 
 
 def _cast_except_allocators(model: MoETransformer, dtype: torch.dtype) -> None:

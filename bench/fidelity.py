@@ -12,8 +12,8 @@ difficulty label; whole-model forward FLOPs per token at the measured experts pe
 Prints one JSON line per run and a summary per goal; writes <out>/fidelity.jsonl and three PNG plots
 (--img-dir): validation loss vs FLOPs (the frontier), experts per token by label, loss by label.
 
-    python bench/fidelity.py [--base-steps 1200 --steps 200 --seeds 0 1 2 3 --out /tmp/h-fid/fidelity]
-    python bench/fidelity.py --plot-only --out /tmp/h-fid/fidelity      # re-plot / re-summarise a finished run
+    python bench/fidelity.py [--base-steps 1200 --steps 200 --seeds 0 1 2 3 --out runs/fidelity]
+    python bench/fidelity.py --plot-only --out runs/fidelity      # re-plot / re-summarise a finished run
 Runs whose row is already in <out>/fidelity.jsonl are skipped, so a second call with more --seeds or settings
 extends a sweep (the base is trained once).
 The defaults are the measured sweep of docs/fidelity.md: 1 base + 4 seeds x 16 runs, about 35 minutes on 2 shared
@@ -320,7 +320,7 @@ def plots(agg: dict, img: Path) -> list[Path]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="/tmp/h-fid/fidelity")
+    p.add_argument("--out", default="runs/fidelity")
     p.add_argument("--img-dir", default="docs/img")
     p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--steps", type=int, default=200, help="continuation steps of every trained variant")

@@ -138,7 +138,7 @@ def bench_dtype(args, dtype_name: str, pg) -> None:
     x[:, 0] = 1.0
     mods, assign = build_variants(args, dtype, x, pg)
     xd = x.to(dtype)
-    res = round_robin({n: step_fn(m, xd, lay) for n, (m, lay) in mods.items()}, args.reps)
+    res = round_robin({n: step_fn(m, xd, lay) for n, (m, lay) in mods.items()}, args.reps, warmup=args.warmup)
     base = "ours_top2"
     for name, r in res.items():
         ratio = paired_ratio(res, name, base)
@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     ap.add_argument("--peers", default="transformers,megatron,deepspeed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on "
                     "a shared machine (OpenMP barriers stall when the cores are oversubscribed)")

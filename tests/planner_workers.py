@@ -32,6 +32,33 @@ def small_config(router: str, precision: str, ac: bool, ep: int, world: int, out
                   parallel=ParallelConfig(ep=ep, world_size=world))
 
 
+def family_config(family: str, ac: bool, out_dir: str, precision: str = "fp32") -> Config:
+    """Tiny models of the layer kinds beyond Mixtral's, one process. ``deepseek_v3``: MLA with a low-rank query, a
+    dense first layer, one ungated shared expert, sigmoid scores with noaux_tc groups, routed scaling and the
+    correction bias. ``longcat_flash``: two MLA sublayers with two dense MLPs per layer and a shortcut MoE with
+    identity zero-computation experts under a compute budget. q/k head dim = v head dim (8 + 8 = 16): torch's CPU
+    SDPA then runs the flash kernel, as CUDA's fused kernels do at the real sizes (activations.py: MLA)."""
+    mla = dict(num_heads=4, num_kv_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+               v_head_dim=16)
+    if family == "deepseek_v3":
+        moe = MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, use_expert_bias=True, expert_bias_rate=1e-3)
+        model = ModelConfig(family=family, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=3,
+                            first_k_dense_replace=1, dense_intermediate_size=160, n_shared_experts=1, max_seq_len=128,
+                            moe=moe, **mla)
+    else:
+        assert family == "longcat_flash", family
+        moe = MoEConfig(router="null", num_experts=8, num_null_experts=4, null_kind="identity", top_k=3,
+                        norm_topk_prob=False, routed_scaling_factor=2.0, use_expert_bias=True, expert_bias_rate=1e-3,
+                        target_true_experts=2.0)
+        model = ModelConfig(family=family, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
+                            dense_intermediate_size=160, max_seq_len=128, moe=moe, **mla)
+    train = TrainConfig(steps=2, batch_size=4, seq_len=64, precision=precision, activation_checkpointing=ac,
+                        out_dir=out_dir, checkpoint_every=0, tensorboard=False, warmup_steps=0, log_every=1)
+    return Config(model=model, train=train, data=DataConfig(kind="synthetic", num_sequences=64, val_sequences=0),
+                  parallel=ParallelConfig(ep=1, world_size=1))
+
+
 def measure_step(cfg: Config, ctx=None) -> dict:
     """Peak bytes (MemTracker) of the second optimizer step of the real Trainer on this rank, with its counts."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -50,7 +77,7 @@ def measure_step(cfg: Config, ctx=None) -> dict:
     peak = tracker.get_tracker_snapshot("peak")
     dev = next(iter(peak))
     layers = trainer.model.layers
-    stats = [getattr(layer.moe.dispatcher, "last", None) for layer in layers]
+    stats = [getattr(layer.moe.dispatcher, "last", None) for layer in layers if layer.moe is not None]
     return {"peak": peak[dev]["Total"], "by_kind": dict(peak[dev]),
             "true_experts": record["true_experts_per_token"],
             "rows_recv": [s.rows_received for s in stats if s is not None],

@@ -437,14 +437,12 @@ def test_longcat_lora_covers_both_attention_sublayers_and_merges_into_an_export(
 
 def test_longcat_conversions_are_refused_by_name():
     """LongCat-Flash routes over identity zero experts already (its compute is steered with the budget,
-    model.moe.target_true_experts): AdaMoE's zero null experts and Ada-K's top-k allocator do not apply."""
-    from moe_train.io.adak_convert import add_allocators
+    model.moe.target_true_experts): AdaMoE's zero null experts do not apply. (Ada-K over its ranking of FFN +
+    identity experts does: tests/test_longcat_adak.py.)"""
     from moe_train.io.convert import add_null_experts
 
     with pytest.raises(ValueError, match="router is 'null'.*'identity'.*target_true_experts"):
         add_null_experts(longcat_model(), 4, 4)
-    with pytest.raises(ValueError, match="router is 'null'.*'identity'.*target_true_experts"):
-        add_allocators(longcat_model())
     no_zero = longcat_model(moe=MoEConfig(num_experts=4, top_k=2, norm_topk_prob=False, use_expert_bias=True))
     with pytest.raises(ValueError, match="null_kind.*identity for longcat_flash"):
         add_null_experts(no_zero, 4, 4, null_tie_break="topk")

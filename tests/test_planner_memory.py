@@ -1,6 +1,7 @@
 """The planner's per-rank peak memory against the real Trainer's step measured with torch's MemTracker.
 
-One process (ep 1: fp32 / bf16 autocast, with and without activation checkpointing) and one 4-rank gloo spawn
+One process (ep 1: fp32 / bf16 autocast, with and without activation checkpointing; the DeepSeek-V3 and LongCat-Flash
+layer kinds in fp32, with and without checkpointing) and one 4-rank gloo spawn
 (ep 2 = dp 2 x ep 2 and ep 4 = dp 1 x ep 4; fp32 and bf16 FSDP2 mixed precision, with and without checkpointing,
 pairwise) that measures every case on every rank. The planner is given the load that happened (true experts per
 token and rank 0's received rows over its sent rows, averaged over layers): routing is the one thing it cannot
@@ -50,6 +51,18 @@ def test_single_process_peak_within_10_percent(tmp_path, case):
     measured = PW.measure_step(cfg)
     predicted = _predict(cfg, 1, measured)
     assert abs(predicted / measured["peak"] - 1) <= TOLERANCE, (case, predicted, measured)
+
+
+@pytest.mark.parametrize("family, ac", [("deepseek_v3", False), ("deepseek_v3", True), ("longcat_flash", False),
+                                        ("longcat_flash", True)], ids=lambda v: str(v))
+def test_mla_family_layers_peak_within_10_percent(tmp_path, family, ac):
+    """The layer kinds beyond Mixtral's, fp32, one process: MLA with a low-rank query, a dense first layer, an
+    ungated shared expert and sigmoid group-limited routing (DeepSeek-V3 style); LongCat-Flash's two-attention
+    shortcut layer with identity zero-computation experts (planner_workers.family_config)."""
+    cfg = PW.family_config(family, ac, str(tmp_path / "run"))
+    measured = PW.measure_step(cfg)
+    predicted = _predict(cfg, 1, measured)
+    assert abs(predicted / measured["peak"] - 1) <= TOLERANCE, (family, ac, predicted, measured)
 
 
 def test_expert_parallel_peak_and_all_to_all_bytes(tmp_path):

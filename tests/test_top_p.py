@@ -88,6 +88,7 @@ def test_layer_output_equals_per_token_reference():
             prm.normal_(std=0.5)
     x = torch.randn(1, 16, 8)
     y, plan = layer(x)
+    layer.requires_grad_(False)  # the reference below is plain float64 arithmetic on the same weights
     ex = layer.experts
     x64 = x[0].double()
     probs = torch.softmax(x64 @ layer.router.gate.weight.double().T, dim=-1)

@@ -14,11 +14,11 @@ Ada-K router keeps the base gate convention: renormalised over the picked expert
 function, group limits and routed scaling; a fixed selection bias such as DeepSeek-V3's e_score_correction_bias,
 use_expert_bias, is copied and selects as before, while a bias still being trained, expert_bias_rate > 0, is refused).
 
-A null router (LongCat-Flash's identity experts, or any null kind) converts too: the Ada-K router keeps its null
-gate, null selection biases, null vectors and tie order, and k counts picks over all n + z experts (k_max defaults to
-n + z); the first k of the same ranking are taken, so forced to the base top_k it is the base model. A compute budget
-(target_true_experts) is frozen with the rest: its controller bias is added into null_expert_bias, the controller
-removed (docs/adak.md: Ada-K over routers with identity experts).
+A null router whose null experts return something (LongCat-Flash's identity experts; constant) converts too: the
+Ada-K router keeps its null gate, null selection biases, null vectors and tie order, and k counts picks over all n +
+z experts (k_max defaults to n + z); the first k of the same ranking are taken, so forced to the base top_k it is
+the base model. A compute budget (target_true_experts) is frozen with the rest: its controller bias is added into
+null_expert_bias, the controller removed (docs/adak.md: Ada-K over routers with identity experts).
 Shape legend: E experts, D hidden, A allocator actions.
 """
 
@@ -35,9 +35,12 @@ from moe_train.routing.adak import AdaKRouter
 
 def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
-    if moe.router not in ("topk", "null"):
-        raise ValueError(f"Ada-K conversion starts from a top-k model or a null-expert model (its ranking over "
-                         f"true + null experts is kept); this model's router is {moe.router!r}")
+    if moe.router != "topk" and not (moe.router == "null" and moe.null_kind != "zero"):
+        raise ValueError(f"Ada-K conversion starts from a top-k model, or from one whose null experts return "
+                         f"something (identity / constant kinds, as LongCat-Flash's zero-computation experts: its "
+                         f"ranking over true + null experts is kept); this model's router is {moe.router!r}"
+                         + (f" with {moe.num_null_experts} {moe.null_kind!r} null experts (AdaMoE's, not converted)"
+                            if moe.router == "null" else ""))
     if moe.expert_bias_rate > 0:
         raise ValueError(f"this model still trains its aux-loss-free expert bias (expert_bias_rate="
                          f"{moe.expert_bias_rate}); Ada-K freezes the base router, so set model.moe.expert_bias_rate "

@@ -23,9 +23,9 @@ true expert's group is (routing/scores.py, docs/families.md), so the conversion 
     add_null_experts(model, m, k)                 in place on a loaded model (returns it)
     convert_to_adamoe(src, dst, m, k)             Hugging Face folder -> converted Hugging Face folder
 
-A source that already routes over null experts (LongCat-Flash's identity zero-computation experts) gets nothing
-added: convert_to_adamoe re-writes it (our config extras included) when m, k and the null kind asked for are the
-model's own, and refuses naming the model's count, k and kind otherwise (check_existing_nulls).
+A source that already routes over null experts that return something (LongCat-Flash's identity zero-computation
+experts) gets nothing added: convert_to_adamoe re-writes it (our config extras included) when m, k and the null kind
+asked for are the model's own, and refuses naming the model's count, k and kind otherwise (check_existing_nulls).
 
 Shape legend: E = n true experts, Z = m null experts, D hidden.
 """
@@ -196,7 +196,7 @@ def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_exp
     src, dst = Path(src), Path(dst)
     hf = read_hf_config(src)
     moe = config_from_hf(hf, str(src / "config.json")).moe
-    if moe.router == "null":
+    if moe.router == "null" and moe.null_kind != "zero":  # the family's own null experts (an AdaMoE one: refused)
         new_moe = check_existing_nulls(moe, num_null_experts, top_k, null_kind, baseline_top_k)
         model = from_hf(src, dtype=stored_dtype(src))
         model.config = dataclasses.replace(model.config, moe=new_moe)

@@ -10,21 +10,47 @@ against measured peaks at small sizes (tests/test_planner_memory.py). Widths per
   Linear / LoRA      its input, cD, when its weight (or LoRA A) trains: shared by q/k/v except under autocast, where
                      each op casts (and saves) its own copy; LoRA adds r_lora*c (x A) per adapted projection
   GQA attention      q, k after RoPE, v, output: c(2 H Hd + 2 G Hd); log-sum-exp 4H (flash-style SDPA)
-  router             its input cD (gate trains) + probs 4Z + fp32 logits 4Z + sort order 8Z (int64, stable sort
-                     over the Z scored experts) + log-sum-exp 4 + slot masks/gates 9 + 5K   (Z = E + null experts)
+  MLA attention      (DeepSeek-V2/V3, LongCat-Flash; model/mla.py) its input cD as for Linear (q_proj or q_a_proj
+                     and kv_a_proj_with_mqa share it); low-rank query: q_a_layernorm as a latent norm over Q, q_b_proj's
+                     input cQ; kv_a_layernorm as a latent norm over C (in fp32 its x.float() is the split view itself,
+                     so it keeps the whole kv_a output alive: + 4Dr), kv_b_proj's input cC; SDPA's q, k (the cat of
+                     nope and roped parts, c H (Dn+Dr) each), v (a view: keeps kv_b's whole output, c H (Dn+Dv)),
+                     output c H Dv, log-sum-exp 4H; o_proj's input c H Dv (a copy: the cat lays q out [B, H, S, .],
+                     so the output comes back in that layout and the transpose-reshape copies it). SDPA as its fused
+                     kernels save (CPU flash; CUDA flash / memory-efficient); CPU runs the math path when Dn + Dr !=
+                     Dv, which keeps the H S x S probabilities: not modelled (the planner plans GPU jobs)
+  latent norm over W 4W (its fp32 input) + 4 (rstd) + cW (normalised, when its weight trains)
+  MoE input          cD, saved once for the router's gate, shared experts, LongCat's first dense MLP and identity
+                     nulls (under autocast: once per casting op that trains)
+  router             probs 4Z + fp32 logits 4Z + sort order 8Z (int64, stable sort
+                     over the Z scored experts) + log-sum-exp 4 + slot masks/gates 9 + 5K   (Z = E + null experts);
+                     sigmoid scores (DeepSeek-V3): + the normalised distribution the plan holds 4Z + its sum 8;
+                     group-limited selection keeps nothing more (its group scores die with the selection);
+                     null router: its one GEMM's concatenated gate weight Z D c (per layer)
+  identity nulls     (LongCat-Flash's zero-computation experts) the summed null gate in x's dtype r (+ x itself, rD,
+                     under autocast, where the other consumers save only their bf16 copies, or if none saves it)
   Ada-K allocator    fp32 input copy 4D (when c = 2) + log-probs 4A
   experts, per row R x cD (w_gate/w_up or LoRA train) + gate, up, silu, h: 4cF (silu input, product operands; h only
                      when w_down or its LoRA trains: else 3cF) + 3 r_lora c with LoRA
   combine, per row N y cD (one process: and the weighted y, 2cD) + indices 16
-  shared expert      4c Fs + cD-free (reads the router's input) + gate c
+  shared expert      4c Fs + cD-free (reads the router's input) + gate c; DeepSeek's ungated shared experts 4c Fs
+                     (+ cD per projection under autocast: gate_proj and up_proj cast their input apiece)
+  dense SwiGLU       (DeepSeek's first_k_dense_replace layers, LongCat's two per layer) input cD (two copies under
+                     autocast) + gate, up, silu, h: 4 c Fd
+  LongCat layer      two norms + MLA + norm + dense SwiGLU (its input shared with the MoE block) + norm + MLA + norm
+                     + dense SwiGLU, and one MoE block (router, experts, combine, identity nulls) on the first stream
   head               final norm as RMSNorm, lm_head input cD, log-softmax 4V (fp32 cross-entropy), ids 8, and the
                      logits cV (the trainer holds them to the end of the micro-batch)
 Under autocast the bf16 copies of the weights the backward needs are saved too (per layer, not per token).
 Activation checkpointing (non-reentrant, per decoder layer) keeps each layer's input rD and its routing plan
-(the trainer holds the plans to the end of the step): probs 4Z, logits 4Z, expert ids 8K, gates 4K.
+(the trainer holds the plans to the end of the step): probs 4Z (twice with sigmoid scores), logits 4Z, expert ids
+8K (the top-k router's ids are a view of its sort order: 8Z), gates 4K, and for identity nulls their ids and gates 12K.
+A dense layer keeps its input only. The backward of a layer holds, besides its saved tensors, the gradients of its
+widest tensors: three R x F (experts) or T x Fd (a dense SwiGLU) in c, two T x D in r.
 A layer kind this module does not know raises PlanError naming it: a new family needs its formula here.
-Shape legend: T tokens, D hidden, F expert width (Fs shared), H heads, G kv heads, Hd head dim, V vocab, E experts
-(local to the rank where stated), Z scored experts, K slots, A allocator actions, R rows received, N rows sent.
+Shape legend: T tokens, D hidden, F expert width (Fs shared, Fd dense MLP), H heads, G kv heads, Hd head dim, V vocab,
+E experts (local to the rank where stated), Z scored experts, K slots, A allocator actions, R rows received, N rows
+sent; MLA: Q q_lora_rank, C kv_lora_rank, Dn / Dr / Dv the nope, rope and value head dims (model/mla.py).
 """
 
 from __future__ import annotations
@@ -52,9 +78,15 @@ class LayerActivations:
     per_row_sent: float  # bytes per sent row (combine side)
     fixed: float  # per layer, independent of tokens (autocast weight casts)
     ckpt_per_token: float  # what activation checkpointing keeps per token (input + routing plan)
+    bwd_per_row: float = 0.0  # the backward's widest gradients per received row (three R x F in c)
+    bwd_per_token: float = 0.0  # ... per token, of a dense SwiGLU (three T x Fd in c); the two T x D are memory.py's
 
     def bytes(self, T: float, R: float, N: float) -> float:
         return self.per_token * T + self.per_row_recv * R + self.per_row_sent * N + self.fixed
+
+    def backward_widest(self, T: float, R: float) -> float:
+        """The widest gradients of this layer's backward (expert rows and a dense MLP run at different times)."""
+        return max(self.bwd_per_row * R, self.bwd_per_token * T)
 
 
 def _orig_type(mod: nn.Module) -> type:
@@ -86,10 +118,27 @@ def _norm(norm: nn.Module, reg: Regime, D: int) -> float:
     return 4 * D + 4 + (reg.r * D if norm.weight.requires_grad else 0)
 
 
-def _attention(attn: nn.Module, reg: Regime) -> tuple[float, float]:
-    """(per-token bytes, autocast weight-cast bytes) of a GQA Attention (moe_train/model/decoder.py)."""
-    from moe_train.model.decoder import Attention
+def _input_copies(reg: Regime, projs) -> int:
+    """How many copies of one input its consumers (base, weight trains, LoRA rank) save: one shared tensor, or
+    under autocast one cast per op that needs it (base and LoRA A separately)."""
+    if reg.autocast:
+        return sum(int(w) + int(r > 0) for _, w, r in projs)
+    return int(any(w or r > 0 for _, w, r in projs))
 
+
+def _latent_norm(norm: nn.Module, reg: Regime, W: int) -> float:
+    """An RMSNorm over a projection's output of width W (MLA's q_a / kv_a_layernorm): its fp32 input, rstd, and the
+    normalised values in the compute dtype for its weight's gradient."""
+    return 4 * W + 4 + (reg.c * W if norm.weight.requires_grad else 0)
+
+
+def _attention(attn: nn.Module, reg: Regime) -> tuple[float, float]:
+    """(per-token bytes, autocast weight-cast bytes) of a GQA Attention (moe_train/model/decoder.py) or MLA."""
+    from moe_train.model.decoder import Attention
+    from moe_train.model.mla import MLAttention
+
+    if _orig_type(attn) is MLAttention:
+        return _mla(attn, reg)
     if _orig_type(attn) is not Attention:
         raise PlanError(f"no activation formula for attention {type(attn).__name__} (family with a new attention): "
                         "add it to moe_train/planner/activations.py")
@@ -110,29 +159,75 @@ def _attention(attn: nn.Module, reg: Regime) -> tuple[float, float]:
     return per_token, casts
 
 
-def _router(router: nn.Module, reg: Regime, D: int) -> tuple[float, int, int]:
-    """(per-token bytes, scored width Z, slots K) of a known router."""
+def _mla(attn: nn.Module, reg: Regime) -> tuple[float, float]:
+    """(per-token bytes, autocast weight-cast bytes) of multi-head latent attention (model/mla.py; docstring)."""
+    H, Dn, Dr, Dv, C = attn.num_heads, attn.nope, attn.rope, attn.v_dim, attn.kv_lora_rank
+    low_rank_q = hasattr(attn, "q_a_proj")
+    names = ["q_a_proj", "q_b_proj"] if low_rank_q else ["q_proj"]
+    names += ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    projs = {n: _linear_parts(getattr(attn, n)) for n in names}
+    D = projs["kv_a_proj_with_mqa"][0].in_features
+    first = [projs[n] for n in ("q_a_proj" if low_rank_q else "q_proj", "kv_a_proj_with_mqa")]
+    per_token = _input_copies(reg, first) * reg.c * D
+    if low_rank_q:
+        Q = attn.q_a_layernorm.weight.shape[0]
+        per_token += _latent_norm(attn.q_a_layernorm, reg, Q) + _input_copies(reg, [projs["q_b_proj"]]) * reg.c * Q
+    # in fp32 x.float() is the [C] view itself: the norm saves the whole kv_a output, rotary key included
+    per_token += _latent_norm(attn.kv_a_layernorm, reg, C) + (4 * Dr if reg.c == 4 else 0)
+    per_token += _input_copies(reg, [projs["kv_b_proj"]]) * reg.c * C
+    # SDPA: q and k (cats, [B, H, S, Dn + Dr]), v (a view of kv_b's [nope; value] output), its output, lse
+    per_token += reg.c * (2 * H * (Dn + Dr) + H * (Dn + Dv) + H * Dv) + 4 * H
+    _, o_trains, o_lora = projs["o_proj"]
+    per_token += reg.c * H * Dv if o_trains or o_lora else 0  # o_proj's input: the transpose-reshape copy
+    per_token += sum(r for _, _, r in projs.values()) * reg.c  # x A of every adapted projection
+    casts = sum(base.weight.numel() * reg.c for base, _, _ in projs.values()) if reg.autocast else 0
+    return per_token, casts
+
+
+@dataclass
+class RouterActivations:
+    per_token: float  # saved per token
+    fixed: float  # per layer
+    plan_per_token: float  # what the routing plan the trainer holds keeps per token (checkpointing)
+    Z: int
+    K: int
+    inputs: list  # its gate as a consumer of the layer's MoE input: [(base, weight trains, LoRA rank)]
+
+
+def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
+    """The saved bytes of a known router, without its input (the MoE block counts that once: docstring)."""
     from moe_train.routing.adak import AdaKRouter
     from moe_train.routing.null_experts import NullExpertRouter
     from moe_train.routing.topk import TopKRouter
 
+    fixed, ids = 0.0, 0  # ids: the expert ids' storage the plan keeps, in int64 entries per token
     if isinstance(router, NullExpertRouter):
         Z, K = router.num_experts + router.num_null, router.top_k
-        gate_trains = _trains(router.gate.weight, router.null_gate.weight)
+        gate_trains = _trains(router.gate.weight, router.null_gate.weight if router.null_gate else None)
+        fixed = Z * D * reg.c if router.null_gate is not None else 0  # torch.cat of the two gates, saved by F.linear
+        ids = K if router.null_kind == "zero" else 2 * K  # split_null_slots: new ids (and null ids)
     elif isinstance(router, TopKRouter):
         Z, K = router.num_experts, router.top_k
         gate_trains = _trains(router.gate.weight)
+        ids = Z  # idx_TK is the first K columns of the stable sort's order
     elif isinstance(router, AdaKRouter):
         Z, K = router.num_experts, router.k_max
         gate_trains = _trains(router.gate.weight)
+        ids = K
     else:
         raise PlanError(f"no activation formula for router {type(router).__name__}: add it to "
                         "moe_train/planner/activations.py")
-    per_token = (reg.c * D if gate_trains else 0) + 4 * Z + 4 * Z + 8 * Z + 4 + 9 + 5 * K
+    per_token = 4 * Z + 4 * Z + 8 * Z + 4 + 9 + 5 * K
+    sigmoid = getattr(getattr(router, "moe_cfg", None), "score_func", "softmax") == "sigmoid"
+    if sigmoid:  # the plan's probs are the scores normalised to sum 1: one more [T, Z], and the clamped sum
+        per_token += 4 * Z + 8
     if isinstance(router, AdaKRouter):
         A = router.k_max - router.k_min + 1
         per_token += (4 * D if reg.c != 4 else 0) + 4 * A
-    return per_token, Z, K
+    null_gates = 4 * K if isinstance(router, NullExpertRouter) and router.null_kind != "zero" else 0
+    plan = 4 * Z * (2 if sigmoid else 1) + 4 * Z + 8 * ids + 4 * K + null_gates
+    return RouterActivations(per_token=per_token, fixed=fixed, plan_per_token=plan, Z=Z, K=K,
+                             inputs=[(None, gate_trains, 0)])
 
 
 def _experts(experts: nn.Module, reg: Regime) -> tuple[float, float]:
@@ -153,49 +248,109 @@ def _experts(experts: nn.Module, reg: Regime) -> tuple[float, float]:
     return per_row, casts
 
 
-def _dense_mlp(mlp: nn.Module, reg: Regime) -> tuple[float, float]:
-    """(per token, autocast casts) of a dense SwiGLU (model/experts.py): input, gate, up, silu, h as for experts."""
+def _swiglu(mlp: nn.Module, reg: Regime) -> tuple[float, float, list]:
+    """(per-token bytes without its input, autocast casts, its input's consumers) of a SwiGLU (model/experts.py):
+    gate output, silu, up output, h (when down_proj trains), x A per adapted projection."""
     from moe_train.model.experts import SwiGLU
 
     if _orig_type(mlp) is not SwiGLU:
         raise PlanError(f"no activation formula for dense MLP {_orig_type(mlp).__name__}: add it to "
                         "moe_train/planner/activations.py")
-    F = mlp.gate_proj.out_features
-    D = mlp.gate_proj.in_features
-    projs = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    per_token = (reg.c * D if _trains(mlp.gate_proj.weight, mlp.up_proj.weight) else 0) + 4 * reg.c * F
-    casts = sum(p.weight.numel() * reg.c for p in projs) if reg.autocast else 0
-    return per_token, casts
+    gate, up, down = (_linear_parts(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    F = gate[0].out_features
+    per_token = 3 * reg.c * F + (reg.c * F if down[1] or down[2] else 0) + (gate[2] + up[2] + down[2]) * reg.c
+    casts = sum(b.weight.numel() * reg.c for b, _, _ in (gate, up, down)) if reg.autocast else 0
+    return per_token, casts, [gate, up]
+
+
+def _dense_mlp(mlp: nn.Module, reg: Regime) -> tuple[float, float]:
+    """(per token, autocast casts) of a dense SwiGLU with its input (DeepSeek's first_k_dense_replace layers)."""
+    per_token, casts, inputs = _swiglu(mlp, reg)
+    D = inputs[0][0].in_features
+    return per_token + _input_copies(reg, inputs) * reg.c * D, casts
+
+
+@dataclass
+class MoEActivations:
+    per_token: float
+    per_row_recv: float
+    per_row_sent: float
+    fixed: float
+    plan_per_token: float
+    bwd_per_row: float
+
+
+def _moe_block(moe: nn.Module, reg: Regime, D: int, co_inputs: list) -> MoEActivations:
+    """An MoELayer (router, experts, combine, shared experts, identity nulls) and its input, which the router, the
+    shared experts, ``co_inputs`` (LongCat's first dense MLP) and an identity null term read: saved once, or under
+    autocast one bf16 copy per casting op plus the original where the identity term keeps it."""
+    router = _router(moe.router, reg, D)
+    exp_row, exp_casts = _experts(moe.experts, reg)
+    per_token, fixed, inputs = router.per_token, router.fixed + exp_casts, router.inputs + list(co_inputs)
+    if moe.shared_expert is not None:  # Qwen2-MoE: a sigmoid-gated shared expert
+        _, casts, shared_in = _swiglu(moe.shared_expert, reg)
+        Fs = shared_in[0][0].out_features
+        per_token, fixed = per_token + 4 * reg.c * Fs + reg.c, fixed + casts  # + its sigmoid gate's output
+        inputs = inputs + shared_in + [_linear_parts(moe.shared_expert_gate)]
+    if getattr(moe, "shared_experts", None) is not None:  # DeepSeek: ungated shared experts
+        tok, casts, shared_in = _swiglu(moe.shared_experts, reg)
+        per_token, fixed, inputs = per_token + tok, fixed + casts, inputs + shared_in
+    identity = getattr(moe.router, "null_kind", "zero") == "identity"
+    per_token += _input_copies(reg, inputs) * reg.c * D
+    if identity:  # x * sum of null gates (in x's dtype): saves the sum, and x itself where nothing else did
+        per_token += reg.r + (reg.r * D if reg.autocast or not _input_copies(reg, inputs) else 0)
+    # the combine keeps y (and, in one process, the weighted y too: what the local dispatcher's mul saves) + ids
+    local = type(moe.dispatcher).__name__ == "LocalDispatcher"
+    sent_row = (2 if local else 1) * reg.c * D + 16
+    F = moe.experts.w_gate.shape[-1]
+    return MoEActivations(per_token=per_token, per_row_recv=exp_row, per_row_sent=sent_row, fixed=fixed,
+                          plan_per_token=router.plan_per_token, bwd_per_row=3 * reg.c * F)
 
 
 def layer_activations(layer: nn.Module, reg: Regime) -> LayerActivations:
-    """The formula for one decoder layer (moe_train/model/decoder.py DecoderLayer with an MoELayer)."""
+    """The formula for one decoder layer: DecoderLayer (model/decoder.py: GQA or MLA, then an MoE block or a dense
+    SwiGLU) or LongCat-Flash's LongcatDecoderLayer (model/longcat.py)."""
     from moe_train.model.decoder import DecoderLayer
+    from moe_train.model.longcat import LongcatDecoderLayer
 
+    if _orig_type(layer) is LongcatDecoderLayer:
+        return _longcat_layer(layer, reg)
     if _orig_type(layer) is not DecoderLayer:
         raise PlanError(f"no activation formula for decoder layer {_orig_type(layer).__name__} (its family's layer "
                         "kind): add it to moe_train/planner/activations.py")
     D = layer.input_layernorm.weight.shape[0]
     attn_tok, attn_casts = _attention(layer.self_attn, reg)
-    moe = layer.moe
-    if moe is None:  # a dense SwiGLU layer (DeepSeek's first_k_dense_replace): all T tokens through one MLP
-        mlp_row, mlp_casts = _dense_mlp(layer.mlp, reg)
-        per_token = _norm(layer.input_layernorm, reg, D) + attn_tok + _norm(layer.post_attention_layernorm, reg, D)
-        return LayerActivations(per_token=per_token + mlp_row, per_row_recv=0.0, per_row_sent=0.0,
-                                fixed=attn_casts + mlp_casts, ckpt_per_token=reg.r * D)
-    router_tok, Z, K = _router(moe.router, reg, D)
-    exp_row, exp_casts = _experts(moe.experts, reg)
-    per_token = _norm(layer.input_layernorm, reg, D) + attn_tok + _norm(layer.post_attention_layernorm, reg, D) \
-        + router_tok
-    if moe.shared_expert is not None:
-        Fs = moe.shared_expert.gate_proj.out_features
-        per_token += 4 * reg.c * Fs + reg.c
-    # the combine keeps y (and, in one process, the weighted y too: what the local dispatcher's mul saves) + ids
-    local = type(moe.dispatcher).__name__ == "LocalDispatcher"
-    sent_row = (2 if local else 1) * reg.c * D + 16
-    ckpt = reg.r * D + 4 * Z + 4 * Z + 8 * K + 4 * K
-    return LayerActivations(per_token=per_token, per_row_recv=exp_row, per_row_sent=sent_row,
-                            fixed=attn_casts + exp_casts, ckpt_per_token=ckpt)
+    per_token = _norm(layer.input_layernorm, reg, D) + attn_tok + _norm(layer.post_attention_layernorm, reg, D)
+    if layer.moe is None:  # a dense SwiGLU layer (DeepSeek's first_k_dense_replace): all T tokens through one MLP
+        mlp_tok, mlp_casts = _dense_mlp(layer.mlp, reg)
+        Fd = _linear_parts(layer.mlp.gate_proj)[0].out_features
+        return LayerActivations(per_token=per_token + mlp_tok, per_row_recv=0.0, per_row_sent=0.0,
+                                fixed=attn_casts + mlp_casts, ckpt_per_token=reg.r * D, bwd_per_token=3 * reg.c * Fd)
+    moe = _moe_block(layer.moe, reg, D, [])
+    return LayerActivations(per_token=per_token + moe.per_token, per_row_recv=moe.per_row_recv,
+                            per_row_sent=moe.per_row_sent, fixed=attn_casts + moe.fixed,
+                            ckpt_per_token=reg.r * D + moe.plan_per_token, bwd_per_row=moe.bwd_per_row)
+
+
+def _longcat_layer(layer: nn.Module, reg: Regime) -> LayerActivations:
+    """Two MLA sublayers with their dense SwiGLUs, and the shortcut MoE block reading the first sublayer's stream
+    (model/longcat.py): the MoE block and the first dense MLP share their input."""
+    D = layer.input_layernorm[0].weight.shape[0]
+    per_token, fixed, widest = 0.0, 0.0, 0.0
+    for i in range(2):
+        attn_tok, attn_casts = _attention(layer.self_attn[i], reg)
+        mlp_tok, mlp_casts, mlp_in = _swiglu(layer.mlps[i], reg)
+        per_token += _norm(layer.input_layernorm[i], reg, D) + attn_tok + _norm(layer.post_attention_layernorm[i],
+                                                                                 reg, D) + mlp_tok
+        fixed += attn_casts + mlp_casts
+        widest = max(widest, 3 * reg.c * mlp_in[0][0].out_features)
+        if i == 1:
+            per_token += _input_copies(reg, mlp_in) * reg.c * D
+    moe = _moe_block(layer.moe, reg, D, _swiglu(layer.mlps[0], reg)[2])
+    return LayerActivations(per_token=per_token + moe.per_token, per_row_recv=moe.per_row_recv,
+                            per_row_sent=moe.per_row_sent, fixed=fixed + moe.fixed,
+                            ckpt_per_token=reg.r * D + moe.plan_per_token, bwd_per_row=moe.bwd_per_row,
+                            bwd_per_token=widest)
 
 
 def head_activations(model: nn.Module, reg: Regime) -> float:

@@ -9,8 +9,9 @@
   activations  moe_train/planner/activations.py, all layers (or, with activation checkpointing, every layer's input
                and routing plan plus one recomputed layer)
   backward     the fp32 gradients of the log-probabilities and the logits (8V per token) at the loss, and per
-               layer the gradients of its widest tensors (three R x F in c, two T x D in r); at the end of the
-               backward the root unit's unsharded gradients (compute dtype) and their reduce-scatter input (fp32)
+               layer the gradients of its widest tensors (three R x F, or T x Fd of a dense MLP, in c; two T x D
+               in r); at the end of the backward the root unit's unsharded gradients (compute dtype) and their
+               reduce-scatter input (fp32)
 The peak is the largest of: the start of the backward (all activations + logits gradient), a layer's backward
 (checkpointing: the recomputed layer), the end of the backward (gradients + reduce buffers), the optimizer step.
 Ada-K (moe_train/train/adak.py): forward-only rollouts of ceil(global batch / ppo_minibatches) sequences (the
@@ -78,7 +79,7 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
     layers = [layer_activations(layer, reg) for layer in _decoder_layers(model)]
     head = head_activations(model, reg) * T + head_casts(model, reg)
     full = [la.bytes(T, R, N) for la in layers]
-    layer_bwd = 3 * reg.c * _ffn_width(model) * R + 2 * reg.r * _hidden(model) * T
+    layer_bwd = max(la.backward_widest(T, R) for la in layers) + 2 * reg.r * _hidden(model) * T
     # the cross-entropy backward holds the fp32 gradient of the log-probabilities and of the logits at once
     logits_grad = 8 * _vocab(model) * T
     if ac:
@@ -147,15 +148,19 @@ def _forward_block(model: nn.Module, reg: Regime, T: float, R: float) -> float:
         if not isinstance(attn, nn.Module):
             raise PlanError(f"no forward working-set formula for decoder layer {type(layer).__name__}: add it to "
                             "moe_train/planner/memory.py")
-        D = layer.input_layernorm.weight.shape[0]
-        outs = sum(mod.out_features for mod in attn.modules() if isinstance(mod, nn.Linear))
-        widest = max(widest, T * reg.c * (D + outs))
+        D = _hidden(model)
+        for one in (attn if isinstance(attn, nn.ModuleList) else [attn]):  # LongCat-Flash: two attention sublayers
+            outs = sum(mod.out_features for mod in one.modules() if isinstance(mod, nn.Linear))
+            widest = max(widest, T * reg.c * (D + outs))
         if layer.moe is not None:
             F = layer.moe.experts.w_gate.shape[-1]
             widest = max(widest, R * reg.c * (D + 3 * F) + T * 8 * layer.moe.router.num_experts)
-        for mlp in (getattr(layer, "mlp", None), getattr(layer.moe, "shared_expert", None) if layer.moe else None):
+        mlps = [getattr(layer, "mlp", None), *getattr(layer, "mlps", [])]
+        if layer.moe is not None:
+            mlps += [getattr(layer.moe, "shared_expert", None), getattr(layer.moe, "shared_experts", None)]
+        for mlp in mlps:
             if mlp is not None:
-                widest = max(widest, T * reg.c * (D + 3 * mlp.gate_proj.out_features))
+                widest = max(widest, T * reg.c * (D + 3 * _out_features(mlp.gate_proj)))
     return widest
 
 
@@ -188,5 +193,6 @@ def _vocab(model: nn.Module) -> int:
     return model.lm_head.weight.shape[0]
 
 
-def _ffn_width(model: nn.Module) -> int:
-    return max((layer.moe.experts.w_gate.shape[-1] for layer in model.layers if layer.moe is not None), default=0)
+def _out_features(proj: nn.Module) -> int:
+    """A Linear's or LoRALinear's output width."""
+    return getattr(proj, "base", proj).out_features

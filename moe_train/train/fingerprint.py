@@ -14,7 +14,8 @@ config (``check_resume``) before anything is loaded:
                  another objective or data would silently become another experiment. ``train.resume_allow_changes``
                  (keys or sections, "*" for all) lets named differences through, logged as warnings.
 
-A checkpoint written before fingerprints existed resumes with a warning that nothing could be checked.
+A checkpoint written before fingerprints existed resumes with a warning that nothing could be checked; one written
+before a config key existed counts as holding that key's default.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tup
         return {}
     old, new = flatten(stored), flatten(config_record(cfg, ctx))
     missing = object()
+    # A key the checkpoint lacks was added to the config after it was written: the version that wrote it behaved as
+    # the key's default (new keys default to the old behaviour), so only a non-default value now is a difference.
+    defaults = flatten(to_dict(Config()))
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
              if old.get(k, missing) != new.get(k, missing)}
 

@@ -140,11 +140,10 @@ def test_bf16_rows_accumulate_in_fp32_and_runs_are_identical():
     perm = P.build_permutation(idx, 6, backend="torch")
     y = torch.randn(perm.num_rows, 40, dtype=torch.bfloat16)
     out = P.unpermute_combine(y, perm, w.float(), 64, backend="torch")
-    exact = dense_reference(idx, w, 6, 40)
     wA = torch.zeros(64, perm.num_rows, dtype=torch.float64)
     wA[perm.token_N, torch.arange(perm.num_rows)] = w.reshape(-1)[perm.slot_N].bfloat16().double()
     torch.testing.assert_close(out.double(), wA @ y.double(), rtol=8e-3, atol=8e-3)  # one bf16 rounding at the end
-    assert out.dtype == torch.bfloat16 and exact["out"].shape == out.shape
+    assert out.dtype == torch.bfloat16
     assert torch.equal(out, P.unpermute_combine(y, perm, w.float(), 64, backend="torch"))  # deterministic
 
 

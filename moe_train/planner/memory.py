@@ -13,7 +13,8 @@
                in r); at the end of the backward the root unit's unsharded gradients (compute dtype) and their
                reduce-scatter input (fp32)
 The peak is the largest of: the start of the backward (all activations + logits gradient), a layer's backward
-(checkpointing: the recomputed layer), the end of the backward (gradients + reduce buffers), the optimizer step.
+(each layer's: checkpointing's recomputed layer, its widest gradients, the gradients of the layers after it), the end
+of the backward (gradients + reduce buffers), the optimizer step.
 Ada-K (moe_train/train/adak.py): forward-only rollouts of ceil(global batch / ppo_minibatches) sequences (the
 residual stream plus the widest op group: attention block, expert rows, or logits with their fp32 log-softmax) and
 PPO forwards that save only the allocators' inputs; the frozen base has no gradients and no optimizer state.
@@ -95,9 +96,15 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
     # root unit's unsharded in the compute dtype under FSDP2, the experts' already reduce-scattered to shards)
     # (while accumulating, the sharded or one-process gradients are already counted in static; the root unit's
     # unsharded compute-dtype gradients are new in every micro-batch)
-    later_unsharded, later_other = _later_grad_bytes(model, rep, reg)
-    cands["layer backward"] = (static + m.gathered_params + kept - head + (max(full) if ac else 0) + layer_bwd
-                               + later_unsharded + (0 if w.accumulating else later_other))
+    # ... and so on for every layer i: its recomputed activations and widest gradients, the later ones' gradients
+    # (the largest layer need not be the first: DeepSeek's dense first layers)
+    two_td = 2 * reg.r * _hidden(model) * T
+    per_layer = []
+    for i, la in enumerate(layers):
+        later_unsharded, later_other = _later_grad_bytes(model, rep, reg, i)
+        per_layer.append((full[i] if ac else 0) + la.backward_widest(T, R) + two_td + later_unsharded
+                         + (0 if w.accumulating else later_other))
+    cands["layer backward"] = static + m.gathered_params + kept - head + max(per_layer)
     root_grads = sum(u.unsharded_trainable for u in root) if distributed else 0
     reduce = sum(u.unsharded_trainable_reduce for u in root) if distributed else 0
     m.reduce_buffers = root_grads + reduce
@@ -164,13 +171,14 @@ def _forward_block(model: nn.Module, reg: Regime, T: float, R: float) -> float:
     return widest
 
 
-def _later_grad_bytes(model: nn.Module, rep: ShardReport, reg: Regime) -> tuple[float, float]:
-    """Gradient bytes present while the first decoder layer runs its backward, of every trainable parameter outside
-    layer 0 and the embedding: (the root unit's unsharded compute-dtype gradients under FSDP2, the rest: full
+def _later_grad_bytes(model: nn.Module, rep: ShardReport, reg: Regime, layer: int = 0) -> tuple[float, float]:
+    """Gradient bytes present while decoder layer ``layer`` runs its backward, of every trainable parameter outside
+    layers 0..layer and the embedding: (the root unit's unsharded compute-dtype gradients under FSDP2, the rest: full
     gradients in one process, expert gradients as their reduce-scattered shards)."""
     from torch.distributed.tensor import DTensor
 
-    first = {id(p) for p in model.layers[0].parameters()} | {id(p) for p in model.embed_tokens.parameters()}
+    first = {id(p) for block in list(model.layers)[:layer + 1] for p in block.parameters()}
+    first |= {id(p) for p in model.embed_tokens.parameters()}
     experts = {id(p) for layer in model.layers if layer.moe is not None for p in layer.moe.experts.parameters()}
     unsharded = other = 0.0
     for p in model.parameters():

@@ -5,7 +5,7 @@ the same config under FSDP2 in the same spawn (an independent implementation of 
 step and checkpoints). In fp32 the loss trajectories must agree within 1e-4 for
   * AdaMoE null experts, ep = 2, ZeRO stage 2, gradient accumulation 2, clipping that binds (2 ranks) and
     ZeRO stage 1 at dp 2 x ep 2 (4 ranks);
-  * top-k, ep = 1, ZeRO stage 3 (2 ranks);
+  * top-k with LoRA and a frozen base (trainable: LoRA + routers), ep = 1, ZeRO stage 3 (2 ranks);
   * Ada-K warm start + PPO, ep = 2, ZeRO stage 1 (2 ranks);
 and the final model.pt files too. Resume: a run continued from its step-2 DeepSpeed checkpoint repeats the
 uninterrupted steps 3-4 bit for bit. bf16 (2 ranks, ZeRO 2): runs, finite, near the fp32 trajectory, exports fp32
@@ -72,7 +72,7 @@ def rows(out: Path, name: str, key: str = "lm_loss") -> list[dict]:
 def world2(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds2")
     null = base_config("null", ep=2, grad_accum_steps=2, checkpoint_every=2)
-    topk = base_config("topk", ep=1, steps=3)
+    topk = base_config("topk", ep=1, steps=3, lora_rank=2, trainable=["lora_", "router\\."])  # frozen base
     adak = adak_config(out, ep=2)
     jobs = [engine(null, out, "null_fsdp"), engine(null, out, "null_ds2", stage=2),
             engine(null, out, "null_ds2_resumed", stage=2,
@@ -128,7 +128,7 @@ def test_resume_from_deepspeed_checkpoint_is_exact(world2):
     assert (ckpt / "manifest.json").is_file() and (ckpt / "deepspeed").is_dir()
 
 
-def test_topk_ep1_stage3_equals_fsdp(world2):
+def test_topk_lora_ep1_stage3_equals_fsdp(world2):
     assert_same_trajectory(world2["out"], "topk_ds3", "topk_fsdp", 3)
     assert_same_model(world2["out"], "topk_ds3", "topk_fsdp")
 

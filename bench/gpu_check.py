@@ -17,6 +17,13 @@ Sections, each with what it is compared to (a failing section records its error 
                holds (ep 8: 1 expert) and computes the rows a rank receives at balanced routing (T x top-2), forward
                + backward at T = 2048 tokens: torch.cuda.max_memory_allocated against the planner's bytes for that
                layer (parameters + its activation formula + the backward transient, moe_train/planner/)
+  deepep_indices  only where deep_ep imports and CUDA is present (else recorded as skipped with the reason): a
+               one-rank NCCL deep_ep.Buffer; at 0 / 25 / 50 % null picks the indices Megatron's flex dispatcher gets
+               from moe_train (parallel/megatron/flex.py deepep_topk: true experts, then -1) go through DeepEP's
+               get_dispatch_layout and dispatch: tokens per expert, tokens sent and received rows (with their
+               sources) against the plan's true assignments; Megatron's own topk conversion is recorded beside it.
+               DeepEP's intranode kernels are built for 2 / 4 / 8 ranks: a refused one-rank dispatch is recorded
+               as dispatch_refused (the layout is still checked)
 --cpu-smoke runs every section at tiny shapes on CPU with the torch parts only (no Triton, no FP8 kernels: they are
 skipped with a reason) and measures memory with torch's MemTracker. Without CUDA and without --cpu-smoke the
 script exits with status 2 and says so.
@@ -276,12 +283,105 @@ def check_memory(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
             "ratio_predicted_over_measured": (predicted_acts + predicted_bwd) / peak_extra}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# deepep_indices: DeepEP itself with the [T, K] indices moe_train hands Megatron's flex dispatcher (separate from the
+# sections above: it needs deep_ep and megatron-core, and it starts a one-rank NCCL process group of its own)
+
+
+def _deepep_dispatch_one(buf, cfg, x, idx_TK, w_TK, E: int) -> dict:
+    """get_dispatch_layout + dispatch of x with idx_TK on a one-rank buffer: what DeepEP counts and moves."""
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx_TK, E)
+    out = {"layout_tokens_per_expert": per_expert.tolist(), "layout_tokens_to_rank": int(per_rank[0]),
+           "layout_token_in_rank": int(in_rank[:, 0].sum())}
+    try:
+        recv_x, recv_idx, recv_w, recv_per_expert, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx_TK, topk_weights=w_TK, config=cfg)
+    except Exception as e:  # noqa: BLE001 - DeepEP's intranode kernels are instantiated for 2 / 4 / 8 ranks
+        out["dispatch_refused"] = f"{type(e).__name__}: {e}"
+        return out
+    torch.cuda.synchronize()
+    src = handle[3].long()  # recv_src_idx: the source token of every received row
+    out.update({"received_rows": int(recv_x.shape[0]), "received_tokens_per_expert": list(recv_per_expert),
+                "received_sources": sorted(src.tolist()),
+                "rows_match_sources": bool(torch.equal(recv_x, x[src]) and torch.equal(recv_idx, idx_TK[src])
+                                           and torch.equal(recv_w, w_TK[src]))})
+    return out
+
+
+def check_deepep_indices(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
+    """At 0 / 25 / 50 % null picks: deepep_topk's indices (true experts, then -1) against the plan's true
+    assignments in DeepEP's layout (tokens per expert, tokens sent to the rank) and dispatch (received rows and
+    their sources, tokens per local expert); Megatron's own conversion (topk of the probabilities) for contrast.
+    One rank over NCCL; DeepEP's recommended configs start at 2 ranks, so its 2-rank config is used."""
+    if dev.type != "cuda":
+        return {"skipped": "no CUDA: DeepEP needs NVIDIA GPUs (the index construction and the Megatron wiring are "
+                           "CPU-tested in tests/test_flex_indices.py)"}
+    try:
+        import deep_ep
+    except ImportError as e:
+        return {"skipped": f"deep_ep is not importable ({e}): install DeepEP to run this section"}
+    try:
+        from moe_train.parallel.megatron.flex import deepep_topk
+    except ImportError as e:
+        return {"skipped": f"moe_train.parallel.megatron needs megatron-core ({e})"}
+    import socket
+
+    import torch.distributed as dist
+
+    T, D, E, K = s["T"], s["D"], s["E"], s["K"]
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        cfg = deep_ep.Buffer.get_dispatch_config(2)
+        hidden_bytes = D * max(torch.tensor([], dtype=torch.bfloat16).element_size(), 2)
+        buf = deep_ep.Buffer(dist.group.WORLD, cfg.get_nvl_buffer_size_hint(hidden_bytes, 1), 0)
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)  # DeepEP dispatches bf16 rows
+        out, failures = {"deep_ep": getattr(deep_ep, "__version__", "unknown"), "T": T, "E": E, "K": K}, []
+        for null in (0.0, 0.25, 0.5):
+            plan_idx_TK, plan_w_TK = _routing(T, E, K, dev, null=null, seed=2)
+            true_TK = plan_idx_TK >= 0
+            rows = torch.arange(T, device=dev)[:, None].expand(T, K)
+            routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev)
+            routing_map[rows[true_TK], plan_idx_TK[true_TK]] = True
+            probs = torch.zeros(T, E, device=dev)
+            probs[rows[true_TK], plan_idx_TK[true_TK]] = plan_w_TK[true_TK].float()
+            idx_TK, w_TK = deepep_topk(routing_map, probs, K)
+            truth = {"tokens_per_expert": torch.bincount(plan_idx_TK[true_TK], minlength=E).tolist(),
+                     "tokens_with_a_true_expert": int(true_TK.any(1).sum()), "assignments": int(true_TK.sum())}
+            ours = _deepep_dispatch_one(buf, cfg, x, idx_TK, w_TK, E)
+            mega_w, mega_idx = torch.topk(probs, K, dim=-1)
+            megatron = _deepep_dispatch_one(buf, cfg, x, mega_idx, mega_w, E)
+            senders = torch.nonzero(true_TK.any(1)).flatten().tolist()
+            checks = {"layout_tokens_per_expert": ours["layout_tokens_per_expert"] == truth["tokens_per_expert"],
+                      "layout_tokens_to_rank": ours["layout_tokens_to_rank"] == truth["tokens_with_a_true_expert"]}
+            if "dispatch_refused" not in ours:
+                checks.update({"received_tokens_per_expert": ours["received_tokens_per_expert"]
+                               == truth["tokens_per_expert"], "received_sources": ours["received_sources"] == senders,
+                               "received_rows": ours["rows_match_sources"]})
+            ours.pop("received_sources", None)
+            megatron.pop("received_sources", None)
+            out[str(null)] = {"truth": truth, "deepep_topk": ours, "megatron_topk": megatron, "checks": checks}
+            failures += [f"{null}:{k}" for k, ok in checks.items() if not ok]
+        del buf
+    finally:
+        if created:
+            dist.destroy_process_group()
+    if failures:
+        raise AssertionError(f"DeepEP disagrees with the plan's true assignments: {failures}; details: {out}")
+    return out
+
+
 GPU_SHAPES = {"T": 4096, "D": 4096, "E": 8, "K": 2, "reps": 10, "T_memory": 2048, "heads": 48, "kv_heads": 8,
               "gemm_shapes": {"mixtral_8x7b": (4096, 14336), "mixtral_8x22b": (6144, 16384)}}
 SMOKE_SHAPES = {"T": 64, "D": 32, "E": 4, "K": 2, "reps": 2, "T_memory": 32, "heads": 4, "kv_heads": 2,
                 "gemm_shapes": {"mixtral_8x7b": (32, 64), "mixtral_8x22b": (48, 64)}}
 SECTIONS = {"permute": check_permute, "grouped_gemm": check_grouped_gemm, "fp8": check_fp8,
-            "null_layer": check_null_layer, "memory": check_memory}
+            "null_layer": check_null_layer, "memory": check_memory, "deepep_indices": check_deepep_indices}
 
 
 def run(cpu_smoke: bool, only: list[str] | None = None) -> dict:

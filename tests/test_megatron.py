@@ -39,7 +39,8 @@ from moe_train.parallel.megatron import (VariableKAllToAllDispatcher, VariableKM
                                          VariableKRouting, adak, adamoe, add_null_experts, compat,
                                          convert_checkpoint_file, get_gpt_decoder_block_spec, get_gpt_layer_spec,
                                          router_state_from_moe_train, routing_map_to_slots,
-                                         sequential_mlp_state_from_moe_train, topk, with_variable_k)
+                                         sequential_mlp_state_from_moe_train, topk, with_variable_k,
+                                         ZeroComputeMoELayer)
 
 TOL = 1e-5  # fp32 outputs / gradients of two implementations (Megatron's vs ours): relative, see W.relerr
 D = W.D
@@ -272,8 +273,8 @@ def test_spec_helpers_patch_local_te_and_block_specs(pg, monkeypatch):
         is MoELayer  # untouched
     kept = with_variable_k(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4),
                            dataclasses.replace(routing, dispatcher="megatron"))
-    kept_cls, kept_subs = compat.moe_spec_parts(kept.submodules.mlp)
-    assert kept_cls is MoELayer and kept_subs.router.func is VariableKRouter
+    kept_cls, kept_subs = compat.moe_spec_parts(kept.submodules.mlp)  # Megatron's dispatcher, our layer hooks
+    assert kept_cls is ZeroComputeMoELayer and kept_subs.router.func is VariableKRouter
     with pytest.raises(ValueError, match="no MoE layer"):
         with_variable_k(gpt_layer_specs.get_gpt_layer_local_spec(), routing)
     with pytest.raises(ValueError, match="num_experts"):
@@ -408,7 +409,8 @@ def test_compat_version_branches(pg, monkeypatch):
     (adamoe(4, top_k=9), {}, "top_k"),
     (adak(k_min=3, k_max=2), {}, "k_min"),
     (adamoe(4, dispatcher="deepep"), {}, "dispatcher"),
-    (adamoe(4, dispatcher="megatron"), dict(moe_token_dispatcher_type="flex"), "flex"),
+    (adamoe(4, dispatcher="megatron"), dict(moe_token_dispatcher_type="alltoall", moe_permute_fusion=True),
+     "moe_permute_fusion"),
     (adamoe(4), dict(moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
     (adamoe(4), dict(moe_router_num_groups=2, moe_router_group_topk=1), "moe_router_pre_softmax"),
     (adamoe(4), dict(add_bias_linear=True), "add_bias_linear"),
@@ -416,9 +418,9 @@ def test_compat_version_branches(pg, monkeypatch):
 ])
 def test_user_mistakes_raise_value_errors(pg, routing, cfg_kw, match):
     kw = dict(cfg_kw)
-    if kw.get("moe_token_dispatcher_type") == "flex":  # TransformerConfig itself checks flex's requirements
+    if kw.get("moe_permute_fusion"):  # TransformerConfig itself wants Transformer Engine's fused permute for it
         cfg = W.make_config()
-        cfg.moe_token_dispatcher_type = "flex"
+        cfg.moe_token_dispatcher_type, cfg.moe_permute_fusion = "alltoall", True
     else:
         cfg = W.make_config(**kw)
     with pytest.raises(ValueError, match=match):

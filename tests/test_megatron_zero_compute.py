@@ -319,6 +319,6 @@ def test_null_kind_validation(pg):
     from moe_train.parallel.megatron import with_variable_k
 
     base = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4)
-    for kind, cls in (("zero", "MoELayer"), ("identity", "ZeroComputeMoELayer")):
+    for kind, cls in (("zero", "ZeroComputeMoELayer"), ("identity", "ZeroComputeMoELayer")):
         spec = with_variable_k(base, adamoe(4, top_k=3, null_kind=kind, dispatcher="megatron"))
         assert spec.submodules.mlp.module.__name__ == cls

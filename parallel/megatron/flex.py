@@ -12,10 +12,13 @@ moves exactly the true assignments, as our own all-to-all does (parallel/exchang
 HybridEP (moe_flex_dispatcher_backend="hybridep") consumes the [T, E] routing map itself, where a null pick is an
 absent entry already: it needs nothing from here.
 
-GPU path (not run here: DeepEP needs NVSHMEM / NVLink GPUs): ``use_deepep_indices(token_dispatcher, max_slots)``
-replaces the DeepEP manager's setup_metadata of one MoEFlexTokenDispatcher with one that calls deepep_topk; the
-dispatch, the permutation of received rows (-1 skipped by Megatron's own ``_indices_to_multihot``) and the
-combine are Megatron's and DeepEP's unchanged. Shape legend: T tokens, E experts, K slots per token.
+Wiring: ``use_deepep_indices(token_dispatcher, max_slots)`` replaces the DeepEP manager's setup_metadata of one
+MoEFlexTokenDispatcher with one that calls deepep_topk. ZeroComputeMoELayer (the layer with_variable_k builds for
+``VariableKRouting(dispatcher="megatron")``) calls it at construction with the router's max_slots. The dispatch,
+the permutation of received rows (-1 skipped by Megatron's own ``_indices_to_multihot``) and the combine are
+Megatron's and DeepEP's unchanged; they need DeepEP's GPUs and have not been run here (bench/gpu_check.py
+``deepep_indices`` checks DeepEP's layout and dispatch of these indices where DeepEP is installed).
+Shape legend: T tokens, E experts, K slots per token.
 """
 
 from __future__ import annotations
@@ -51,12 +54,15 @@ def deepep_topk(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, max_slots:
 
 def use_deepep_indices(token_dispatcher, max_slots: int) -> bool:
     """For a Megatron MoEFlexTokenDispatcher with the DeepEP backend: its setup_metadata builds the [T, K] indices
-    with deepep_topk (K = ``max_slots``, the router's). Returns False (nothing changed) for any other dispatcher or
-    backend (HybridEP takes the routing map as it is). The manager's own attributes stay the ones DeepEP reads:
-    token_indices, token_probs."""
+    with deepep_topk. ``max_slots`` is the router's (most true experts per token); K = tp_size * max_slots, as
+    Megatron's own router_topk = tp_size * moe_router_topk: the flex dispatcher repeats every pick over the
+    expert-tensor-parallel ranks (its routing map covers tp_size * E experts). Returns False (nothing changed) for
+    any other dispatcher or backend (HybridEP takes the routing map as it is). The manager's own attributes stay the
+    ones DeepEP reads: token_indices, token_probs."""
     manager = getattr(token_dispatcher, "_comm_manager", None)
     if manager is None or type(manager).__name__ != "_DeepepManager":
         return False
+    max_slots = getattr(token_dispatcher, "tp_size", 1) * max_slots
 
     def setup_metadata(self, routing_map: torch.Tensor, probs: torch.Tensor) -> None:
         num_tokens = routing_map.shape[0]

@@ -81,7 +81,8 @@ class VariableKRouting:
     null_tie_break: str = "true_first"
     # "variable_k": our all-to-all (VariableKMoELayer, sized by true assignments); "megatron": keep the dispatcher
     # the TransformerConfig names, allowed where Megatron's is exact for variable k (allgather; alltoall without
-    # moe_permute_fusion, whose fused kernel sizes its buffer as T * topk).
+    # moe_permute_fusion, whose fused kernel sizes its buffer as T * topk; flex, whose DeepEP indices the layer
+    # with_variable_k installs (ZeroComputeMoELayer) builds with -1 for null slots, parallel/megatron/flex.py).
     dispatcher: str = "variable_k"
     permute_backend: str = "auto"  # moe_train.kernels.permute backend of the variable_k dispatcher
     # method "null": what a null pick returns, moe_train.config.NULL_KINDS (zero = AdaMoE; identity / constant are
@@ -96,10 +97,10 @@ class VariableKRouting:
             raise ValueError(f"VariableKRouting.dispatcher={self.dispatcher!r} is not allowed: one of {DISPATCHERS}")
         if self.dispatcher == "megatron":
             kind = config.moe_token_dispatcher_type
-            if kind == "flex" or (kind == "alltoall" and config.moe_permute_fusion):
-                raise ValueError(f"dispatcher='megatron' with moe_token_dispatcher_type={kind!r}"
-                                 f"{' and moe_permute_fusion=True' if kind == 'alltoall' else ''} assumes T * topk "
-                                 "rows; use dispatcher='variable_k' (ours), or Megatron's allgather / unfused alltoall")
+            if kind == "alltoall" and config.moe_permute_fusion:
+                raise ValueError("dispatcher='megatron' with moe_token_dispatcher_type='alltoall' and "
+                                 "moe_permute_fusion=True assumes T * topk rows; use dispatcher='variable_k' (ours), "
+                                 "Megatron's allgather, unfused alltoall or flex")
         if config.num_moe_experts is None:
             raise ValueError("TransformerConfig.num_moe_experts is None: a variable-k router needs an MoE config")
         moe = MoEConfig(router=self.method, num_experts=config.num_moe_experts,
@@ -242,6 +243,12 @@ class VariableKRouter(MegatronModule):
             self.null_values = torch.nn.Parameter(torch.zeros(self.num_null, D, dtype=config.params_dtype))
             setattr(self.null_values, "sequence_parallel", config.sequence_parallel)
         self.last_plan: Optional[RoutingPlan] = None
+        # Megatron's flex dispatcher with DeepEP turns probs into topk(probs, moe_router_topk) indices: experts of
+        # probability 0 would be sent, picks beyond moe_router_topk lost. The layer with_variable_k builds
+        # (ZeroComputeMoELayer) installs flex.deepep_topk (-1 for null slots) and sets deepep_indices_installed.
+        self._needs_deepep_indices = (routing.dispatcher == "megatron" and config.moe_token_dispatcher_type == "flex"
+                                      and getattr(config, "moe_flex_dispatcher_backend", "deepep") == "deepep")
+        self.deepep_indices_installed = False
         # Megatron's selection-only expert bias (moe_router_enable_expert_bias): its buffer names, so a TopKRouter
         # checkpoint loads and finalize_model_grads updates it from local_tokens_per_expert (true picks only).
         if not self.moe_cfg.use_expert_bias:
@@ -295,6 +302,11 @@ class VariableKRouter(MegatronModule):
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """input [S, B, D] (or [T, D]); padding_mask [S, B] with True = padding (excluded from the balancing terms,
         still routed, as Megatron does). Returns (probs [T, E], routing_map [T, E])."""
+        if self._needs_deepep_indices and not self.deepep_indices_installed:
+            raise ValueError("VariableKRouter under moe_token_dispatcher_type='flex' (DeepEP backend) needs the layer "
+                             "with_variable_k / get_gpt_layer_spec builds (ZeroComputeMoELayer), which hands DeepEP "
+                             "the true experts and -1; a plain MoELayer would send experts of probability 0 and "
+                             "drop picks beyond moe_router_topk")
         E = self.num_experts
         x_TD = input.reshape(-1, input.shape[-1])
         dtype = self._router_dtype(x_TD)

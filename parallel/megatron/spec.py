@@ -7,7 +7,9 @@
 ``with_variable_k`` accepts a layer spec (Transformer Engine or local), a decoder block spec
 (get_gpt_decoder_block_spec) or an MTP block spec, and returns a copy in which every MoE layer has
 VariableKRouter as its router and, with ``routing.dispatcher == "variable_k"`` (default), VariableKMoELayer
-(our all-to-all) as its class. Experts, shared experts, attention and norms stay exactly what Megatron chose.
+(our all-to-all) as its class; with ``"megatron"``, ZeroComputeMoELayer (Megatron's configured dispatcher; the null
+term of identity / constant nulls; DeepEP indices with -1 under flex). Experts, shared experts, attention and norms
+stay exactly what Megatron chose.
 ``get_gpt_layer_spec`` / ``get_gpt_decoder_block_spec`` call Megatron's builders and patch their result.
 """
 
@@ -30,9 +32,10 @@ def with_variable_k(spec: Any, routing: VariableKRouting) -> Any:
         raise ValueError(f"routing.dispatcher={routing.dispatcher!r}: one of 'variable_k', 'megatron'")
     router = VariableKRouter.builder(routing)
     ours = routing.dispatcher == "variable_k"
-    layer_cls = VariableKMoELayer if ours else None  # it reads permute_backend from the router's routing
-    if not ours and routing.null_kind != "zero":  # Megatron's dispatcher, plus the null term on the token's rank
-        layer_cls = ZeroComputeMoELayer
+    # VariableKMoELayer reads permute_backend from the router's routing. With Megatron's dispatcher,
+    # ZeroComputeMoELayer adds the identity / constant null term on the token's rank and, under flex with DeepEP,
+    # hands DeepEP -1 for null slots (flex.use_deepep_indices); the dispatcher is what the config names.
+    layer_cls = VariableKMoELayer if ours else ZeroComputeMoELayer
     new, replaced = compat.map_moe_specs(spec, lambda s: compat.replace_moe_spec(s, router, layer_cls, {}))
     if not replaced:
         raise ValueError("the spec holds no MoE layer: build it with num_experts set (e.g. "

@@ -11,7 +11,13 @@ docs/zero_compute.md) is added here, by the same pure function moe_train's own M
     postprocess(y)      y + null_expert_output(x, null_idx_TK, null_weight_TK, kind, router.null_values)
 
 Both hooks run inside Megatron's custom_forward, so MoE-layer recomputation (moe_layer_recompute) recomputes the
-term with its own routing. A router of kind ``zero`` (or Megatron's own router) leaves the layer unchanged.
+term with its own routing. A router of kind ``zero`` (or Megatron's own router) leaves the layer's math unchanged.
+
+This is the layer with_variable_k builds for every ``VariableKRouting(dispatcher="megatron")``. With
+moe_token_dispatcher_type="flex" and the DeepEP backend it also installs flex.deepep_topk into the flex dispatcher
+at construction (K = the router's max_slots): DeepEP gets each token's true experts and -1, so null slots are not
+sent. HybridEP takes the routing map itself (a null pick is an absent entry): nothing to install. Without DeepEP
+installed Megatron's MoEFlexTokenDispatcher itself raises its ImportError: there is no fallback dispatcher.
 Shape legend: S sequence, B micro-batch, T = S*B tokens, D hidden, K slots, Z null experts.
 """
 
@@ -21,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from moe_train.parallel.megatron import compat
+from moe_train.parallel.megatron.flex import use_deepep_indices
 from moe_train.routing.zero_compute import null_expert_output
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -31,6 +39,13 @@ class ZeroComputeMoELayer(MoELayer):
     token dispatcher is whatever the config names (VariableKMoELayer, its subclass, installs ours)."""
 
     _null_input: Optional[torch.Tensor] = None
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None, **kwargs):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **compat.moe_layer_kwargs(MoELayer.__init__, **kwargs))
+        max_slots = getattr(self.router, "max_slots", None)  # None: Megatron's own router, its own topk is right
+        if max_slots is not None and use_deepep_indices(self.token_dispatcher, max_slots):
+            self.router.deepep_indices_installed = True
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)

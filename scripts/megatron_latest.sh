@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the Megatron-Core adapter tests (tests/test_megatron.py) against the newest megatron-core 0.19.x for real.
+# Runs the Megatron-Core adapter tests (test_megatron.py, test_megatron_zero_compute.py, test_flex_indices.py) against the newest megatron-core 0.19.x for real.
 #
 # megatron-core 0.17+ needs Python >= 3.12, and torch for Python 3.12 comes from the registry as a CUDA build
 # (several GB, it runs on the CPU), so this is NOT part of the default CI run (.ci/run keeps 0.16.1 on Python 3.11).
@@ -44,4 +44,4 @@ import sys, torch
 from importlib.metadata import version
 print(f"python {sys.version.split()[0]}  torch {torch.__version__}  megatron-core {version('megatron-core')}")
 EOF
-python -m pytest -q tests/test_megatron.py "$@"
+python -m pytest -q tests/test_megatron.py tests/test_megatron_zero_compute.py tests/test_flex_indices.py "$@"

@@ -53,6 +53,47 @@ def test_single_process_peak_within_10_percent(tmp_path, case):
     assert abs(predicted / measured["peak"] - 1) <= TOLERANCE, (case, predicted, measured)
 
 
+@pytest.mark.parametrize("ac", [False, True], ids=["ac0", "ac1"])
+def test_top_p_router_peak_within_10_percent(tmp_path, ac):
+    """The top-p router (routing/top_p.py), fp32, one process: k_max = 4 of 8 experts, its entropy loss on."""
+    cfg = PW.small_config("top_p", "fp32", ac, 1, 1, str(tmp_path / "run"))
+    cfg.model.moe.k_max, cfg.model.moe.entropy_loss_coef = 4, 0.01
+    measured = PW.measure_step(cfg)
+    predicted = _predict(cfg, 1, measured)
+    assert abs(predicted / measured["peak"] - 1) <= TOLERANCE, (ac, predicted, measured)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renorm", "raw"])
+def test_top_p_router_saved_bytes(norm):
+    """The top-p router's formula against the distinct storages autograd saves (saved_tensors_hooks) for its forward
+    and the losses the trainer adds (aux, z, entropy), its input and gate weight aside; and the plan's storages (what
+    activation checkpointing keeps)."""
+    from moe_train.config import MoEConfig
+    from moe_train.planner.activations import Regime, _router
+    from moe_train.routing.top_p import TopPRouter
+
+    T, D = 96, 16
+    router = TopPRouter(D, MoEConfig(router="top_p", num_experts=8, k_max=3, norm_topk_prob=norm))
+    x_TD = torch.randn(T, D, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plan = router(x_TD)
+        (plan.aux_loss + plan.z_loss + plan.extras["entropy_loss"] + plan.weight_TK.sum()).backward()
+    for t in (x_TD, router.gate.weight):
+        saved.pop(t.untyped_storage().data_ptr(), None)
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (plan.probs_TN, plan.logits_TN, plan.expert_idx_TK, plan.weight_TK)}
+    formula = _router(router, Regime(c=4, r=4, autocast=False), D)
+    # + the aux loss's f = counts / total: one [Z] per layer, below what the formula models
+    assert formula.per_token * T + 4 * formula.Z == sum(saved.values()), (formula, saved)
+    assert formula.plan_per_token * T == sum(kept.values()), (formula, kept)
+
+
 @pytest.mark.parametrize("family, ac", [("deepseek_v3", False), ("deepseek_v3", True), ("longcat_flash", False),
                                         ("longcat_flash", True)], ids=lambda v: str(v))
 def test_mla_family_layers_peak_within_10_percent(tmp_path, family, ac):

@@ -26,7 +26,10 @@ against measured peaks at small sizes (tests/test_planner_memory.py). Widths per
                      over the Z scored experts) + log-sum-exp 4 + slot masks/gates 9 + 5K   (Z = E + null experts);
                      sigmoid scores (DeepSeek-V3): + the normalised distribution the plan holds 4Z + its sum 8;
                      group-limited selection keeps nothing more (its group scores die with the selection);
-                     null router: its one GEMM's concatenated gate weight Z D c (per layer)
+                     null router: its one GEMM's concatenated gate weight Z D c (per layer);
+                     top-p router (K = k_max): probs, logits, sort order 8Z, log-sum-exp as above + keep mask K
+                     (+ with norm_topk_prob: where-mask 1, sum 4, masked gates 4K); its entropy term's xlogy saves
+                     the probs themselves (nothing more); its plan's ids are a new [T, K] (8K), not the sort order
   identity nulls     (LongCat-Flash's zero-computation experts) the summed null gate in x's dtype r (+ x itself, rD,
                      under autocast, where the other consumers save only their bf16 copies, or if none saves it)
   Ada-K allocator    fp32 input copy 4D (when c = 2) + log-probs 4A
@@ -198,6 +201,7 @@ def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
     """The saved bytes of a known router, without its input (the MoE block counts that once: docstring)."""
     from moe_train.routing.adak import AdaKRouter
     from moe_train.routing.null_experts import NullExpertRouter
+    from moe_train.routing.top_p import TopPRouter
     from moe_train.routing.topk import TopKRouter
 
     fixed, ids = 0.0, 0  # ids: the expert ids' storage the plan keeps, in int64 entries per token
@@ -214,10 +218,16 @@ def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
         Z, K = router.num_experts, router.k_max
         gate_trains = _trains(router.gate.weight)
         ids = K
+    elif isinstance(router, TopPRouter):
+        Z, K = router.num_experts, router.k_max
+        gate_trains = _trains(router.gate.weight)
+        ids = K  # the plan's ids are torch.where's new [T, K] (unkept slots -1), not the sort order
     else:
         raise PlanError(f"no activation formula for router {type(router).__name__}: add it to "
                         "moe_train/planner/activations.py")
     per_token = 4 * Z + 4 * Z + 8 * Z + 4 + 9 + 5 * K
+    if isinstance(router, TopPRouter):  # keep mask K (bool, saved by mul); renormalise: its where 1 + denom 4 + w 4K
+        per_token = 4 * Z + 4 * Z + 8 * Z + 4 + K + (5 + 4 * K if router.norm_topk_prob else 0)
     sigmoid = getattr(getattr(router, "moe_cfg", None), "score_func", "softmax") == "sigmoid"
     if sigmoid:  # the plan's probs are the scores normalised to sum 1: one more [T, Z], and the clamped sum
         per_token += 4 * Z + 8

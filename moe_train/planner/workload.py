@@ -5,7 +5,7 @@ True experts per token, two figures:
             true_experts_per_token), else the budget target (model.moe.target_true_experts), else the FLOPs baseline
             top-k (a converted AdaMoE model starts at its base top-k: README "Routers"; an Ada-K warm start begins
             near it), else top_k
-  worst     what memory is sized for: every pick true, min(top_k, n) for null experts, k_max for Ada-K
+  worst     what memory is sized for: every pick true, min(top_k, n) for null experts, k_max for Ada-K and top-p
 Rows a rank's experts receive: balanced = the rows it sends (N = T x k); the worst case the config allows is
   dropless  P x T x min(k_worst, E/P): every ep rank sends its every token to this rank's E/P experts (a token can
             send at most one row per expert), bounded only by the router's balance in practice

@@ -196,7 +196,9 @@ def _hf_top_k(moe: MoEConfig) -> int:
     return moe.resolved_baseline_top_k if moe.router == "null" else moe.top_k
 
 
-def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str) -> MoEConfig:
+def parse_moe_extra(extra: Any, where: str) -> MoEConfig:
+    """Our saved MoEConfig (router state, budget, losses) from config.json's "moe_train" section, validated; every
+    family's reader then checks it against the fields transformers routes with."""
     if not isinstance(extra, dict):
         raise ValueError(f"{where}: '{MOE_TRAIN_KEY}' must be a mapping of MoEConfig fields, got {extra!r}")
     try:
@@ -204,6 +206,11 @@ def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str)
         validate_moe(moe, f"{where}:{MOE_TRAIN_KEY}")
     except ConfigError as e:
         raise ValueError(str(e)) from None
+    return moe
+
+
+def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str) -> MoEConfig:
+    moe = parse_moe_extra(extra, where)
     k_key = "num_experts_per_tok"
     for ours, theirs, hf_key in ((moe.num_experts, from_hf_fields.num_experts, "the expert count"),
                                  (moe.norm_topk_prob, from_hf_fields.norm_topk_prob, "norm_topk_prob"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moe_train.config import ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
+from moe_train.config import ConfigError, ModelConfig, MoEConfig, validate_model
 
 FAMILY = "longcat_flash"
 ARCHITECTURE = "LongcatFlashForCausalLM"
@@ -99,15 +99,9 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 def _moe_from_extra(extra: Any, from_hf: MoEConfig, where: str) -> MoEConfig:
     """Our saved MoEConfig (router state, budget, losses), checked against the fields transformers routes with."""
-    from moe_train.io.hf_config import MOE_TRAIN_KEY
+    from moe_train.io.hf_config import MOE_TRAIN_KEY, parse_moe_extra
 
-    if not isinstance(extra, dict):
-        raise ValueError(f"{where}: '{MOE_TRAIN_KEY}' must be a mapping of MoEConfig fields, got {extra!r}")
-    try:
-        moe = from_dict(MoEConfig, extra, f"{where}:{MOE_TRAIN_KEY}")
-        validate_moe(moe, f"{where}:{MOE_TRAIN_KEY}")
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    moe = parse_moe_extra(extra, where)
     for key, hf_key in (("num_experts", "n_routed_experts"), ("num_null_experts", "zero_expert_num"),
                         ("top_k", "moe_topk"), ("routed_scaling_factor", "routed_scaling_factor"),
                         ("norm_topk_prob", "norm_topk_prob (always false)")):

@@ -39,7 +39,7 @@ from moe_train.config import MoEConfig
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
-from moe_train.routing.topk import renormalize, select_topk
+from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
 from moe_train.routing.zero_compute import split_null_slots
 
 MODES = ("greedy", "sample", "forced")
@@ -93,18 +93,8 @@ class AdaKRouter(nn.Module):
         keep_TK = torch.arange(self.k_max, device=x_TD.device) < k_T[:, None]
         weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
         weight_TK = scale_routed(weight_TK, c.routed_scaling_factor)
-        expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
-        counts_E = counts_from_idx(expert_idx_TK, self.num_experts)
-        return RoutingPlan(
-            expert_idx_TK=expert_idx_TK,
-            weight_TK=weight_TK,
-            counts_E=counts_E,
-            aux_loss=load_balancing_loss(probs_TE, counts_E),
-            z_loss=router_z_loss(logits_TE),
-            probs_TN=probs_TE,
-            logits_TN=logits_TE,
-            **self._policy_fields(log_pi_TA, action_T),
-        )
+        return variable_k_plan(idx_TK, weight_TK, keep_TK, probs_TE, logits_TE, self.num_experts,
+                               **self._policy_fields(log_pi_TA, action_T))
 
     def _forward_with_nulls(self, x_TD: torch.Tensor) -> RoutingPlan:
         """The first k of the frozen null router's ranking over all n + z experts (module docstring)."""

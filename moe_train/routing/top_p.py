@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from moe_train.config import MoEConfig
-from moe_train.routing.balancing import load_balancing_loss, router_z_loss
-from moe_train.routing.plan import RoutingPlan, counts_from_idx
-from moe_train.routing.topk import renormalize, select_topk
+from moe_train.routing.plan import RoutingPlan
+from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
 
 
 def top_p_keep(sorted_probs_TK: torch.Tensor, p: float) -> torch.Tensor:
@@ -57,15 +56,5 @@ class TopPRouter(nn.Module):
         weight_TK, idx_TK = select_topk(probs_TE, self.k_max)
         keep_TK = top_p_keep(weight_TK.detach(), self.top_p)
         weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
-        expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
-        counts_E = counts_from_idx(expert_idx_TK, self.num_experts)
-        return RoutingPlan(
-            expert_idx_TK=expert_idx_TK,
-            weight_TK=weight_TK,
-            counts_E=counts_E,
-            aux_loss=load_balancing_loss(probs_TE, counts_E),
-            z_loss=router_z_loss(logits_TE),
-            probs_TN=probs_TE,
-            logits_TN=logits_TE,
-            extras={"entropy_loss": router_entropy(probs_TE)},
-        )
+        return variable_k_plan(idx_TK, weight_TK, keep_TK, probs_TE, logits_TE, self.num_experts,
+                               extras={"entropy_loss": router_entropy(probs_TE)})

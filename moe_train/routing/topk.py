@@ -54,6 +54,25 @@ def renormalize(weight_TK: torch.Tensor, keep_TK: torch.Tensor) -> torch.Tensor:
     return w / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def variable_k_plan(idx_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torch.Tensor, probs_TE: torch.Tensor,
+                    logits_TE: torch.Tensor, num_experts: int, **fields) -> RoutingPlan:
+    """The plan of a router that keeps a per-token subset ``keep_TK`` of its ranked picks (Ada-K's first k, top-p's
+    smallest set reaching p): unkept slots become -1 (``weight_TK`` is already 0 there), the counts and the balancing
+    terms follow the kept picks. ``fields``: the router's own RoutingPlan fields (policy, extras)."""
+    expert_idx_TK = torch.where(keep_TK, idx_TK, torch.full_like(idx_TK, -1))
+    counts_E = counts_from_idx(expert_idx_TK, num_experts)
+    return RoutingPlan(
+        expert_idx_TK=expert_idx_TK,
+        weight_TK=weight_TK,
+        counts_E=counts_E,
+        aux_loss=load_balancing_loss(probs_TE, counts_E),
+        z_loss=router_z_loss(logits_TE),
+        probs_TN=probs_TE,
+        logits_TN=logits_TE,
+        **fields,
+    )
+
+
 class TopKRouter(nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__()

@@ -1,26 +1,14 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# One import namespace: the top-level folders parallel/ and kernels/ install as moe_train.parallel and
-# moe_train.kernels (never as bare top-level `parallel` / `kernels`, names other packages use).
 setup(
     name="moe_train",
     version="0.1.0",
     description="Expert-parallel MoE training with per-token variable k: AdaMoE null experts and Ada-K routing",
     python_requires=">=3.10",
-    packages=[
-        "moe_train",
-        "moe_train.model",
-        "moe_train.routing",
-        "moe_train.data",
-        "moe_train.train",
-        "moe_train.eval",
-        "moe_train.io",
-        "moe_train.parallel",
-        "moe_train.parallel.megatron",
-        "moe_train.kernels",
-        "moe_train.planner",
-    ],
-    package_dir={"moe_train.parallel": "parallel", "moe_train.kernels": "kernels"},
+    # import path = file path: every package lives under moe_train/ (no package_dir mapping). A top-level
+    # folder such as kernels/ would shadow the PyPI package of that name (transformers imports it) whenever the
+    # checkout's root is first on sys.path (python -m pytest, python -c, notebooks).
+    packages=find_packages(include=["moe_train", "moe_train.*"]),
     install_requires=[
         # torch 2.13.0 satisfies this; install it first (see README) so pip never pulls a CUDA build.
         "torch>=2.6",

@@ -15,8 +15,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def _bench(name: str):
-    """A bench script as a module, loaded by path under a private name: bench/ never joins sys.path (its file names,
-    e.g. kernels.py, would shadow packages that other tests' libraries look for)."""
+    """A bench script as a module, loaded by path under a private name, so bench/ never joins the test process's
+    sys.path."""
     import importlib.util
 
     if f"_bench_{name}" in sys.modules:

@@ -1,7 +1,7 @@
 """Kernel benchmarks: permutation throughput and grouped GEMM rate, each beside a baseline measured in the same run.
 Prints one JSON object per line.
 
-    python bench/kernels.py [--only permute|gemm] [--quick] [--reps 5] [--cpu-gemm-rows 256]
+    python bench/kernel_bench.py [--only permute|gemm] [--quick] [--reps 5] [--cpu-gemm-rows 256]
 
 permute lines (one per shape and op): GB/s of every implementation on the same logical bytes
     permute:           N rows read + N rows written          (N = true assignments = T*k*(1-null_frac))

@@ -51,7 +51,7 @@ class ChunkedDispatcher:
         d = self.inner
         ex = CountExchange.run(plan.counts_E, d.group, d.ep_size, d.ep_rank)
         perm = build_permutation(plan.expert_idx_TK, d.num_experts, num_rows=ex.rows_sent)
-        order_N, _ = chunk_order(ex.send_counts_E, self.chunks, x_TD.device)
+        order_N, _ = chunk_order(ex.send_counts_E, self.chunks, x_TD.device, plan.counts_E)
         perm = reorder_permutation(perm, order_N)
         y_ND = overlapped_experts(permute(x_TD, perm), ex, experts, self.chunks)
         return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0])

@@ -167,7 +167,7 @@ def aggregate(rows: list[dict]) -> dict:
             continue
         e = out.setdefault((r["method"], r["setting"]), {"rows": []})
         e["rows"].append(r)
-    for (method, _), e in out.items():
+    for (_method, _), e in out.items():
         rs = e["rows"]
         ref = [top2.get(r["seed"]) for r in rs]
         e["val_loss"] = _stats([r["val_loss"] for r in rs])

@@ -397,6 +397,80 @@ def mistakes(e: Env) -> list[Mistake]:
         M("L12", "eval with a task file that does not exist",
           lambda e: ["eval", "--checkpoint", str(e.model), "--task", str(e.work / "notask.jsonl")],
           ("notask.jsonl",)),
+        # ---- eval (second round) -----------------------------------------------------------------------------
+        M("E01", "eval --difficulty with --corpus-sequences 0",
+          lambda e: ["eval", "--checkpoint", str(e.model), "--difficulty", "--corpus-sequences", "0",
+                     "--corpus-seq-len", "16"],
+          ("--corpus-sequences", "0")),
+        M("E02", "eval a perplexity task with an empty text",
+          lambda e: _eval_task(e, e.write("e02.jsonl", _jsonl([{"text": "1 2 3"}, {"text": ""}]))),
+          ("e02.jsonl", "line 2", "empty")),
+        M("E03", "eval a 400-token context on a 64-token model",
+          lambda e: _eval_task(e, e.write("e03.jsonl", _jsonl([{"context": " ".join(str(i % 64) for i in range(400)),
+                                                                "choices": ["1", "2"], "gold": 0}]))),
+          ("e03.jsonl", "max_seq_len=64")),
+        M("E04", "eval --batch-size -1", lambda e: ["eval", "--checkpoint", str(e.model), "--batch-size", "-1"],
+          ("--batch-size", "-1")),
+        M("E05", "eval --device cuda on a machine without CUDA",
+          lambda e: ["eval", "--checkpoint", str(e.model), "--device", "cuda"], ("--device", "cuda")),
+        M("E06", "eval a task file holding one JSON array",
+          lambda e: _eval_task(e, e.write("e06.jsonl", json.dumps([{"text": "1 2 3"}]) + "\n")),
+          ("e06.jsonl", "line 1", "object")),
+        M("E07", "eval a task file that is a directory",
+          lambda e: _eval_task(e, str((e.work / "files" / "e07").mkdir(parents=True, exist_ok=True)
+                                      or e.work / "files" / "e07")), ("e07", "directory")),
+        M("E08", "eval a task file that is a FIFO", lambda e: _eval_task(e, _fifo(e, "e08.jsonl")),
+          ("e08.jsonl", "regular file")),
+        M("E09", "eval /dev/zero as the task file", lambda e: _eval_task(e, "/dev/zero"),
+          ("/dev/zero", "regular file")),
+        M("E10", "eval --out inside a file (only found after the whole evaluation)",
+          lambda e: ["eval", "--checkpoint", str(e.model), "--difficulty", "--corpus-sequences", "2",
+                     "--corpus-seq-len", "16", "--out", f"{e.cfg}/res.json"], ("--out", "tiny.yaml")),
+        # ---- Hugging Face folders that lie (second round) -------------------------------------------------
+        M("H01", "HF config.json: hidden_size is a string",
+          lambda e: e.train(f"train.init_from={_hf_edit(e, 'h01', hidden_size='32')}"),
+          ("h01", "config.json", "hidden_size", "integer")),
+        M("H02", "HF config.json: num_attention_heads is a string",
+          lambda e: e.train(f"train.init_from={_hf_edit(e, 'h02', num_attention_heads='2')}"),
+          ("h02", "num_attention_heads", "integer")),
+        M("H03", "HF config.json with a quantization_config (Mixtral)",
+          lambda e: e.train(f"train.init_from={_hf_edit(e, 'h03', quantization_config={'quant_method': 'fp8'})}"),
+          ("h03", "quantization_config")),
+        M("H04", "HF folder with int8 weights",
+          lambda e: e.train(f"train.init_from={_hf_tensors(e, 'h04', 'int8')}"), ("h04", "embed_tokens", "I8")),
+        M("H05", "HF folder in an FP8 layout (float8_e4m3fn weights + weight_scale_inv)",
+          lambda e: e.train(f"train.init_from={_hf_tensors(e, 'h05', 'fp8')}"), ("h05", "F8_E4M3")),
+        M("H06", "HF folder with a corrupt safetensors header (unknown dtype)",
+          lambda e: e.train(f"train.init_from={_hf_bad_header(e)}"), ("h06", "model.safetensors")),
+        M("H07", "HF DeepSeek config.json: num_attention_heads is a string",
+          lambda e: e.train(f"train.init_from={_hf_edit(e, 'h07', model_type='deepseek_v3', num_attention_heads='4', num_key_value_heads=4)}"),
+          ("h07", "num_attention_heads", "integer")),
+        # ---- the DeepSpeed JSON ----------------------------------------------------------------------------
+        M("S01", "DeepSpeed JSON: zero_optimisation (typo)",
+          lambda e: _ds(e, "s01.json", {"zero_optimisation": {"stage": 3}}), ("zero_optimisation", "zero_optimization")),
+        M("S02", "DeepSpeed JSON: a moe section",
+          lambda e: _ds(e, "s02.json", {"moe": {"enabled": True, "ep_size": 2}}), ("s02.json", "'moe'", "parallel.ep")),
+        M("S03", "DeepSpeed JSON: stage 2.5", lambda e: _ds(e, "s03.json", {"zero_optimization": {"stage": 2.5}}),
+          ("zero_optimization.stage", "2.5")),
+        M("S04", "DeepSpeed JSON: stage 'two'", lambda e: _ds(e, "s04.json", {"zero_optimization": {"stage": "two"}}),
+          ("s04.json", "zero_optimization.stage", "two")),
+        M("S05", "DeepSpeed JSON: offload_optimizer",
+          lambda e: _ds(e, "s05.json", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}),
+          ("s05.json", "offload_optimizer", "not supported")),
+        M("S06", "DeepSpeed JSON: a boolean given as text",
+          lambda e: _ds(e, "s06.json", {"zero_optimization": {"stage": 2, "overlap_comm": "yes"}}),
+          ("s06.json", "zero_optimization.overlap_comm", "true or false")),
+        # ---- world sizes that do not divide the model --------------------------------------------------------
+        M("W01", "3 ranks with hidden_size 32 (FSDP shards experts on dim 1)",
+          lambda e: e.train("parallel.rendezvous_timeout_s=10", "train.batch_size=6"),
+          ("model.hidden_size=32", "WORLD_SIZE"),
+          env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "FREE"}),
+        M("W02", "--miniature of a 3-rank config with hidden_size 32",
+          lambda e: e.train("parallel.world_size=3", "train.batch_size=6") + ["--miniature"],
+          ("model.hidden_size=32",), timeout=120),
+        M("W03", "LoRA rank 3 on experts with 2 ranks",
+          lambda e: e.train("parallel.rendezvous_timeout_s=10", "train.lora_rank=3"), ("train.lora_rank=3",),
+          env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "FREE"}),
         # ---- launch ------------------------------------------------------------------------------------------
         M("P01", "world size not divisible by ep", lambda e: e.train("parallel.ep=2"),
           ("WORLD_SIZE=3", "parallel.ep=2"), env={"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}),
@@ -415,6 +489,51 @@ def mistakes(e: Env) -> list[Mistake]:
           env={"WORLD_SIZE": "two", "RANK": "0"}),
     ]
     return ms
+
+
+def _eval_task(e: Env, task: str) -> list[str]:
+    return ["eval", "--checkpoint", str(e.model), "--task", task]
+
+
+def _fifo(e: Env, name: str) -> str:
+    p = e.work / "files" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.exists():
+        os.mkfifo(p)
+    return str(p)
+
+
+def _hf_tensors(e: Env, name: str, kind: str) -> str:
+    """A copy of the HF folder whose embedding is int8 (kind int8), or in DeepSeek's FP8 layout: a float8_e4m3fn
+    expert weight with its weight_scale_inv (kind fp8)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = _hf_copy(e, name)
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    if kind == "int8":
+        sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].to(torch.int8)
+    else:
+        w = next(k for k in sd if k.endswith("experts.0.w1.weight"))
+        sd[w] = sd[w].to(torch.float8_e4m3fn)
+        sd[w.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return str(d)
+
+
+def _hf_bad_header(e: Env) -> str:
+    """The header's first dtype replaced by an unknown one of the same length (the file stays complete)."""
+    d = _hf_copy(e, "h06")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    i = raw.index(b'"dtype":"') + len(b'"dtype":"')
+    f.write_bytes(raw[:i] + b"Q" * (raw.index(b'"', i) - i) + raw[raw.index(b'"', i):])
+    return str(d)
+
+
+def _ds(e: Env, name: str, ds: dict) -> list[str]:
+    return e.train("parallel.engine=deepspeed", f"deepspeed.config={e.write(name, json.dumps(ds))}")
 
 
 def _emptied_latest(e: Env) -> str:
@@ -453,6 +572,8 @@ def run_one(m: Mistake, e: Env) -> dict:
     env = dict(m.env)
     if env.get("MASTER_PORT") == "BUSY":
         env["MASTER_PORT"] = _busy_port()
+    if env.get("MASTER_PORT") == "FREE":
+        env["MASTER_PORT"] = _free_port()
     start = time.perf_counter()
     try:
         argv = m.argv(e)

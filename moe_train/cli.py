@@ -193,19 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ids (space-separated token ids, the tiny models) | byte | a local HF tokenizer folder")
     p.add_argument("--difficulty", action="store_true",
                    help="mean k by difficulty label on held-out sequences of the generated corpus")
-    p.add_argument("--corpus-sequences", type=int, default=64)
-    p.add_argument("--corpus-seq-len", type=int, default=128)
+    p.add_argument("--corpus-sequences", type=_at_least(1), default=64)
+    p.add_argument("--corpus-seq-len", type=_at_least(2), default=128)
     p.add_argument("--corpus-seed", type=int, default=4321, help="differs from training data seeds: held out")
     p.add_argument("--corpus", choices=CORPORA, default="mixed", help="the generated corpus of --difficulty")
     p.add_argument("--generate", default=None, metavar="TEXT", help="prompt for a greedy generation")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=32)
     p.add_argument("--force-k", type=int, default=None, help="run every token with this k (Ada-K models)")
     p.add_argument("--compare-topk", action="store_true",
                    help="Ada-K models: also evaluate with k forced to the base top-k, side by side")
     p.add_argument("--lm-eval", action="store_true",
                    help="also run the --task files through lm-evaluation-harness (offline: sets HF_DATASETS_OFFLINE=1 "
                         "and HF_HUB_OFFLINE=1 unless already set) and report its metrics")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_at_least(1), default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write every result to this JSON file")
     p.set_defaults(func=_eval)

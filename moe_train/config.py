@@ -86,7 +86,7 @@ ADAK_DTYPES = ("float32", "bfloat16", "stored")
 ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
 # Training engines (parallel.engine): fsdp = moe_train's own loop under FSDP2 (parallel/parallelize.py); deepspeed =
 # the same loop with DeepSpeed's engine doing backward / reduction / clipping / optimizer step / checkpoints
-# (parallel/deepspeed_engine.py, docs/deepspeed.md). ZeRO stages DeepSpeed runs here:
+# (train/deepspeed_engine.py, docs/deepspeed.md). ZeRO stages DeepSpeed runs here:
 ENGINES = ("fsdp", "deepspeed")
 DEEPSPEED_STAGES = (1, 2, 3)
 # Keys of a DeepSpeed JSON (deepspeed.config) that moe_train sets from its own config: refused in the JSON, with the
@@ -94,9 +94,53 @@ DEEPSPEED_STAGES = (1, 2, 3)
 DEEPSPEED_OWNED_KEYS = {
     "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size / world / accum",
     "gradient_accumulation_steps": "train.grad_accum_steps", "gradient_clipping": "train.grad_clip",
-    "bf16": "train.precision", "fp16": "train.precision (fp16 is not supported)", "optimizer": "train.lr/beta1/beta2/"
-    "weight_decay (moe_train's AdamW)", "scheduler": "train.schedule/warmup_steps (moe_train's LR schedule)",
+    "bf16": "train.precision", "bfloat16": "train.precision", "fp16": "train.precision (fp16 is not supported)",
+    "optimizer": "train.lr/beta1/beta2/weight_decay (moe_train's AdamW)",
+    "scheduler": "train.schedule/warmup_steps (moe_train's LR schedule)",
 }
+# What DeepSpeed 0.19.8 reads from its JSON (deepspeed/runtime/config.py DeepSpeedConfig._initialize_params and the
+# section configs it calls; zero_optimization: runtime/zero/config.py DeepSpeedZeroConfig, fields and stage3_
+# aliases). A key outside these is ignored by DeepSpeed without a word (a typo "zero_optimisation" ran stage 1), so it
+# is refused here with the closest valid key. Types: "int", "float", "bool", "str", "map" (a JSON object; its own
+# keys are DeepSpeed's to check), "?" allows null. The keys moe_train owns are in DEEPSPEED_OWNED_KEYS.
+DEEPSPEED_KEYS: dict[str, str] = {
+    **dict.fromkeys(("dump_state", "disable_python_gc", "disable_allgather", "prescale_gradients",
+                     "wall_clock_breakdown", "memory_breakdown", "zero_allow_untested_optimizer",
+                     "zero_force_ds_cpu_optimizer", "dataloader_drop_last", "managed_gradient_accumulation",
+                     "use_data_before_expert_parallelism"), "bool"),
+    **dict.fromkeys(("sequence_parallel_size", "vocabulary_size"), "int"),
+    "steps_per_print": "int?", "gradient_predivide_factor": "float", "communication_data_type": "str?",
+    "seq_parallel_communication_data_type": "str", "gradient_allreduce_op": "str", "log_level": "str?",
+    **dict.fromkeys(("activation_checkpointing", "aio", "autotuning", "checkpoint", "comet", "comms_logger", "compile",
+                     "csv_monitor", "data_efficiency", "data_types", "datastates_ckpt", "flops_profiler",
+                     "hybrid_engine", "pipeline", "tensor_parallel", "tensorboard", "timers", "torch_autocast", "wandb",
+                     "weight_quantization", "zero_optimization"), "map"),
+}
+DEEPSPEED_ZERO_KEYS: dict[str, str] = {
+    "stage": "int",
+    **dict.fromkeys(("contiguous_gradients", "reduce_scatter", "use_multi_rank_bucket_allreduce",
+                     "allgather_partitions", "compute_grad_norm", "load_from_fp32_weights", "elastic_checkpoint",
+                     "gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save",
+                     "stage3_gather_fp16_weights_on_model_save", "use_all_reduce_for_fetch_params",
+                     "stage3_use_all_reduce_for_fetch_params", "allgather_sequential", "stage3_allgather_sequential",
+                     "ignore_unused_parameters", "legacy_stage1", "round_robin_gradients", "parameter_alignment",
+                     "zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients",
+                     "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
+                     "log_trace_cache_warnings", "enable_sanity_checks", "save_muon_momentum_buffer_in_memory"),
+                   "bool"),
+    "overlap_comm": "bool?",
+    **dict.fromkeys(("reduce_bucket_size", "allgather_bucket_size", "sub_group_size", "zero_hpz_partition_size",
+                     *(f"{prefix}{k}" for prefix in ("", "stage3_") for k in (
+                         "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+                         "max_live_parameters", "max_reuse_distance", "module_granularity_threshold"))), "int"),
+    **dict.fromkeys(("zenflow", "leaf_module"), "map?"),
+}
+# Offloading moves optimizer state / parameters to CPU or NVMe; it is not wired into moe_train's engine (its
+# optimizer is moe_train's AdamW, not DeepSpeed's CPU Adam), so these are refused before any work.
+DEEPSPEED_OFFLOAD_KEYS = ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
+                          "cpu_offload_use_pin_memory")
+# Sections that do expert parallelism DeepSpeed's way: moe_train does its own (parallel.ep).
+DEEPSPEED_EP_KEYS = ("moe", "expert_parallel")
 
 
 @dataclass
@@ -927,13 +971,59 @@ def deepspeed_json(d: DeepSpeedConfig) -> dict:
         raise ConfigError(f"deepspeed.config={d.config!r} sets {owned}: moe_train sets these from its own keys ("
                           + "; ".join(f"{k} <- {DEEPSPEED_OWNED_KEYS[k]}" for k in owned)
                           + "); remove them from the JSON")
+    _check_deepspeed_keys(data, DEEPSPEED_KEYS, "", d.config)
     zero = data.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        _fail("deepspeed.config", d.config, "zero_optimization must be a JSON object")
+    _check_deepspeed_zero(zero, d.config)
     if d.stage is not None and "stage" in zero and zero["stage"] != d.stage:
         raise ConfigError(f"deepspeed.stage={d.stage} conflicts with zero_optimization.stage={zero['stage']} in "
                           f"deepspeed.config={d.config!r}: set the stage in one place")
     return data
+
+
+def _check_deepspeed_keys(section: dict, known: dict[str, str], prefix: str, file: str) -> None:
+    """Every key of ``section`` is one DeepSpeed reads (``known``: key -> type), with that type."""
+    import difflib
+
+    for key, value in section.items():
+        where = f"{prefix}{key}"
+        if key in DEEPSPEED_EP_KEYS and not prefix:
+            raise ConfigError(f"deepspeed.config={file!r}: '{key}' is not supported here: moe_train does the "
+                              f"expert parallelism itself (set parallel.ep; docs/deepspeed.md), DeepSpeed's own MoE "
+                              f"/ AutoEP sections would be ignored or clash; remove '{key}'")
+        if key in DEEPSPEED_OFFLOAD_KEYS:
+            raise ConfigError(f"deepspeed.config={file!r}: {where} is not supported here: moe_train's DeepSpeed "
+                              f"engine steps its own AdamW on the device and does not offload optimizer state or "
+                              f"parameters; remove {where}")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"deepspeed.config={file!r}: unknown key {where!r}, which DeepSpeed 0.19.8 does not read "
+                              f"(it would be ignored); {hint}")
+        kind = known[key]
+        if not (value is None and kind.endswith("?")) and not _deepspeed_type_ok(value, kind.rstrip("?")):
+            words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                     "map": "a JSON object"}[kind.rstrip("?")]
+            raise ConfigError(f"deepspeed.config={file!r}: {where}={value!r} must be {words}"
+                              f"{' or null' if kind.endswith('?') else ''}")
+
+
+def _deepspeed_type_ok(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "int":  # DeepSpeed's pydantic ints take integral floats: "reduce_bucket_size": 5e8
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, {"float": (int, float), "bool": bool, "str": str, "map": dict}[kind])
+
+
+def _check_deepspeed_zero(zero: Any, file: str) -> None:
+    if not isinstance(zero, dict):
+        _fail("deepspeed.config", file, "zero_optimization must be a JSON object")
+    _check_deepspeed_keys(zero, DEEPSPEED_ZERO_KEYS, "zero_optimization.", file)
+    stage = zero.get("stage")
+    if stage is not None and (isinstance(stage, float) or stage not in DEEPSPEED_STAGES):
+        # 2.5 must not become 2: the stage decides what is sharded
+        raise ConfigError(f"deepspeed.config={file!r}: zero_optimization.stage={stage!r} must be one of "
+                          f"{DEEPSPEED_STAGES}")
 
 
 def deepspeed_stage(d: DeepSpeedConfig) -> int:

@@ -28,7 +28,25 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from moe_train.config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, to_dict, validate
+from moe_train.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+    validate,
+)
+from moe_train.io.hf import to_hf
+from moe_train.io.hf_common import read_hf_config
+from moe_train.io.hf_config import config_from_hf
+from moe_train.io.model_file import save_model
+from moe_train.model import build_model
+from moe_train.parallel.layout import validate_fsdp_config
+from moe_train.train.adak import train_adak
+from moe_train.train.metrics import configure_logging
+from moe_train.train.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +64,6 @@ def _real_architecture(cfg: Config) -> ModelConfig:
     """The base model's architecture: the real init_from folder's config.json when readable, else model:."""
     src = cfg.train.init_from
     if src and (Path(src) / "config.json").is_file():
-        from moe_train.io.hf_config import config_from_hf, read_hf_config
-
         try:
             return config_from_hf(read_hf_config(src), str(Path(src) / "config.json"))
         except ValueError as e:
@@ -80,20 +96,16 @@ def _write_base_model(arch: ModelConfig, dst: Path, seed: int) -> None:
     every rank of a launch may call this; the content is a function of the seed, and the first rename wins."""
     import torch
 
-    from moe_train.model import build_model
 
     if dst.exists():
         return
     torch.manual_seed(seed)
     model = build_model(arch)
     if dst.suffix == ".pt":
-        from moe_train.io.model_file import save_model
-
         save_model(model, dst, step=0)  # atomic; every rank writes the same bytes
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}"
-    from moe_train.io.hf import to_hf
 
     to_hf(model, tmp)
     try:
@@ -149,14 +161,16 @@ def miniature_config(cfg: Config, overrides: Optional[list[str]] = None, write_b
         validate(mini)
     except ConfigError as e:
         raise ConfigError(f"the miniature of this config is invalid: {e}") from None
+    # the widths FSDP2 shards on dim 1, before any rank is spawned: the real job's (it would fail the same way),
+    # then the miniature's own tiny widths
+    validate_fsdp_config(cfg, world, _real_architecture(cfg) if t.init_from else cfg.model)
+    validate_fsdp_config(mini, world, what="the miniature of this config: ")
     return mini
 
 
 def run_miniature(config_path: str, overrides: list[str], command: str = "train") -> None:
     """``moe-train {train,adak} --miniature``: under a launcher (WORLD_SIZE set), run this rank's share; alone,
     spawn the config's world size of gloo processes on this machine and run them."""
-    from moe_train.config import load_config
-
     cfg = load_config(config_path, overrides)
     world = world_size_of(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -172,12 +186,8 @@ def run_miniature(config_path: str, overrides: list[str], command: str = "train"
 
 def _run(command: str, cfg: Config) -> None:
     if command == "adak":
-        from moe_train.train.adak import train_adak
-
         train_adak(cfg)
     else:
-        from moe_train.train.trainer import train
-
         train(cfg)
 
 
@@ -194,7 +204,6 @@ def _rank_main(rank: int, world: int, port: int, command: str, cfg_dict: dict) -
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from moe_train.train.metrics import configure_logging
 
     torch.set_num_threads(1)  # many ranks share few cores
     configure_logging()  # a spawned rank starts with Python's defaults, not the parent's logging set-up

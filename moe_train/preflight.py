@@ -21,14 +21,19 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from moe_train.config import Config, ModelConfig
+from moe_train.data.preflight import preflight_data
+from moe_train.io.convert import check_conversion
+from moe_train.io.dcp_checkpoint import MANIFEST, latest_checkpoint
+from moe_train.io.load import check_any
+from moe_train.parallel.distributed import _env_int, validate_layout
+from moe_train.parallel.layout import validate_fsdp_config
+from moe_train.train.metrics import logger
 
 MARKER = "inputs checked"
 
 
 def check_launch(cfg: Config, env: Mapping[str, str]) -> None:
     """The launch environment against the config, as init_distributed will read it (no process group is made)."""
-    from moe_train.parallel.distributed import _env_int, validate_layout
-
     world = _env_int(env, "WORLD_SIZE", 1)
     rank = _env_int(env, "RANK", 0)
     if world < 1 or not 0 <= rank < world:
@@ -87,14 +92,11 @@ def check_model_source(cfg: Config, adak: bool = False) -> ModelConfig:
             raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
                              "model file (model.pt) or a Hugging Face folder")
         return cfg.model
-    from moe_train.io.load import check_any
 
     src = check_any(t.init_from, "train.init_from")
     have = src.moe
     if not adak:
         if want.router == "null" and have.router == "topk":
-            from moe_train.io.convert import check_conversion
-
             try:
                 check_conversion(have, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
                                  want.null_kind)
@@ -114,7 +116,6 @@ def check_resume_from(cfg: Config) -> None:
     path = cfg.train.resume_from
     if path is None:
         return
-    from moe_train.io.dcp_checkpoint import MANIFEST
 
     p = Path(path)
     if not p.is_dir():
@@ -149,7 +150,6 @@ def check_out_dir(cfg: Config, overwrite: bool = False) -> None:
     final = out / "final" / "model.pt"
     if overwrite or not final.is_file():
         return
-    from moe_train.io.dcp_checkpoint import latest_checkpoint
 
     at = _checkpoint_step(Path(t.resume_from)) if t.resume_from else (
         _checkpoint_step(latest_checkpoint(out)) if t.resume else None)
@@ -166,12 +166,11 @@ def check_train_inputs(cfg: Config, env: Optional[Mapping[str, str]] = None, ove
                        adak: bool = False) -> ModelConfig:
     """Every check above, in the order a user fixes things; returns the architecture that will be trained.
     ``env``: the launch environment (None: not checked, e.g. the caller made the process groups)."""
-    from moe_train.data.preflight import preflight_data
-    from moe_train.train.metrics import logger
-
     if env is not None:
         check_launch(cfg, env)
     model_cfg = check_model_source(cfg, adak)
+    if env is not None:  # the widths FSDP2 shards: the model that will be trained, at the launched world size
+        validate_fsdp_config(cfg, _env_int(env, "WORLD_SIZE", 1), model_cfg)
     check_resume_from(cfg)
     check_out_dir(cfg, overwrite)
     preflight_data(cfg, model_cfg.vocab_size)

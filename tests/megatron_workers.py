@@ -77,6 +77,7 @@ def moe_submodules(router=None):
 def build_layer(config, pg, router=None, ours: bool = False):
     """Megatron's MoELayer (its configured dispatcher) or, with ours=True, VariableKMoELayer."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
+
     from moe_train.parallel.megatron import VariableKMoELayer
 
     cls = VariableKMoELayer if ours else MoELayer

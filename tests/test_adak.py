@@ -13,9 +13,19 @@ from moe_train.data import generate
 from moe_train.eval.scoring import eval_routing
 from moe_train.io.adak_convert import add_allocators
 from moe_train.model import build_model
-from moe_train.train.adak import (RewardBaseline, build_allocator_optimizer, compute_advantages, forced_log_probs,
-                                  freeze_base, ppo_objective, ppo_step, rollout, token_rewards, warm_start_labels,
-                                  warm_start_loss)
+from moe_train.train.adak import (
+    RewardBaseline,
+    build_allocator_optimizer,
+    compute_advantages,
+    forced_log_probs,
+    freeze_base,
+    ppo_objective,
+    ppo_step,
+    rollout,
+    token_rewards,
+    warm_start_labels,
+    warm_start_loss,
+)
 
 TINY = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
             max_seq_len=64)

@@ -10,13 +10,20 @@ import json
 import pytest
 import torch
 
+from moe_train.config import AdaKConfig, Config, TrainConfig, from_dict, to_dict
+from moe_train.io.model_file import load_model, save_model
+from moe_train.parallel.distributed import ParallelContext
+from moe_train.train.adak import (
+    adak_routers,
+    build_allocator_optimizer,
+    freeze_base,
+    load_adak_model,
+    rollout,
+    train_adak,
+)
+
 import adak_workers as A
 import ep_workers as W
-from moe_train.config import AdaKConfig, Config, TrainConfig, from_dict, to_dict
-from moe_train.parallel.distributed import ParallelContext
-from moe_train.train.adak import (adak_routers, build_allocator_optimizer, freeze_base, load_adak_model, rollout,
-                                  train_adak)
-from moe_train.io.model_file import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import miniature_workers as W
 from moe_train.config import Config, from_dict, to_dict, validate
+
+import miniature_workers as W
 
 FACTORS = {
     "ep": (1, 2, 4),
@@ -135,8 +136,8 @@ def single_reference(cfg: Config, world: int) -> Config:
 
 
 def _write_base(path: Path) -> None:
-    from moe_train.model import build_model
     from moe_train.io.model_file import save_model
+    from moe_train.model import build_model
 
     plain = {k: levels[0] for k, levels in FACTORS.items()}  # a top-k model: what Ada-K starts from
     cfg = base_config(plain, path.parent / "unused", path)

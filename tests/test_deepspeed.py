@@ -1,4 +1,4 @@
-"""The DeepSpeed engine (parallel.engine: deepspeed, parallel/deepspeed_engine.py) against the FSDP2 engine.
+"""The DeepSpeed engine (parallel.engine: deepspeed, train/deepspeed_engine.py) against the FSDP2 engine.
 
 One spawn per world size (2 and 4 gloo ranks) trains every job of that size; the reference of each DeepSpeed run is
 the same config under FSDP2 in the same spawn (an independent implementation of the reduction, clipping, optimizer
@@ -24,10 +24,22 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'moe_train[deepspeed]')")
 
+from moe_train.config import (  # noqa: E402
+    AdaKConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    TrainConfig,
+    to_dict,
+    validate,
+)
+
 import deepspeed_workers as DW  # noqa: E402
 import ep_workers as W  # noqa: E402
-from moe_train.config import (AdaKConfig, Config, ConfigError, DataConfig, DeepSpeedConfig, ModelConfig,  # noqa: E402
-                              MoEConfig, ParallelConfig, TrainConfig, to_dict, validate)
 
 TOL = 1e-4  # fp32 loss of two engines (different reduction order: DeepSpeed's flat buckets vs FSDP's shards)
 KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
@@ -195,8 +207,8 @@ def test_deepspeed_json_conflicts_are_refused(tmp_path):
 
 
 def test_single_process_is_refused_before_training():
-    from moe_train.parallel.deepspeed_engine import check_launch
     from moe_train.parallel.distributed import ParallelContext
+    from moe_train.train.deepspeed_engine import check_launch
 
     cfg = base_config("topk", ep=1)
     cfg.parallel.engine = "deepspeed"

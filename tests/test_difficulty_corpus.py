@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.config import ConfigError, apply_overrides, load_config
-from moe_train.data import build_data, get_corpus, write_generated_corpus
+from moe_train.data import build_data, get_corpus
 from moe_train.data import difficulty as D
 from moe_train.eval.report import corpus_report, validation_metrics
 from moe_train.model import build_model

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch.distributed as dist
 
-from ep_workers import free_port
 from moe_train.config import ParallelConfig
 from moe_train.parallel.distributed import RendezvousError, init_distributed
+
+from ep_workers import free_port
 
 
 def _env(world, rank=0, port=None):

@@ -16,8 +16,9 @@ import json
 import pytest
 import torch
 
-import ep_workers as W
 from moe_train.config import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig, to_dict
+
+import ep_workers as W
 
 TOL = 1e-5
 ALL_CASES = list(W.LAYER_CASES)
@@ -73,7 +74,7 @@ def test_rows_sent_and_received_equal_true_assignments(request, world):
     res = _results(request, world)
     for run_i in range(len(res[0]["layers"])):
         by_frac = {}
-        for rank, r in enumerate(res):
+        for r in res:
             for row in r["layers"][run_i]["rows"]["null"]:
                 assert row["rows_sent"] == row["true_local"] == round(row["slots"] * (1 - row["frac"]))
                 assert row["recv_counts_PL"] == row["expected_recv_PL"]  # exactly the senders' counts

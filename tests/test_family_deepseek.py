@@ -288,8 +288,9 @@ def test_unsupported_hf_settings_are_refused_by_name(tmp_path, family, edit, mat
 
 def _ep2_model_checks(cfg_dicts: list) -> list:
     """Rank side (tests/ep_workers.py spawns it): each model under ep 2 against the single-process model."""
-    import ep_workers as W
     from moe_train.config import from_dict
+
+    import ep_workers as W
 
     cfgs = [from_dict(ModelConfig, d) for d in cfg_dicts]
     ctx = W._ctx(2, cfgs[0].moe.num_experts, global_aux_loss=True)
@@ -301,8 +302,9 @@ def test_expert_parallel_deepseek_v3_equals_single_process(tmp_path):
     null routers (null twins in their true expert's group) under ep 2: loss, gradients and state as one process."""
     import dataclasses
 
-    import ep_workers as W
     from moe_train.config import to_dict
+
+    import ep_workers as W
 
     moe = MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                     routed_scaling_factor=2.5, use_expert_bias=True, aux_loss_coef=0.01)

@@ -117,8 +117,9 @@ class _TwoRankGroup:
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    import megatron_workers as W
     import torch.distributed as dist
+
+    import megatron_workers as W
 
     created = not dist.is_initialized()
     if created:

@@ -76,8 +76,8 @@ def trained(tmp_path_factory):
     """The run folders (single, ep2: full runs; ep2_from_single / single_from_ep2: resumed from the other's step-2
     checkpoint) and, under "ranks", the 2-rank spawn's results (its model check with LoRA rank 3 included)."""
     from moe_train.config import ModelConfig, MoEConfig, load_config
-    from moe_train.model import build_model
     from moe_train.io.model_file import save_model
+    from moe_train.model import build_model
     from moe_train.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("lora_train")

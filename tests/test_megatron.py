@@ -30,17 +30,31 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
                                             "0.16.1 on Python 3.11): the Megatron-Core integration is untested")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-import megatron_workers as W  # noqa: E402
 from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
 
 from moe_train.config import ModelConfig, MoEConfig  # noqa: E402
 from moe_train.model.moe_layer import MoELayer as OurMoELayer  # noqa: E402
-from moe_train.parallel.megatron import (VariableKAllToAllDispatcher, VariableKMoELayer, VariableKRouter,  # noqa
-                                         VariableKRouting, adak, adamoe, add_null_experts, compat,
-                                         convert_checkpoint_file, get_gpt_decoder_block_spec, get_gpt_layer_spec,
-                                         router_state_from_moe_train, routing_map_to_slots,
-                                         sequential_mlp_state_from_moe_train, topk, with_variable_k,
-                                         ZeroComputeMoELayer)
+from moe_train.parallel.megatron import (  # noqa
+    VariableKAllToAllDispatcher,
+    VariableKMoELayer,
+    VariableKRouter,
+    VariableKRouting,
+    ZeroComputeMoELayer,
+    adak,
+    adamoe,
+    add_null_experts,
+    compat,
+    convert_checkpoint_file,
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_spec,
+    router_state_from_moe_train,
+    routing_map_to_slots,
+    sequential_mlp_state_from_moe_train,
+    topk,
+    with_variable_k,
+)
+
+import megatron_workers as W  # noqa: E402
 
 TOL = 1e-5  # fp32 outputs / gradients of two implementations (Megatron's vs ours): relative, see W.relerr
 D = W.D

@@ -27,13 +27,21 @@ import torch.nn.functional as F
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install megatron-core)")
 
-import megatron_workers as W  # noqa: E402
-
 from moe_train.config import ModelConfig, MoEConfig  # noqa: E402
 from moe_train.model.moe_layer import MoELayer as OurMoELayer  # noqa: E402
-from moe_train.parallel.megatron import (VariableKMoELayer, VariableKRouter, ZeroComputeMoELayer, adamoe,  # noqa
-                                         compat, get_gpt_decoder_block_spec, router_state_from_moe_train,
-                                         sequential_mlp_state_from_moe_train, topk)
+from moe_train.parallel.megatron import (  # noqa
+    VariableKMoELayer,
+    VariableKRouter,
+    ZeroComputeMoELayer,
+    adamoe,
+    compat,
+    get_gpt_decoder_block_spec,
+    router_state_from_moe_train,
+    sequential_mlp_state_from_moe_train,
+    topk,
+)
+
+import megatron_workers as W  # noqa: E402
 
 TOL = 1e-5
 D, FF = W.D, W.FF

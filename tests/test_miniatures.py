@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import miniature_workers as W
 from moe_train.config import Config, load_config, to_dict
 from moe_train.miniature import FFN, HIDDEN, LAYERS, SEQ_LEN, VOCAB, miniature_config, world_size_of
+
+import miniature_workers as W
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(str(REPO / "configs" / "*.yaml")))

@@ -16,10 +16,11 @@ import copy
 import pytest
 import torch
 
-import ep_workers as W
 from moe_train.config import Config, ConfigError, ParallelConfig, validate
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.parallel.overlap import chunk_order, reorder_permutation
+
+import ep_workers as W
 
 CASES = [("topk", 4), ("topk", 2), ("null_all_null_tokens", 4), ("topk_zero_rank", 4)]
 CHUNKS = (2, 7)
@@ -102,6 +103,67 @@ def test_chunk_order_and_reordered_permutation():
     assert torch.equal(x_ND, permute(x, perm)[order])
     torch.testing.assert_close(unpermute_combine(torch.tanh(x_ND), perm2, w, 11),
                                unpermute_combine(torch.tanh(permute(x, perm)), perm, w, 11), rtol=0, atol=1e-15)
+
+
+def test_chunk_order_on_device_counts_equals_host_lists():
+    counts = [5, 0, 3, 1, 7, 2]
+    for C in (2, 3, 7):
+        want, parts = chunk_order(counts, C, torch.device("cpu"))
+        got, parts2 = chunk_order(counts, C, torch.device("cpu"), torch.tensor(counts, dtype=torch.int32))
+        assert torch.equal(got, want) and parts2 == parts
+
+
+def test_overlapped_layer_builds_no_device_tensor_from_host_lists(monkeypatch):
+    """Per chunk, a tensor built from a Python list is a host-to-device copy that waits for the GPU: the chunk
+    counts must come from the exchanged counts on device. One process stands in for 2 ep ranks: the exchange is
+    replaced by a local copy (rank 0 receives from each rank what it sends there: symmetric counts)."""
+    from moe_train.parallel import overlap
+    from moe_train.parallel.exchange import CountExchange
+
+    class Done:
+        def wait(self):
+            pass
+
+    def local_a2a(out, inp, out_splits, in_splits, group=None, async_op=False):
+        assert out_splits == in_splits
+        out.copy_(inp)
+        return Done()
+
+    P, L, C = 2, 2, 3
+    send_E = [4, 0, 5, 2]  # to (rank 0: experts 0, 1), (rank 1: experts 2, 3); symmetric: received the same
+    recv_dev_PL = torch.tensor(send_E).view(P, L)
+    counts_dev_E = torch.tensor(send_E)
+    ex = CountExchange(group=None, ep_rank=0, send_counts_E=send_E, recv_counts_PL=[send_E[:2], send_E[2:]],
+                       send_P=[4, 7], recv_P=[4, 7], recv_counts_dev_PL=recv_dev_PL)
+    x = torch.randn(sum(send_E), 3, requires_grad=True)
+    seen_counts = []
+
+    def experts(x_RD, counts_L):
+        seen_counts.append(counts_L.tolist())
+        return 2 * x_RD
+
+    built = []
+    real_tensor, real_as_tensor = torch.tensor, torch.as_tensor
+
+    def counting(real):
+        def fn(data, *args, **kwargs):
+            if isinstance(data, (list, tuple)):
+                built.append(data)
+            return real(data, *args, **kwargs)
+        return fn
+
+    monkeypatch.setattr(overlap, "all_to_all_single", local_a2a)
+    monkeypatch.setattr(torch, "tensor", counting(real_tensor))
+    monkeypatch.setattr(torch, "as_tensor", counting(real_as_tensor))
+    order_N, _ = chunk_order(send_E, C, x.device, counts_dev_E)
+    y = overlap.overlapped_experts(x[order_N], ex, experts, C)
+    y.sum().backward()
+    monkeypatch.undo()
+    assert built == []
+    want = [[sum(n * (c + 1) // C - n * c // C for n in send_E[l::L]) for l in range(L)] for c in range(C)]
+    assert seen_counts == want
+    torch.testing.assert_close(y, 2 * x.detach()[order_N])
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

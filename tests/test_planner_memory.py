@@ -15,10 +15,11 @@ import shutil
 import pytest
 import torch
 
-import ep_workers as W
-import planner_workers as PW
 from moe_train.planner import Cluster, make_plan
 from moe_train.planner.traffic import a2a_bytes_sent
+
+import ep_workers as W
+import planner_workers as PW
 
 TOLERANCE = 0.10
 

@@ -26,11 +26,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ep_workers as W
 from moe_train.config import Config, DataConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig, to_dict
 from moe_train.kernels import grouped_gemm as gg
 from moe_train.model.experts import GroupedExperts
 from moe_train.model.lora import LoRAGroupedExperts
+
+import ep_workers as W
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

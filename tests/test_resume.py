@@ -9,8 +9,8 @@ import torch
 import moe_train.io.dcp_checkpoint as resume_mod
 import moe_train.train.trainer as trainer_mod
 from moe_train.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig
-from moe_train.io.model_file import load_model
 from moe_train.io.dcp_checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from moe_train.io.model_file import load_model
 from moe_train.train.trainer import train
 
 

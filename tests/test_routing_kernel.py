@@ -102,6 +102,66 @@ def test_kernel_several_programs_and_bf16_logits(tr):
     torch.testing.assert_close(probs, ref.probs_TN, rtol=1e-6, atol=1e-7)
 
 
+NAN = float("nan")
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy, inside the interpreter's tl.max of a NaN row
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_kernel_nan_logits_pick_like_the_reference(tr, score_func, use_bias):
+    """A NaN score ranks above every number (torch.sort / torch.topk), lowest index first among NaNs: a NaN token
+    picks real experts with NaN weights (the NaN reaches the loss) instead of becoming an all-null token, and every
+    pick is counted inside counts_N (the old kernel picked the padding column: counts summed to 6 of 8 here)."""
+    T, N, E, k = 4, 8, 6, 2
+    z = case(T, N, seed=3).float()
+    z[0] = NAN  # softmax and sigmoid: every score NaN
+    z[1, 3] = NAN  # softmax: the whole row NaN; sigmoid: expert 3 first, then the best finite one
+    z[3, 7] = NAN  # a null expert's logit: sigmoid picks it first (weight 0 * NaN = NaN, as the reference)
+    z[3, 6] = -NAN  # the other NaN sign bit ranks the same
+    bias = torch.linspace(-0.05, 0.05, N) if use_bias else None
+    probs, w, idx, counts, pick = tr.route(z, k, E, bias, True, score_func, block_t=2)
+    ref = R.route_topk_torch(z, k, E, bias, True, score_func)
+    assert int(counts.sum()) == T * k and bool(((pick >= 0) & (pick < N)).all())
+    assert torch.equal(counts, ref.counts_N) and torch.equal(idx, ref.expert_idx_TK)
+    assert bool(((idx >= -1) & (idx < E)).all())
+    assert torch.equal(idx[0], torch.tensor([0, 1]))  # all NaN: the lowest indices, true experts
+    torch.testing.assert_close(w, ref.weight_TK, rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(probs, ref.probs_TN, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert bool(w[0].isnan().all()) and bool(w[2].isfinite().all())
+
+
+def test_kernel_minus_inf_scores_stay_pickable(tr):
+    """-inf scores (a -inf bias) are still picked, in index order, once the finite ones are taken, and never a taken
+    column twice (the old kernel marked taken columns -inf too, and re-picked column 0)."""
+    T, N, E, k = 3, 8, 8, 4
+    z = case(T, N, seed=4).float()
+    bias = torch.full((N,), float("-inf"))
+    bias[5] = 0.0
+    got = tr.route(z, k, E, bias, False, "softmax")
+    ref = R.route_topk_torch(z, k, E, bias, False, "softmax")
+    assert torch.equal(got[2], ref.expert_idx_TK) and torch.equal(got[3], ref.counts_N)
+    assert torch.equal(got[2][0], torch.tensor([5, 0, 1, 2]))
+    torch.testing.assert_close(got[1], ref.weight_TK, rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_refuses_more_picks_than_experts(tr):
+    with pytest.raises(ValueError, match="top_k"):
+        tr.route(torch.zeros(2, 4), 5, 4)
+
+
+def test_route_config_bounds_the_tile(tr):
+    """route_config (the launch parameters route() uses, compiled by tests/test_kernels_aot.py): at most
+    TILE_PER_THREAD elements of a [BLOCK_T, BLOCK_N] tile per thread, at least one token per program."""
+    for N in (1, 8, 64, 128, 160, 256, 512, 768, 1024, 4096):
+        for K in (1, 2, 8, 12):
+            if K > N:
+                continue
+            cfg = tr.route_config(N, K)
+            assert cfg["BLOCK_N"] >= N and cfg["BLOCK_K"] >= K and 1 <= cfg["BLOCK_T"] <= tr.BLOCK_T
+            per_thread = cfg["BLOCK_T"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+            assert cfg["BLOCK_T"] == 1 or per_thread <= tr.TILE_PER_THREAD
+
+
 @pytest.mark.parametrize("router,extra", [("topk", {}), ("null", dict(num_null_experts=4, expert_bias_rate=0.01)),
                                           ("null", dict(num_null_experts=4, norm_topk_prob=False,
                                                         score_func="sigmoid"))])

@@ -92,4 +92,4 @@ def test_router_and_dispatcher_protocols():
         assert isinstance(build_router(8, cfg), Router)
     assert isinstance(LocalDispatcher(), Dispatcher)
     assert isinstance(GroupedExperts(4, 8, 16), Experts)
-    assert callable(getattr(AllToAllDispatcher, "__call__"))
+    assert callable(AllToAllDispatcher.__call__)

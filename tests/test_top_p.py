@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ep_workers as W
-from moe_train.config import ConfigError, MoEConfig, ModelConfig, apply_overrides, load_config
+from moe_train.config import ConfigError, ModelConfig, MoEConfig, apply_overrides, load_config
 from moe_train.model import build_model
 from moe_train.model.loss import routing_losses
 from moe_train.model.moe_layer import MoELayer
 from moe_train.routing import TopPRouter, build_router
 from moe_train.routing.top_p import top_p_keep
+
+import ep_workers as W
 
 # Router probabilities of three tokens over 4 experts, written out, and the expected picks (best first).
 PROBS = [[0.10, 0.60, 0.25, 0.05],   # p=0.4: 0.60 reaches it -> [1]; p=0.7: 0.60 + 0.25 = 0.85 -> [1, 2]

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_combinations import BF16_LOSS_TOL, BF16_PARAM_TOL, FP32_TOL
+
+from moe_train.config import Config, from_dict, to_dict, validate
 
 import topp_combo_workers as W
-from moe_train.config import Config, from_dict, to_dict, validate
-from test_combinations import BF16_LOSS_TOL, BF16_PARAM_TOL, FP32_TOL
 
 STEPS, RESUME_AT = 4, 2
 # fp32 losses: to summation order (measured: equal to the last bit at these sizes). fp32 parameters after 3 AdamW

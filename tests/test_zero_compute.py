@@ -13,16 +13,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import zero_compute_workers as W
 from moe_train.config import ConfigError, ModelConfig, MoEConfig, validate_moe
 from moe_train.model.moe_layer import MoELayer
 from moe_train.routing.zero_compute import null_expert_output, split_null_slots
+
+import zero_compute_workers as W
 
 # A float64 layer against the float64 reference; the router's probabilities (hence every gate weight) are fp32 by
 # design (routing/null_experts.py), so errors are fp32 rounding of the weights: relative to max(1, |ref|).
@@ -164,7 +163,7 @@ def test_balancing_budget_and_statistics_count_nulls_as_non_ffn():
             layer.router.load_state_dict(plans["zero"][0].router.state_dict(), strict=False)
         plans[kind] = (layer, layer.router(_x().float()))
     z_layer, z_plan = plans["zero"]
-    for kind, (layer, plan) in plans.items():
+    for layer, plan in plans.values():
         assert torch.equal(plan.expert_idx_TK, z_plan.expert_idx_TK) and torch.equal(plan.counts_E, z_plan.counts_E)
         assert plan.aux_loss.item() == z_plan.aux_loss.item()
         # the aux loss by hand: null counts in one averaged bucket, f over all k picks

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import ep_workers as EW
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.moe_layer import MoELayer
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.zero_compute import split_null_slots
+
+import ep_workers as EW
 
 TOL = 1e-5  # fp32, relative to the reference's largest entry when above 1 (ep_workers._relerr)
 SHARES = (0.0, 0.25, 0.5, 1.0)  # 1.0: every pick is a null pick, no rank sends or receives a row

@@ -9,9 +9,9 @@ generated difficulty-labelled corpus.
     corpora.py     data.corpus: the generated corpora, their labels and label groups
 """
 
+from moe_train.data.corpora import Corpus, get_corpus, write_generated_corpus
 from moe_train.data.files import FORMATS, document_ids, resolve_files
-from moe_train.data.generated import EASY_LABELS, HARD_LABELS, LABELS, MIN_VOCAB, generate, write_generated_corpus
-from moe_train.data.corpora import Corpus, get_corpus
+from moe_train.data.generated import EASY_LABELS, HARD_LABELS, LABELS, MIN_VOCAB, generate
 from moe_train.data.packing import Data, DataLoader, build_data, pack
 from moe_train.data.tokenizers import ByteTokenizer, HFTokenizer, build_tokenizer
 

@@ -9,7 +9,10 @@ A Corpus carries its generator, its label names and the label groups the validat
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -40,3 +43,25 @@ def get_corpus(name: str) -> Corpus:
     if name not in _CORPORA:
         raise ValueError(f"corpus {name!r} is not allowed: one of {CORPORA}")
     return _CORPORA[name]
+
+
+def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
+                           vocab_size: int, seed: int, corpus: str = "mixed") -> Path:
+    """Writes a generated corpus (data.corpus: ``mixed``, this module's, or ``difficulty``) as train.jsonl /
+    val.jsonl, one sequence per line: {"tokens", "labels"}, and labels.json (label id -> name, and the corpus).
+
+    Train it with data: {kind: files, corpus: <corpus>, path: <out>/train.jsonl, val_path: <out>/val.jsonl,
+    token_field: tokens, label_field: labels} (the labels give validation's loss and true experts by difficulty).
+    """
+    spec = get_corpus(corpus)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens, labels = spec.generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
+    for name, lo, hi in (("train", 0, num_sequences), ("val", num_sequences, num_sequences + val_sequences)):
+        tmp = out / f".{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
+            for i in range(lo, hi):
+                f.write(json.dumps({"tokens": tokens[i].tolist(), "labels": labels[i].tolist()}) + "\n")
+        os.replace(tmp, out / f"{name}.jsonl")
+    (out / "labels.json").write_text(json.dumps({"corpus": corpus, **{str(k): v for k, v in spec.labels.items()}}))
+    return out

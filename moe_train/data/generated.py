@@ -7,16 +7,12 @@ Sequences are concatenations of segments:
   bracket  random opening brackets, then every one closed in reverse order: the closes need a stack
 Each target token carries a difficulty label (LABELS) describing how hard it is to predict from its prefix, so
 evaluation can relate the experts a token uses to its difficulty. Nothing is downloaded; the corpus is a pure
-function of (num_sequences, seq_len, vocab_size, seed). ``write_generated_corpus`` stores it as jsonl files for the
+function of (num_sequences, seq_len, vocab_size, seed). ``corpora.write_generated_corpus`` stores it as jsonl files for the
 file-backed pipeline (``moe-train generate-data``).
 Shape legend (docs/shapes.md): B sequences, S sequence length (inputs; the stored rows have S + 1 tokens).
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,27 +64,3 @@ def generate(num_sequences: int, seq_len: int, vocab_size: int, seed: int) -> tu
             labs += lab
         tokens[i], labels[i] = toks[: seq_len + 1], labs[: seq_len + 1]
     return torch.from_numpy(tokens), torch.from_numpy(labels)
-
-
-def write_generated_corpus(out_dir: str | Path, num_sequences: int, val_sequences: int, seq_len: int,
-                           vocab_size: int, seed: int, corpus: str = "mixed") -> Path:
-    """Writes a generated corpus (data.corpus: ``mixed``, this module's, or ``difficulty``) as train.jsonl /
-    val.jsonl, one sequence per line: {"tokens", "labels"}, and labels.json (label id -> name, and the corpus).
-
-    Train it with data: {kind: files, corpus: <corpus>, path: <out>/train.jsonl, val_path: <out>/val.jsonl,
-    token_field: tokens, label_field: labels} (the labels give validation's loss and true experts by difficulty).
-    """
-    from moe_train.data.corpora import get_corpus  # corpora imports this module
-
-    spec = get_corpus(corpus)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokens, labels = spec.generate(num_sequences + val_sequences, seq_len, vocab_size, seed)
-    for name, lo, hi in (("train", 0, num_sequences), ("val", num_sequences, num_sequences + val_sequences)):
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for i in range(lo, hi):
-                f.write(json.dumps({"tokens": tokens[i].tolist(), "labels": labels[i].tolist()}) + "\n")
-        os.replace(tmp, out / f"{name}.jsonl")
-    (out / "labels.json").write_text(json.dumps({"corpus": corpus, **{str(k): v for k, v in spec.labels.items()}}))
-    return out

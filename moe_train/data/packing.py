@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 import torch
 
 from moe_train.config import Config, DataConfig
-from moe_train.data.files import document_ids, resolve_files
 from moe_train.data.corpora import get_corpus
+from moe_train.data.files import document_ids, resolve_files
 from moe_train.data.tokenizers import build_tokenizer
 
 
@@ -88,7 +88,7 @@ class DataLoader:
                 seq = next(self._stream)
             except StopIteration:
                 if read_this_epoch == 0 and self._stream_pos == 0:
-                    raise ValueError("data: the corpus is shorter than one sequence of train.seq_len + 1 tokens")
+                    raise ValueError("data: the corpus is shorter than one sequence of train.seq_len + 1 tokens") from None
                 self._stream, read_this_epoch = iter(self.stream_factory()), 0
                 continue
             read_this_epoch += 1

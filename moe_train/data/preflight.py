@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 from moe_train.config import Config
 from moe_train.data.files import resolve_files
+from moe_train.data.tokenizers import build_tokenizer
 
 SAMPLE_RECORDS = 256
 FULL_SCAN_BYTES = 8 << 20
@@ -197,8 +199,6 @@ def preflight_data(cfg: Config, vocab_size: int, tokenizer=None) -> None:
     if d.val_path:
         resolve_files(d.val_path, d.format, "data.val_path")
     if tokenizer is None and not d.token_field:
-        from moe_train.data.tokenizers import build_tokenizer
-
         tokenizer = build_tokenizer(d.tokenizer)
     if tokenizer is not None and not d.token_field and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size="

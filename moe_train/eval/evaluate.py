@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -22,7 +23,7 @@ from moe_train.data import get_corpus
 from moe_train.eval.codec import build_codec, prefix_id
 from moe_train.eval.generate import greedy_generate
 from moe_train.eval.report import corpus_report
-from moe_train.eval.tasks import evaluate_task
+from moe_train.eval.tasks import check_task_fits, evaluate_docs, load_task
 from moe_train.io import load_any
 from moe_train.model import MoETransformer
 
@@ -68,21 +69,82 @@ def _variants(model: MoETransformer, cfg: EvalConfig) -> list[tuple[str, Optiona
 
 def _difficulty_batches(model: MoETransformer, cfg: EvalConfig) -> Iterator[tuple]:
     """(inputs_BS, targets_BS, labels_BS) over held-out sequences of the generated corpus."""
-    if cfg.corpus_seq_len > model.config.max_seq_len:
-        raise ValueError(f"--corpus-seq-len={cfg.corpus_seq_len} exceeds model.max_seq_len="
-                         f"{model.config.max_seq_len}")
     tokens, labels = get_corpus(cfg.corpus).generate(cfg.corpus_sequences, cfg.corpus_seq_len,
                                                      model.config.vocab_size, cfg.corpus_seed)
     B = cfg.batch_size
     return ((tokens[i:i + B, :-1], tokens[i:i + B, 1:], labels[i:i + B, 1:]) for i in range(0, tokens.shape[0], B))
 
 
+# (field, its command-line option, the smallest value that evaluates something)
+_AT_LEAST = (("batch_size", "--batch-size", 1), ("corpus_sequences", "--corpus-sequences", 1),
+             ("corpus_seq_len", "--corpus-seq-len", 2), ("max_new_tokens", "--max-new-tokens", 1))
+
+
+def check_eval_config(cfg: EvalConfig) -> tuple[torch.device, dict[str, tuple[str, list[dict]]]]:
+    """Every argument that can be checked without the model, before it is loaded: counts (0 sequences would report a
+    loss of 0.0), the device, the task files (kind, documents) and that --out can be written (a mistake there would
+    otherwise surface after the whole evaluation). Returns the device and the loaded tasks."""
+    for name, option, lo in _AT_LEAST:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{option} must be an integer >= {lo}, got {value!r}")
+    device = _check_device(cfg.device)
+    tasks = {f: load_task(f) for f in cfg.task_files}
+    _check_out(cfg.out)
+    return device, tasks
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available here (this torch build or machine has "
+                             f"none); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: eval runs on cpu or cuda")
+    return device
+
+
+def _check_out(out: Optional[str]) -> None:
+    """--out names a file that can be written: not a folder, under a folder that exists or can be made."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a directory; give the path of a JSON file")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out {out!r} cannot be written: {str(probe)!r} is a file, not a folder")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(probe, os.W_OK | os.X_OK)
+    if not writable:
+        raise ValueError(f"--out {out!r} cannot be written: {str(path if path.exists() else probe)!r} is not "
+                         f"writable by this user")
+
+
+def _check_fits(model: MoETransformer, cfg: EvalConfig, codec, tasks: dict) -> None:
+    """What needs the model's window: the tasks' documents and the --difficulty sequences."""
+    max_len = model.config.max_seq_len
+    for f, (kind, docs) in tasks.items():
+        check_task_fits(f, kind, docs, codec, max_len)
+    if cfg.difficulty and cfg.corpus_seq_len > max_len:
+        raise ValueError(f"--corpus-seq-len={cfg.corpus_seq_len} exceeds model.max_seq_len={max_len}")
+
+
 def run_eval(cfg: EvalConfig, on_result: Callable[[str, dict], None] = _log_result) -> dict:
     """The `moe-train eval` job: every result, keyed "<variant>:<what>", plus the checkpoint and its router."""
-    device = torch.device(cfg.device)
+    device, tasks = check_eval_config(cfg)
     model = load_any(cfg.checkpoint).to(device)
     codec = build_codec(cfg.tokenizer, model.config.vocab_size)
     variants = _variants(model, cfg)
+    _check_fits(model, cfg, codec, tasks)  # before any scoring
     results: dict = {"checkpoint": str(cfg.checkpoint), "router": model.config.moe.router}
 
     def emit(name: str, rep: dict) -> None:
@@ -90,8 +152,8 @@ def run_eval(cfg: EvalConfig, on_result: Callable[[str, dict], None] = _log_resu
         on_result(name, {k: v for k, v in rep.items() if k != "predictions"})
 
     for tag, k in variants:
-        for f in cfg.task_files:
-            emit(f"{tag}:{f}", evaluate_task(model, f, codec, cfg.batch_size, device, k))
+        for f, (kind, docs) in tasks.items():
+            emit(f"{tag}:{f}", evaluate_docs(model, kind, docs, codec, cfg.batch_size, device, k))
         if cfg.difficulty:
             corpus = get_corpus(cfg.corpus)
             emit(f"{tag}:difficulty", corpus_report(model, _difficulty_batches(model, cfg), device, force_k=k,

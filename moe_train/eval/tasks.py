@@ -28,22 +28,83 @@ from moe_train.model import MoETransformer
 
 
 def load_task(path: str | Path) -> tuple[str, list[dict]]:
-    """("multiple_choice" | "perplexity", documents) of a JSONL task file (formats in the module docstring)."""
+    """("multiple_choice" | "perplexity", documents) of a JSONL task file (formats in the module docstring);
+    ValueError naming the file and line of any mistake, before the model runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"task file {str(path)!r} does not exist")
-    docs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    docs = [_parse_line(path, n, line) for n, line in enumerate(_read_lines(path), 1) if line.strip()]
     if not docs:
         raise ValueError(f"task file {str(path)!r} has no documents")
-    if all({"context", "choices", "gold"} <= d.keys() for d in docs):
-        for i, d in enumerate(docs):
-            if not isinstance(d["gold"], int) or not 0 <= d["gold"] < len(d["choices"]):
-                raise ValueError(f"{path}: document {i}: gold={d['gold']!r} must index its {len(d['choices'])} choices")
-        return "multiple_choice", docs
-    if all("text" in d for d in docs):
-        return "perplexity", docs
+    if all({"context", "choices", "gold"} <= d.keys() for _, d in docs):
+        for n, d in docs:
+            _check_multiple_choice(path, n, d)
+        return "multiple_choice", [d for _, d in docs]
+    if all("text" in d for _, d in docs):
+        for n, d in docs:
+            if not isinstance(d["text"], str) or not d["text"].strip():
+                # an empty text scores no token: its perplexity would read exp(0) = 1.0, a perfect model
+                raise ValueError(f"{path} line {n}: 'text' must be non-empty text, got {d['text']!r}")
+        return "perplexity", [d for _, d in docs]
     raise ValueError(f"task file {str(path)!r}: every line must be either {{\"context\", \"choices\", \"gold\"}} "
                      "(multiple choice) or {\"text\"} (perplexity)")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines; a folder, a FIFO or a device is refused by name (reading one would block or never end)."""
+    if path.is_dir():
+        raise ValueError(f"task file {str(path)!r} is a directory; give a JSONL file")
+    if not path.exists():
+        raise ValueError(f"task file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"task file {str(path)!r} is not a regular file (a FIFO, socket or device?); give a JSONL "
+                         f"file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"task file {str(path)!r} is not UTF-8 text (undecodable byte at offset {e.start})") from None
+
+
+def _parse_line(path: Path, n: int, line: str) -> tuple[int, dict]:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno}); every line of a task file "
+                         f"is one JSON object") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} line {n}: expected one JSON object per line, got a {type(doc).__name__} (a JSON "
+                         f"array of documents must be written one object per line)")
+    return n, doc
+
+
+def _check_multiple_choice(path: Path, n: int, d: dict) -> None:
+    choices = d["choices"]
+    if not isinstance(d["context"], str):
+        raise ValueError(f"{path} line {n}: 'context' must be text, got {d['context']!r}")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"{path} line {n}: 'choices' must be a non-empty list of non-empty texts, got {choices!r}")
+    gold = d["gold"]
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise ValueError(f"{path} line {n}: gold={gold!r} must index its {len(choices)} choices")
+    if not isinstance(d.get("target_delimiter", " "), str):
+        raise ValueError(f"{path} line {n}: 'target_delimiter' must be text, got {d['target_delimiter']!r}")
+
+
+def check_task_fits(path: str | Path, kind: str, docs: Sequence[dict], codec, max_seq_len: int) -> None:
+    """Every document tokenises to something to score, and a multiple-choice context + choice fits the model's
+    window (max_seq_len inputs + the last target): a longer one would be cut from the left without a word, scoring
+    another question. Perplexity texts may be longer: rolling windows score every token."""
+    for n, d in enumerate(docs, 1):
+        if kind == "perplexity":
+            if not codec.encode(d["text"]):
+                raise ValueError(f"{path} document {n}: 'text' {d['text'][:60]!r} has no tokens to score")
+            continue
+        for j, c in enumerate(d["choices"]):
+            ctx, cont = encode_pair(codec, d["context"], d.get("target_delimiter", " ") + c)
+            if not cont:
+                raise ValueError(f"{path} document {n}: choice {j} {c!r} has no tokens to score")
+            if len(ctx) + len(cont) > max_seq_len + 1:
+                raise ValueError(f"{path} document {n}: context + choice {j} is {len(ctx) + len(cont)} tokens, "
+                                 f"more than the model reads (max_seq_len={max_seq_len} inputs + 1); shorten the "
+                                 f"context to at most {max_seq_len + 1 - len(cont)} tokens")
 
 
 def evaluate_multiple_choice(model: MoETransformer, docs: Sequence[dict], codec, batch_size: int = 16,
@@ -86,8 +147,14 @@ def evaluate_perplexity(model: MoETransformer, docs: Sequence[dict], codec, batc
     return rep
 
 
+def evaluate_docs(model: MoETransformer, kind: str, docs: Sequence[dict], codec, batch_size: int = 16,
+                  device: torch.device = torch.device("cpu"), force_k: Optional[int] = None) -> dict:
+    fn = evaluate_multiple_choice if kind == "multiple_choice" else evaluate_perplexity
+    return fn(model, docs, codec, batch_size, device, force_k)
+
+
 def evaluate_task(model: MoETransformer, path: str | Path, codec, batch_size: int = 16,
                   device: torch.device = torch.device("cpu"), force_k: Optional[int] = None) -> dict:
     kind, docs = load_task(path)
-    fn = evaluate_multiple_choice if kind == "multiple_choice" else evaluate_perplexity
-    return fn(model, docs, codec, batch_size, device, force_k)
+    check_task_fits(path, kind, docs, codec, model.config.max_seq_len)
+    return evaluate_docs(model, kind, docs, codec, batch_size, device, force_k)

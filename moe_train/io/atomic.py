@@ -37,8 +37,9 @@ def fsync_path(path: PathLike) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Runs ``write(f)`` on a temp file beside ``path``, fsyncs it and renames it over ``path``.
+def write_file_atomically(path: PathLike, write: Callable[[BinaryIO], None], by_name: bool = False) -> Path:
+    """Runs ``write(f)`` on a temp file beside ``path``, fsyncs it and renames it over ``path``. ``by_name``:
+    ``write(temp_path)`` instead, for writers that open the file themselves (a streamed model.pt).
 
     Readers see the old file or the new one; on any error the temp file is removed and ``path`` is untouched.
     """
@@ -46,10 +47,19 @@ def write_file_atomically(path: PathLike, write: Callable[[BinaryIO], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if by_name:
+            os.close(fd)
+            write(Path(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -42,7 +42,8 @@ import torch
 
 from moe_train.config import NULL_TIE_BREAKS, ConfigError, MoEConfig, validate_model, validate_moe
 from moe_train.io.hf import from_hf, to_hf
-from moe_train.io.hf_config import config_from_hf, read_hf_config
+from moe_train.io.hf_common import read_hf_config
+from moe_train.io.hf_config import config_from_hf
 from moe_train.io.safetensors_folder import stored_dtype
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.null_experts import NullExpertRouter

@@ -32,8 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moe_train.io.atomic import (commit_folder, remove_leftovers, staging_folder, staging_path,
-                                 write_bytes_atomically)
+from moe_train.io.atomic import commit_folder, remove_leftovers, staging_folder, staging_path, write_bytes_atomically
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.state import checkpoint_view
 

@@ -14,20 +14,36 @@ allocators and the MoEConfig are extras only from_hf reads, so from_hf rebuilds 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
-from moe_train.io.atomic import write_folder_atomically
-from moe_train.io.hf_config import CONFIG_NAME, config_from_hf, config_to_hf, read_hf_config, write_hf_config
-from moe_train.io.hf_deepseek import num_mtp_layers
-from moe_train.io.hf_weights import WeightImporter, export_state_dict, import_state_dict, skip_mtp_layers
-from moe_train.io.safetensors_folder import (SafetensorsFolder, SafetensorsHeaders, copy_non_weight_files,
-                                             parse_shard_size, write_safetensors)
 from moe_train.config import ModelConfig
-from moe_train.model.decoder import MoETransformer, rotary_for
+from moe_train.io.atomic import write_folder_atomically
+from moe_train.io.hf_common import CONFIG_NAME, read_hf_config
+from moe_train.io.hf_config import config_from_hf, config_to_hf, write_hf_config
+from moe_train.io.hf_deepseek import num_mtp_layers
+from moe_train.io.hf_weights import (
+    WeightImporter,
+    export_head,
+    export_layer,
+    export_state_dict,
+    export_tail,
+    import_state_dict,
+    skip_mtp_layers,
+)
+from moe_train.io.safetensors_folder import (
+    SafetensorsFolder,
+    SafetensorsHeaders,
+    copy_non_weight_files,
+    parse_shard_size,
+    write_safetensors_stream,
+)
+from moe_train.model.decoder import MoETransformer, layer_class
+from moe_train.model.rope import rotary_for
 
 
 def check_hf(path: Union[str, Path]) -> ModelConfig:
@@ -85,23 +101,61 @@ def to_hf(model: MoETransformer, path: Union[str, Path], max_shard_size: Union[i
     """
     if not isinstance(model, MoETransformer):
         raise ValueError(f"to_hf expects a moe_train MoETransformer, got {type(model).__name__}")
-    if model.config.moe.null_kind == "constant":  # docs/zero_compute.md
+    state = model.state_dict()
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+    return to_hf_stream(model.config, specs, state.__getitem__, path, max_shard_size, extra_config, carry_from)
+
+
+def to_hf_stream(cfg: ModelConfig, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 get: Callable[[str], torch.Tensor], path: Union[str, Path], max_shard_size: Union[int, str] = "5GB",
+                 extra_config: Optional[dict] = None, carry_from: Iterable[Union[str, Path]] = ()) -> Path:
+    """to_hf for a model that no process holds whole: ``specs`` (our state-dict name -> (shape, dtype)) lays the
+    folder out, then ``get(name)`` supplies our tensors one decoder layer at a time (e.g. ModelFileReader.get, which
+    reads them from a model.pt), each layer converted to the family's names and written before the next is read:
+    peak memory is one layer."""
+    if cfg.moe.null_kind == "constant" and cfg.moe.num_null_experts:  # docs/zero_compute.md
         raise ValueError("to_hf: this model's null experts are of kind 'constant' (model.moe.null_kind), which no "
                          "Hugging Face family has; save it as a moe_train model.pt (io.model_file.save_model)")
     limit = parse_shard_size(max_shard_size)
-    dtype = model.embed_tokens.weight.dtype
-    hf = config_to_hf(model.config, dtype)
+    with torch.device("meta"):
+        skeleton = MoETransformer(cfg)
+    skeleton.load_state_dict({n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in
+                              specs.items()}, assign=True)
+    hf = config_to_hf(cfg, skeleton.embed_tokens.weight.dtype)
     for key, value in (extra_config or {}).items():
         if key in hf and hf[key] != value:
             raise ValueError(f"extra_config[{key!r}]={value!r} clashes with the exported config ({hf[key]!r})")
         hf[key] = value
-    tensors = export_state_dict(model)
+    hf_specs = {name: (tuple(t.shape), t.dtype) for name, t in export_state_dict(skeleton).items()}
+
+    def part(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        """``module`` of the skeleton with our real tensors under ``prefix`` assigned in (its own copy)."""
+        names = [k for k in module.state_dict()]
+        module.load_state_dict({k: get(prefix + k) for k in names}, assign=True)
+        return module
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with torch.device("meta"):
+            head = MoETransformer(dataclasses.replace(cfg, num_layers=0))
+        head.load_state_dict({n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in
+                              specs.items() if not n.startswith("layers.")}, assign=True)
+        part(head.embed_tokens, "embed_tokens.")
+        yield from export_head(head).items()
+        for i in range(cfg.num_layers):
+            with torch.device("meta"):
+                layer = layer_class(cfg)(cfg, i)
+            yield from export_layer(part(layer, f"layers.{i}."), cfg, i).items()
+        part(head.norm, "norm.")
+        if not cfg.tie_word_embeddings:
+            part(head.lm_head, "lm_head.")
+        yield from export_tail(head).items()
+
     dst = Path(path)
     sources = [dst, *carry_from]  # the old folder's tokenizer etc. first; later folders win
 
     def write(folder: Path) -> None:
         copy_non_weight_files(sources, folder)
         write_hf_config(folder, hf)
-        write_safetensors(folder, tensors, limit)
+        write_safetensors_stream(folder, hf_specs, tensors(), limit)
 
     return write_folder_atomically(dst, write)

@@ -14,17 +14,27 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-from moe_train.config import FAMILIES, ConfigError, ModelConfig, MoEConfig, from_dict, validate_model, validate_moe
-from moe_train.io.hf_deepseek import (DEEPSEEK_ARCHITECTURES, DEEPSEEK_DEFAULTS, DEEPSEEK_FAMILIES,
-                                      deepseek_config_from_hf, deepseek_config_to_hf)
+from moe_train.config import FAMILIES, ConfigError, ModelConfig, MoEConfig, validate_model
 from moe_train.io import hf_longcat
-
-CONFIG_NAME = "config.json"
-MOE_TRAIN_KEY = "moe_train"
+from moe_train.io.hf_common import (
+    CONFIG_NAME,
+    MOE_TRAIN_KEY,
+    check_hf_field_types,
+    parse_moe_extra,
+    refuse_quantized,
+    rope_theta,
+)
+from moe_train.io.hf_deepseek import (
+    DEEPSEEK_ARCHITECTURES,
+    DEEPSEEK_DEFAULTS,
+    DEEPSEEK_FAMILIES,
+    deepseek_config_from_hf,
+    deepseek_config_to_hf,
+)
 
 MODEL_TYPES = FAMILIES  # a family is named by its Hugging Face model_type (config.FAMILIES is the one list)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -57,50 +67,13 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def read_hf_config(path: Union[str, Path]) -> dict:
-    """The parsed config.json of a Hugging Face folder (ValueError if the folder or file is missing)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"Hugging Face checkpoint folder {str(folder)!r} does not exist or is not a directory")
-    cfg_file = folder / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise ValueError(f"{str(folder)!r} has no {CONFIG_NAME}; a Hugging Face model folder needs one")
-    try:
-        with open(cfg_file) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object at the top level")
-    return hf
-
-
 def _get(hf: dict, key: str, family: str) -> Any:
     value = hf.get(key)
     return HF_DEFAULTS[family].get(key) if value is None and key not in hf else value
 
 
 def _rope_theta(hf: dict, family: str, where: str) -> float:
-    """RoPE base as transformers resolves it: rope_scaling or rope_parameters dict, then top-level rope_theta."""
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{where}: rope_parameters={params!r} must be a mapping")
-    nested = [v for v in params.values() if isinstance(v, dict)]
-    if nested:  # one dict per layer type: fine only when every layer type uses the same RoPE
-        if any(v != nested[0] for v in nested) or len(nested) != len(params):
-            raise ValueError(f"{where}: rope_parameters differ per layer type ({params!r}); moe_train uses one "
-                             f"RoPE for every layer")
-        params = nested[0]
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{where}: rope_type={rope_type!r} is not supported; only plain RoPE ('default') is "
-                         f"implemented (no scaled / yarn / llama3 variants)")
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    if factor is not None and factor != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor={factor!r} is not supported (only 1.0: every head dim "
-                         f"rotates)")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(HF_DEFAULTS[family]["rope_theta"] if theta is None else theta)
+    return rope_theta(hf, HF_DEFAULTS[family]["rope_theta"], where)
 
 
 def _check_sliding_window(hf: dict, family: str, max_pos: int, where: str) -> None:
@@ -128,6 +101,8 @@ def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
     family = hf.get("model_type")
     if family not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type={family!r} is not supported; supported: {MODEL_TYPES}")
+    check_hf_field_types(hf, where)  # every family's fields, before any is compared or used
+    refuse_quantized(hf, where)
     if family in DEEPSEEK_FAMILIES:
         return _finish_config(deepseek_config_from_hf(hf, where), hf, where)
     if family == hf_longcat.FAMILY:  # its own layer layout, zero experts and extra checks
@@ -194,19 +169,6 @@ def _finish_config(cfg: ModelConfig, hf: dict, where: str) -> ModelConfig:
 def _hf_top_k(moe: MoEConfig) -> int:
     """The k transformers routes with (see the module docstring)."""
     return moe.resolved_baseline_top_k if moe.router == "null" else moe.top_k
-
-
-def parse_moe_extra(extra: Any, where: str) -> MoEConfig:
-    """Our saved MoEConfig (router state, budget, losses) from config.json's "moe_train" section, validated; every
-    family's reader then checks it against the fields transformers routes with."""
-    if not isinstance(extra, dict):
-        raise ValueError(f"{where}: '{MOE_TRAIN_KEY}' must be a mapping of MoEConfig fields, got {extra!r}")
-    try:
-        moe = from_dict(MoEConfig, extra, f"{where}:{MOE_TRAIN_KEY}")
-        validate_moe(moe, f"{where}:{MOE_TRAIN_KEY}")
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
-    return moe
 
 
 def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str) -> MoEConfig:

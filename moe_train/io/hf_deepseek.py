@@ -10,8 +10,8 @@ What each field becomes (transformers 5.24 class defaults where config.json leav
     DeepSeek-V3: sigmoid scores, noaux_tc group-limited routing with n_group / topk_group, norm_topk_prob,
                  e_score_correction_bias -> the router's expert_bias buffer (use_expert_bias), rope_interleave
     rope_scaling / rope_parameters: default or yarn (model.rope_scaling, model/rope.py); other types are refused
-Refused by name: a quantized checkpoint (quantization_config), hidden_act other than silu, mlp_bias, moe_layer_freq
-other than 1, scoring_func / topk_method other than the family's, num_key_value_heads != num_attention_heads.
+Refused by name: hidden_act other than silu, mlp_bias, moe_layer_freq other than 1, scoring_func / topk_method other
+than the family's, num_key_value_heads != num_attention_heads (a quantized checkpoint, for every family: hf_common.py).
 DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers, stored as layers L, L+1, ...) are not part of
 the causal LM transformers builds: their tensors are skipped on import (io/hf_weights.py) and not written on export.
 """
@@ -57,7 +57,10 @@ def _rope(hf: dict, family: str, max_pos: int, where: str) -> tuple[float, RopeS
     if not isinstance(params, dict):
         raise ValueError(f"{where}: rope_parameters={params!r} must be a mapping")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", hf.get("rope_theta", DEEPSEEK_DEFAULTS[family]["rope_theta"])))
+    theta = params.get("rope_theta", hf.get("rope_theta", DEEPSEEK_DEFAULTS[family]["rope_theta"]))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{where}: rope_theta={theta!r} must be a number")
+    theta = float(theta)
     if rope_type == "default":
         return theta, RopeScalingConfig()
     if rope_type != "yarn":
@@ -77,9 +80,6 @@ def _rope(hf: dict, family: str, max_pos: int, where: str) -> tuple[float, RopeS
 
 def _refuse(hf: dict, family: str, where: str) -> None:
     """Settings transformers' deepseek models would run differently from (or that moe_train cannot express)."""
-    if hf.get("quantization_config"):
-        raise ValueError(f"{where}: quantization_config={hf['quantization_config']!r}: quantized (e.g. FP8 block-"
-                         f"scaled) weights are not supported; convert the checkpoint to bf16 / fp32 first")
     act = _get(hf, "hidden_act", family)
     if act != "silu":
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (experts are SwiGLU with 'silu')")

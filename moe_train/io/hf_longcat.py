@@ -10,9 +10,9 @@ config.json (LongcatFlashConfig)                  ModelConfig
 Tensors, per layer i (ours `layers.{i}.X` <- theirs `model.layers.{i}.X` for attention, norms and dense MLPs):
     mlp.router.classifier.weight [n + z, D]           moe.router.gate.weight [n, D] ; moe.router.null_gate.weight [z, D]
     mlp.router.e_score_correction_bias [n + z]        moe.router.expert_bias [n] ; moe.router.null_expert_bias [z]
-    mlp.experts.{e}.gate_proj / up_proj (e < n + z), down_proj (e < n)    moe.experts.w_gate / w_up / w_down [n, ...]
-transformers keeps gate/up rows for the z identity experts that it never uses (its gate_up_proj is [n + z, 2F, D]):
-they are read and dropped, and written as zeros. With a compute budget (model.moe.target_true_experts) the correction
+    mlp.experts.{e}.gate_proj / up_proj / down_proj (e < n)              moe.experts.w_gate / w_up / w_down [n, ...]
+transformers before 5.25 kept gate/up rows for the z identity experts that it never used (gate_up_proj [n + z, 2F,
+D]; 5.25 builds [n, 2F, D]): folders that carry them are read and the rows dropped; exports write the n FFN experts. With a compute budget (model.moe.target_true_experts) the correction
 bias written for the zero experts is null_expert_bias + the controller's null_bias, so transformers routes as we do;
 null_expert_bias and the controller state also travel as extras (mlp.router.*) that only from_hf reads.
 Shape legend: E = n routed experts, Z = z zero-computation experts, D hidden, F expert width.
@@ -21,11 +21,12 @@ Shape legend: E = n routed experts, Z = z zero-computation experts, D hidden, F 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from moe_train.config import ConfigError, ModelConfig, MoEConfig, validate_model
+from moe_train.io.hf_common import MOE_TRAIN_KEY, parse_moe_extra, rope_theta
 
 FAMILY = "longcat_flash"
 ARCHITECTURE = "LongcatFlashForCausalLM"
@@ -66,8 +67,6 @@ def _check_supported(hf: dict, where: str) -> None:
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     """A LongCat-Flash config.json -> validated ModelConfig (ValueError naming what cannot be reproduced)."""
-    from moe_train.io.hf_config import MOE_TRAIN_KEY, _rope_theta
-
     _check_supported(hf, where)
     heads = _get(hf, "num_attention_heads")
     kv_heads = _get(hf, "num_key_value_heads")
@@ -81,7 +80,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     cfg = ModelConfig(
         family=FAMILY, vocab_size=_get(hf, "vocab_size"), hidden_size=_get(hf, "hidden_size"),
         intermediate_size=_get(hf, "expert_ffn_hidden_size"), num_layers=layers, num_heads=heads,
-        num_kv_heads=heads if kv_heads is None else kv_heads, rope_theta=_rope_theta(hf, FAMILY, where),
+        num_kv_heads=heads if kv_heads is None else kv_heads, rope_theta=rope_theta(hf, DEFAULTS["rope_theta"], where),
         rms_norm_eps=float(_get(hf, "rms_norm_eps")), max_seq_len=_get(hf, "max_position_embeddings"),
         tie_word_embeddings=bool(_get(hf, "tie_word_embeddings")), attention_bias=bool(_get(hf, "attention_bias")),
         q_lora_rank=_get(hf, "q_lora_rank"), kv_lora_rank=_get(hf, "kv_lora_rank"),
@@ -99,8 +98,6 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 def _moe_from_extra(extra: Any, from_hf: MoEConfig, where: str) -> MoEConfig:
     """Our saved MoEConfig (router state, budget, losses), checked against the fields transformers routes with."""
-    from moe_train.io.hf_config import MOE_TRAIN_KEY, parse_moe_extra
-
     moe = parse_moe_extra(extra, where)
     for key, hf_key in (("num_experts", "n_routed_experts"), ("num_null_experts", "zero_expert_num"),
                         ("top_k", "moe_topk"), ("routed_scaling_factor", "routed_scaling_factor"),
@@ -114,8 +111,6 @@ def _moe_from_extra(extra: Any, from_hf: MoEConfig, where: str) -> MoEConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
     """The config.json transformers' LongcatFlashForCausalLM needs, plus our MoEConfig under "moe_train"."""
-    from moe_train.io.hf_config import MOE_TRAIN_KEY
-
     moe = cfg.moe
     if cfg.rope_scaling.type != "default":
         raise ValueError(f"model.rope_scaling.type={cfg.rope_scaling.type!r}: the LongCat-Flash export writes plain "
@@ -145,10 +140,13 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
 # tensors
 
 
-def import_layer(imp, cfg: ModelConfig, expected: dict[str, torch.Tensor], i: int, sd: dict) -> None:
-    """Layer i's tensors into ``sd`` (our names), from ``imp`` (a hf_weights.WeightImporter)."""
+def import_layer(imp, cfg: ModelConfig, expected: dict[str, torch.Tensor], i: int, sd: dict,
+                 experts: Optional[tuple[int, int]] = None) -> None:
+    """Layer i's tensors into ``sd`` (our names), from ``imp`` (a hf_weights.WeightImporter); ``experts=(lo, hi)``:
+    only those FFN experts (one rank's shard)."""
     o, h = f"layers.{i}.", f"model.layers.{i}."
     E, Z, D, F = cfg.moe.num_experts, cfg.moe.num_null_experts, cfg.hidden_size, cfg.intermediate_size
+    lo, hi = experts or (0, E)
     for ours in [k for k in expected if k.startswith(o) and not k.startswith(o + "moe.")]:
         sd[ours] = imp.take(h + ours[len(o):], expected[ours].shape)  # attention, norms, dense MLPs: same names
     p, r = h + PREFIX, o + "moe.router."
@@ -166,14 +164,16 @@ def import_layer(imp, cfg: ModelConfig, expected: dict[str, torch.Tensor], i: in
             sd[ours] = imp.take(p + "router." + rel, expected[ours].shape, " (config.json 'moe_train' describes "
                                 "a router with this state)")
     if imp.has(p + "experts.gate_up_proj"):  # transformers' in-memory layout
-        gate_up_EOD = imp.take(p + "experts.gate_up_proj", [E + Z, 2 * F, D])[:E]  # the zero experts' rows: unused
+        # [E, 2F, D] since transformers 5.25; [E + Z, 2F, D] before (rows for the zero experts, never used)
+        rows = E + Z if Z and imp.src.shape(p + "experts.gate_up_proj")[0] == E + Z else E
+        gate_up_EOD = imp.take(p + "experts.gate_up_proj", [rows, 2 * F, D])[lo:hi]
         w_gate, w_up = gate_up_EOD[:, :F].transpose(1, 2), gate_up_EOD[:, F:].transpose(1, 2)
-        w_down = imp.take(p + "experts.down_proj", [E, D, F]).transpose(1, 2)
+        w_down = imp.take(p + "experts.down_proj", [E, D, F])[lo:hi].transpose(1, 2)
     else:
-        w_gate = torch.stack([imp.take(f"{p}experts.{e}.gate_proj.weight", [F, D]).t() for e in range(E)])
-        w_up = torch.stack([imp.take(f"{p}experts.{e}.up_proj.weight", [F, D]).t() for e in range(E)])
-        w_down = torch.stack([imp.take(f"{p}experts.{e}.down_proj.weight", [D, F]).t() for e in range(E)])
-        for e in range(E, E + Z):  # gate / up rows transformers keeps for the identity experts: unused
+        w_gate = torch.stack([imp.take(f"{p}experts.{e}.gate_proj.weight", [F, D]).t() for e in range(lo, hi)])
+        w_up = torch.stack([imp.take(f"{p}experts.{e}.up_proj.weight", [F, D]).t() for e in range(lo, hi)])
+        w_down = torch.stack([imp.take(f"{p}experts.{e}.down_proj.weight", [D, F]).t() for e in range(lo, hi)])
+        for e in range(E, E + Z if experts is None else E):  # gate / up rows of the identity experts: unused
             for proj in ("gate_proj", "up_proj"):
                 if imp.has(f"{p}experts.{e}.{proj}.weight"):
                     imp.take(f"{p}experts.{e}.{proj}.weight", [F, D])
@@ -202,12 +202,8 @@ def export_layer(layer, cfg: ModelConfig, i: int, cpu) -> dict[str, torch.Tensor
         if rel not in ("gate.weight", "null_gate.weight", "expert_bias") and \
                 (rel != "null_expert_bias" or router.null_bias is not None):
             out[p + "router." + rel] = cpu(t)
-    F, D = cfg.intermediate_size, cfg.hidden_size
-    for e in range(E + Z):
-        gate_FD = ex.w_gate[e].t() if e < E else ex.w_gate.new_zeros(F, D)
-        up_FD = ex.w_up[e].t() if e < E else ex.w_up.new_zeros(F, D)
-        out[f"{p}experts.{e}.gate_proj.weight"] = cpu(gate_FD)
-        out[f"{p}experts.{e}.up_proj.weight"] = cpu(up_FD)
-        if e < E:
-            out[f"{p}experts.{e}.down_proj.weight"] = cpu(ex.w_down[e].t())
+    for e in range(E):  # the FFN experts only (transformers >= 5.25 builds gate_up_proj as [E, 2F, D])
+        out[f"{p}experts.{e}.gate_proj.weight"] = cpu(ex.w_gate[e].t())
+        out[f"{p}experts.{e}.up_proj.weight"] = cpu(ex.w_up[e].t())
+        out[f"{p}experts.{e}.down_proj.weight"] = cpu(ex.w_down[e].t())
     return out

@@ -32,13 +32,13 @@ from typing import Iterable, Optional
 import torch
 
 from moe_train.config import ModelConfig
-from moe_train.io.hf_config import MOE_TRAIN_KEY
 from moe_train.io import hf_longcat
+from moe_train.io.hf_common import MOE_TRAIN_KEY
 from moe_train.io.hf_deepseek import DEEPSEEK_FAMILIES
-
-logger = logging.getLogger(__name__)
 from moe_train.io.safetensors_folder import SafetensorsFolder
 from moe_train.model.decoder import MoETransformer
+
+logger = logging.getLogger(__name__)
 
 # Where a layer's MoE block lives on disk: Mixtral's published name, and transformers 5's in-memory name.
 MOE_PREFIXES = {"mixtral": ("block_sparse_moe.", "mlp."), "qwen2_moe": ("mlp.",), "qwen3_moe": ("mlp.",),
@@ -95,23 +95,50 @@ class WeightImporter:
                              f"weights")
 
 
-def _import_experts(imp: WeightImporter, family: str, p: str, E: int, D: int, F: int) -> tuple[torch.Tensor, ...]:
-    """(w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]) from per-expert Linear weights or the fused layout."""
+def _import_experts(imp: WeightImporter, family: str, p: str, E: int, D: int, F: int,
+                    experts: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, ...]:
+    """(w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]) from per-expert Linear weights or the fused layout;
+    ``experts=(lo, hi)``: only those experts (one rank's shard: the others' tensors are never read)."""
+    lo, hi = experts or (0, E)
     if imp.has(f"{p}experts.gate_up_proj"):
-        gate_up_EOD = imp.take(f"{p}experts.gate_up_proj", [E, 2 * F, D])
-        down_EDF = imp.take(f"{p}experts.down_proj", [E, D, F])
+        gate_up_EOD = imp.take(f"{p}experts.gate_up_proj", [E, 2 * F, D])[lo:hi]
+        down_EDF = imp.take(f"{p}experts.down_proj", [E, D, F])[lo:hi]
         return (gate_up_EOD[:, :F].transpose(1, 2).contiguous(), gate_up_EOD[:, F:].transpose(1, 2).contiguous(),
                 down_EDF.transpose(1, 2).contiguous())
     g, u, d = EXPERT_NAMES[family]
-    w_gate = torch.stack([imp.take(f"{p}experts.{e}.{g}.weight", [F, D]).t() for e in range(E)])
-    w_up = torch.stack([imp.take(f"{p}experts.{e}.{u}.weight", [F, D]).t() for e in range(E)])
-    w_down = torch.stack([imp.take(f"{p}experts.{e}.{d}.weight", [D, F]).t() for e in range(E)])
+    w_gate = torch.stack([imp.take(f"{p}experts.{e}.{g}.weight", [F, D]).t() for e in range(lo, hi)])
+    w_up = torch.stack([imp.take(f"{p}experts.{e}.{u}.weight", [F, D]).t() for e in range(lo, hi)])
+    w_down = torch.stack([imp.take(f"{p}experts.{e}.{d}.weight", [D, F]).t() for e in range(lo, hi)])
     return w_gate, w_up, w_down
 
 
 def import_state_dict(imp: WeightImporter, cfg: ModelConfig,
                       expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict (names and shapes from ``expected``, a meta model's state dict) from HF-named tensors."""
+    sd = import_globals(imp, cfg, expected)
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    for i in range(cfg.num_layers):
+        sd.update(import_layer(imp, cfg, expected, i))
+    return sd
+
+
+def import_globals(imp: WeightImporter, cfg: ModelConfig, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers: embedding, final norm, head (none when tied to the embedding)."""
+    sd = {name: imp.take(theirs, expected[name].shape) for name, theirs in
+          (("embed_tokens.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"))}
+    if cfg.tie_word_embeddings:
+        if imp.has("lm_head.weight"):
+            imp.take("lm_head.weight", expected["lm_head.weight"].shape)  # saved untied copy: the tie wins
+    else:
+        sd["lm_head.weight"] = imp.take("lm_head.weight", expected["lm_head.weight"].shape,
+                                        " (tie_word_embeddings is false, so the output projection must be stored)")
+    return sd
+
+
+def import_layer(imp: WeightImporter, cfg: ModelConfig, expected: dict[str, torch.Tensor], i: int,
+                 experts: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors under our names; ``experts=(lo, hi)``: the stacked experts hold those only."""
     family, moe = cfg.family, cfg.moe
     D, F, E = cfg.hidden_size, cfg.intermediate_size, moe.num_experts
     sd: dict[str, torch.Tensor] = {}
@@ -119,54 +146,43 @@ def import_state_dict(imp: WeightImporter, cfg: ModelConfig,
     def plain(ours: str, theirs: str) -> None:
         sd[ours] = imp.take(theirs, expected[ours].shape)
 
-    plain("embed_tokens.weight", "model.embed_tokens.weight")
-    plain("norm.weight", "model.norm.weight")
-    if cfg.tie_word_embeddings:
-        if imp.has("lm_head.weight"):
-            imp.take("lm_head.weight", expected["lm_head.weight"].shape)  # saved untied copy: the tie wins
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    else:
-        sd["lm_head.weight"] = imp.take("lm_head.weight", expected["lm_head.weight"].shape,
-                                        " (tie_word_embeddings is false, so the output projection must be stored)")
-    for i in range(cfg.num_layers):
-        o, h = f"layers.{i}.", f"model.layers.{i}."
-        if family in DEEPSEEK_FAMILIES:
-            sd.update(_import_deepseek_layer(imp, cfg, expected, i))
-            continue
-        if family == hf_longcat.FAMILY:  # two attention sublayers, dense MLPs, one classifier over n + z experts
-            hf_longcat.import_layer(imp, cfg, expected, i, sd)
-            continue
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            plain(f"{o}{norm}.weight", f"{h}{norm}.weight")
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            plain(f"{o}self_attn.{proj}.weight", f"{h}self_attn.{proj}.weight")
-            if f"{o}self_attn.{proj}.bias" in expected:
-                plain(f"{o}self_attn.{proj}.bias", f"{h}self_attn.{proj}.bias")
-        for norm in ("q_norm", "k_norm"):  # Qwen3-MoE's per-head q / k RMSNorm
-            if f"{o}self_attn.{norm}.weight" in expected:
-                plain(f"{o}self_attn.{norm}.weight", f"{h}self_attn.{norm}.weight")
-        prefixes = [h + pre for pre in MOE_PREFIXES[family]]
-        p = next((q for q in prefixes if imp.has(q + "gate.weight")), prefixes[0])
-        r = f"{o}moe.router."
-        for ours in [k for k in expected if k.startswith(r)]:
-            rel = ours[len(r):]  # gate.weight, and the extras of null / Ada-K / bias-balanced routers
-            why = "" if rel == "gate.weight" else (f" (config.json '{MOE_TRAIN_KEY}' describes a router with "
-                                                   f"{_ROUTER_EXTRAS.get(rel, 'this state')})")
-            sd[ours] = imp.take(p + rel, expected[ours].shape, why)
-        sd[f"{o}moe.experts.w_gate"], sd[f"{o}moe.experts.w_up"], sd[f"{o}moe.experts.w_down"] = _import_experts(
-            imp, family, p, E, D, F)
-        S = cfg.shared_expert_intermediate_size
-        if S:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                plain(f"{o}moe.shared_expert.{proj}.weight", f"{p}shared_expert.{proj}.weight")
-            plain(f"{o}moe.shared_expert_gate.weight", f"{p}shared_expert_gate.weight")
-        elif family == "qwen2_moe":
-            # transformers keeps a zero-width shared expert (it adds sigmoid(g) * 0): consume it if present.
-            for proj, shape in (("gate_proj", [0, D]), ("up_proj", [0, D]), ("down_proj", [D, 0])):
-                if imp.has(f"{p}shared_expert.{proj}.weight"):
-                    imp.take(f"{p}shared_expert.{proj}.weight", shape)
-            if imp.has(f"{p}shared_expert_gate.weight"):
-                imp.take(f"{p}shared_expert_gate.weight", [1, D])
+    o, h = f"layers.{i}.", f"model.layers.{i}."
+    if family in DEEPSEEK_FAMILIES:
+        return _import_deepseek_layer(imp, cfg, expected, i, experts)
+    if family == hf_longcat.FAMILY:  # two attention sublayers, dense MLPs, one classifier over n + z experts
+        hf_longcat.import_layer(imp, cfg, expected, i, sd, experts)
+        return sd
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        plain(f"{o}{norm}.weight", f"{h}{norm}.weight")
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        plain(f"{o}self_attn.{proj}.weight", f"{h}self_attn.{proj}.weight")
+        if f"{o}self_attn.{proj}.bias" in expected:
+            plain(f"{o}self_attn.{proj}.bias", f"{h}self_attn.{proj}.bias")
+    for norm in ("q_norm", "k_norm"):  # Qwen3-MoE's per-head q / k RMSNorm
+        if f"{o}self_attn.{norm}.weight" in expected:
+            plain(f"{o}self_attn.{norm}.weight", f"{h}self_attn.{norm}.weight")
+    prefixes = [h + pre for pre in MOE_PREFIXES[family]]
+    p = next((q for q in prefixes if imp.has(q + "gate.weight")), prefixes[0])
+    r = f"{o}moe.router."
+    for ours in [k for k in expected if k.startswith(r)]:
+        rel = ours[len(r):]  # gate.weight, and the extras of null / Ada-K / bias-balanced routers
+        why = "" if rel == "gate.weight" else (f" (config.json '{MOE_TRAIN_KEY}' describes a router with "
+                                               f"{_ROUTER_EXTRAS.get(rel, 'this state')})")
+        sd[ours] = imp.take(p + rel, expected[ours].shape, why)
+    sd[f"{o}moe.experts.w_gate"], sd[f"{o}moe.experts.w_up"], sd[f"{o}moe.experts.w_down"] = _import_experts(
+        imp, family, p, E, D, F, experts)
+    S = cfg.shared_expert_intermediate_size
+    if S:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            plain(f"{o}moe.shared_expert.{proj}.weight", f"{p}shared_expert.{proj}.weight")
+        plain(f"{o}moe.shared_expert_gate.weight", f"{p}shared_expert_gate.weight")
+    elif family == "qwen2_moe":
+        # transformers keeps a zero-width shared expert (it adds sigmoid(g) * 0): consume it if present.
+        for proj, shape in (("gate_proj", [0, D]), ("up_proj", [0, D]), ("down_proj", [D, 0])):
+            if imp.has(f"{p}shared_expert.{proj}.weight"):
+                imp.take(f"{p}shared_expert.{proj}.weight", shape)
+        if imp.has(f"{p}shared_expert_gate.weight"):
+            imp.take(f"{p}shared_expert_gate.weight", [1, D])
     return sd
 
 
@@ -175,61 +191,79 @@ def import_state_dict(imp: WeightImporter, cfg: ModelConfig,
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous()
+    """A contiguous host tensor; meta tensors stay meta (the export's layout pass: names, shapes and dtypes)."""
+    return t.detach().contiguous() if t.is_meta else t.detach().to("cpu").contiguous()
+
+
+def _nonzero(t: torch.Tensor) -> bool:
+    return not t.is_meta and bool(t.abs().sum() > 0)
 
 
 def export_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     """HF name -> tensor, in file order (embeddings, layers, final norm, head)."""
-    cfg = model.config
+    out = export_head(model)
+    for i, layer in enumerate(model.layers):
+        out.update(export_layer(layer, model.config, i))
+    out.update(export_tail(model))
+    return out
+
+
+def export_head(model: MoETransformer) -> dict[str, torch.Tensor]:
+    return {"model.embed_tokens.weight": _cpu(model.embed_tokens.weight)}
+
+
+def export_tail(model: MoETransformer) -> dict[str, torch.Tensor]:
+    out = {"model.norm.weight": _cpu(model.norm.weight)}
+    if not model.config.tie_word_embeddings:  # a tied head is rebuilt from the embedding (transformers does the same)
+        out["lm_head.weight"] = _cpu(model.lm_head.weight)
+    return out
+
+
+def export_layer(layer: torch.nn.Module, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i under the family's HF names, in file order."""
     family = cfg.family
     D = cfg.hidden_size
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _cpu(model.embed_tokens.weight)}
+    out: dict[str, torch.Tensor] = {}
     g_name, u_name, d_name = EXPERT_NAMES[family]
-    for i, layer in enumerate(model.layers):
-        h = f"model.layers.{i}."
-        p = h + MOE_PREFIXES[family][0]
-        if family in DEEPSEEK_FAMILIES:
-            out.update(_export_deepseek_layer(layer, cfg, i))
-            continue
-        if family == hf_longcat.FAMILY:
-            out.update(hf_longcat.export_layer(layer, cfg, i, _cpu))
-            continue
-        out[h + "input_layernorm.weight"] = _cpu(layer.input_layernorm.weight)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(layer.self_attn, proj)
-            out[f"{h}self_attn.{proj}.weight"] = _cpu(lin.weight)
-            if lin.bias is not None:
-                out[f"{h}self_attn.{proj}.bias"] = _cpu(lin.bias)
-        for norm in ("q_norm", "k_norm"):  # Qwen3-MoE
-            if getattr(layer.self_attn, norm, None) is not None:
-                out[f"{h}self_attn.{norm}.weight"] = _cpu(getattr(layer.self_attn, norm).weight)
-        out[h + "post_attention_layernorm.weight"] = _cpu(layer.post_attention_layernorm.weight)
-        # The router's whole state under the layer prefix: gate.weight is what transformers reads; the rest
-        # (null_gate.weight, allocator.weight, expert_bias, null-budget buffers) only from_hf reads.
-        for rel, t in layer.moe.router.state_dict().items():
-            if rel == "expert_bias" and t.abs().sum() > 0:
-                warnings.warn(f"layer {i}: the aux-loss-free expert bias is nonzero; it is saved as "
-                              f"{p}expert_bias, which transformers ignores, so transformers will route without it")
-            out[p + rel] = _cpu(t)
-        ex = layer.moe.experts
-        for e in range(ex.num_experts):
-            out[f"{p}experts.{e}.{g_name}.weight"] = _cpu(ex.w_gate[e].t())
-            out[f"{p}experts.{e}.{u_name}.weight"] = _cpu(ex.w_up[e].t())
-            out[f"{p}experts.{e}.{d_name}.weight"] = _cpu(ex.w_down[e].t())
-        if layer.moe.shared_expert is not None:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                out[f"{p}shared_expert.{proj}.weight"] = _cpu(getattr(layer.moe.shared_expert, proj).weight)
-            out[p + "shared_expert_gate.weight"] = _cpu(layer.moe.shared_expert_gate.weight)
-        elif family == "qwen2_moe":
-            # transformers' Qwen2-MoE always has a shared expert; a zero-width one adds exactly 0.
-            dt = ex.w_gate.dtype
-            out[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, D, dtype=dt)
-            out[p + "shared_expert.up_proj.weight"] = torch.zeros(0, D, dtype=dt)
-            out[p + "shared_expert.down_proj.weight"] = torch.zeros(D, 0, dtype=dt)
-            out[p + "shared_expert_gate.weight"] = torch.zeros(1, D, dtype=dt)
-    out["model.norm.weight"] = _cpu(model.norm.weight)
-    if not cfg.tie_word_embeddings:  # a tied head is rebuilt from the embedding (transformers does the same)
-        out["lm_head.weight"] = _cpu(model.lm_head.weight)
+    h = f"model.layers.{i}."
+    p = h + MOE_PREFIXES[family][0]
+    if family in DEEPSEEK_FAMILIES:
+        return _export_deepseek_layer(layer, cfg, i)
+    if family == hf_longcat.FAMILY:
+        return hf_longcat.export_layer(layer, cfg, i, _cpu)
+    out[h + "input_layernorm.weight"] = _cpu(layer.input_layernorm.weight)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin = getattr(layer.self_attn, proj)
+        out[f"{h}self_attn.{proj}.weight"] = _cpu(lin.weight)
+        if lin.bias is not None:
+            out[f"{h}self_attn.{proj}.bias"] = _cpu(lin.bias)
+    for norm in ("q_norm", "k_norm"):  # Qwen3-MoE
+        if getattr(layer.self_attn, norm, None) is not None:
+            out[f"{h}self_attn.{norm}.weight"] = _cpu(getattr(layer.self_attn, norm).weight)
+    out[h + "post_attention_layernorm.weight"] = _cpu(layer.post_attention_layernorm.weight)
+    # The router's whole state under the layer prefix: gate.weight is what transformers reads; the rest
+    # (null_gate.weight, allocator.weight, expert_bias, null-budget buffers) only from_hf reads.
+    for rel, t in layer.moe.router.state_dict().items():
+        if rel == "expert_bias" and _nonzero(t):
+            warnings.warn(f"layer {i}: the aux-loss-free expert bias is nonzero; it is saved as "
+                          f"{p}expert_bias, which transformers ignores, so transformers will route without it")
+        out[p + rel] = _cpu(t)
+    ex = layer.moe.experts
+    for e in range(ex.num_experts):
+        out[f"{p}experts.{e}.{g_name}.weight"] = _cpu(ex.w_gate[e].t())
+        out[f"{p}experts.{e}.{u_name}.weight"] = _cpu(ex.w_up[e].t())
+        out[f"{p}experts.{e}.{d_name}.weight"] = _cpu(ex.w_down[e].t())
+    if layer.moe.shared_expert is not None:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{p}shared_expert.{proj}.weight"] = _cpu(getattr(layer.moe.shared_expert, proj).weight)
+        out[p + "shared_expert_gate.weight"] = _cpu(layer.moe.shared_expert_gate.weight)
+    elif family == "qwen2_moe":
+        # transformers' Qwen2-MoE always has a shared expert; a zero-width one adds exactly 0.
+        dt = ex.w_gate.dtype
+        out[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, D, dtype=dt)
+        out[p + "shared_expert.up_proj.weight"] = torch.zeros(0, D, dtype=dt)
+        out[p + "shared_expert.down_proj.weight"] = torch.zeros(D, 0, dtype=dt)
+        out[p + "shared_expert_gate.weight"] = torch.zeros(1, D, dtype=dt)
     return out
 
 
@@ -252,7 +286,7 @@ def _deepseek_name(ours_rel: str, family: str) -> str:
 
 
 def _import_deepseek_layer(imp: WeightImporter, cfg: ModelConfig, expected: dict[str, torch.Tensor],
-                           i: int) -> dict[str, torch.Tensor]:
+                           i: int, experts: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
     o, h = f"layers.{i}.", f"model.layers.{i}."
     sd: dict[str, torch.Tensor] = {}
     for ours in [k for k in expected if k.startswith(o) and not k.startswith(f"{o}moe.experts.")]:
@@ -263,7 +297,7 @@ def _import_deepseek_layer(imp: WeightImporter, cfg: ModelConfig, expected: dict
         sd[ours] = imp.take(h + _deepseek_name(rel, cfg.family), expected[ours].shape, why)
     if cfg.is_moe_layer(i):
         sd[f"{o}moe.experts.w_gate"], sd[f"{o}moe.experts.w_up"], sd[f"{o}moe.experts.w_down"] = _import_experts(
-            imp, cfg.family, h + "mlp.", cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size)
+            imp, cfg.family, h + "mlp.", cfg.moe.num_experts, cfg.hidden_size, cfg.intermediate_size, experts)
         if cfg.family == "deepseek_v2" and imp.has(h + "mlp.gate.e_score_correction_bias"):
             raise ValueError(f"{str(imp.folder)!r}: {h}mlp.gate.e_score_correction_bias is a DeepSeek-V3 tensor; "
                              f"config.json says deepseek_v2, whose router has no correction bias")
@@ -276,7 +310,7 @@ def _export_deepseek_layer(layer, cfg: ModelConfig, i: int) -> dict[str, torch.T
     for rel, t in layer.state_dict().items():
         if rel.startswith("moe.experts."):
             continue
-        if rel == "moe.router.expert_bias" and cfg.family == "deepseek_v2" and t.abs().sum() > 0:
+        if rel == "moe.router.expert_bias" and cfg.family == "deepseek_v2" and _nonzero(t):
             warnings.warn(f"layer {i}: the expert bias is nonzero; transformers' DeepseekV2 has none, so it routes "
                           f"without it (saved as {h}mlp.expert_bias for from_hf)")
         out[h + _deepseek_name(rel, cfg.family)] = _cpu(t)

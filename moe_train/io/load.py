@@ -12,18 +12,15 @@ from typing import Optional, Union
 
 import torch
 
-from moe_train.io.hf import from_hf
-from moe_train.io.model_file import load_model
+from moe_train.config import ModelConfig, from_dict, validate_model
+from moe_train.io.hf import check_hf, from_hf
+from moe_train.io.model_file import FORMAT, load_model
 from moe_train.model import MoETransformer
 
 
 def check_any(path: Union[str, Path], what: str = "model path") -> "ModelConfig":
     """The ModelConfig of the model at ``path`` (a Hugging Face folder or a moe_train model file), checked without
     reading the weights: everything load_any would refuse is refused here first, as a ValueError naming ``what``."""
-    from moe_train.config import ModelConfig, from_dict, validate_model
-    from moe_train.io.hf import check_hf
-    from moe_train.io.model_file import FORMAT
-
     path = Path(path)
     if path.is_dir():
         try:

@@ -29,7 +29,6 @@ import torch
 from moe_train.config import GEMM_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
 
-
 _LOW = (torch.bfloat16, torch.float16)
 
 

@@ -5,8 +5,10 @@
     w = p at the true picks, renormalised over them when norm_topk_prob (a token with none divides by 1),
     counts_N = picks per expert (true and null buckets)
 
-Used by TopKRouter (Z = 0) and NullExpertRouter (routing/topk.py, routing/null_experts.py) when their math is
-exactly this. Backends (``backend=``; config ``model.moe.routing_backend``, the one list config.ROUTING_BACKENDS):
+select_topk and renormalize below are the one selection of every router (top-k, null experts, Ada-K, top-p; they
+live here, below moe_train.routing, so that the reference and the routers share them without an import cycle).
+The one-pass path serves TopKRouter (Z = 0) and NullExpertRouter (routing/topk.py, routing/null_experts.py) when
+their math is exactly this. Backends (``backend=``; config ``model.moe.routing_backend``, the one list config.ROUTING_BACKENDS):
   auto    the Triton kernel (moe_train.kernels.triton_routing) on CUDA tensors when triton is installed, the torch
           reference otherwise. The kernel implements tie_break "true_first" only: "topk" (torch.topk's order)
           always takes the torch path, on every backend but "triton", which refuses it.
@@ -14,7 +16,9 @@ exactly this. Backends (``backend=``; config ``model.moe.routing_backend``, the 
   triton  the kernel; CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton_routing is first
           imported (tests).
 The two backends select the same experts except where two scores differ only in the last bits of their fp32
-softmax (the kernel's exp / sum are not torch's); weights agree to fp32 rounding.
+softmax (the kernel's exp / sum are not torch's); weights agree to fp32 rounding. NaN scores rank above every
+number in both (torch.sort's order; the lower index first among NaNs): a token with NaN logits picks real experts
+with NaN weights (softmax: the whole row is NaN, so experts 0..k-1), never the padding or nothing.
 Shape legend: T tokens, K picks per token, E true experts, N = E + Z scored experts (true, then null: the
 routing/ exception of docs/shapes.md).
 """
@@ -29,6 +33,7 @@ from typing import Optional
 import torch
 
 from moe_train.config import ROUTING_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
+from moe_train.config import routing_kernel_excluded
 
 _TRITON_MODULE = "moe_train.kernels.triton_routing"
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -45,12 +50,39 @@ class Routed:
     counts_N: torch.Tensor
 
 
+def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None,
+                tie_break: str = "true_first"):
+    """Returns (weight_TK, idx_TK): the k best experts by (probs + bias), best first, and their UNBIASED
+    probabilities. ``bias_N`` may be [T, N] (routing/scores.py selection_bias: -inf rules out group-limited experts). The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
+    these routers).
+
+    tie_break (config.NULL_TIE_BREAKS) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
+    first through a stable descending sort, deterministic on every device and dtype; with the null router's layout
+    (true experts before null experts) a true expert ranks before its null twins. bf16 logits tie between distinct
+    experts often enough (a few tokens per thousand) that a converted model could only reproduce its top-k source
+    if both break ties the same way. ``topk`` leaves the order to torch.topk (device- and dtype-dependent), the
+    authors' AdaMoE behaviour, kept as an option for the null router only.
+    """
+    scores = probs_TN if bias_N is None else probs_TN + bias_N
+    if tie_break == "true_first":
+        idx_TK = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    else:
+        assert tie_break == "topk", tie_break  # validated in config.validate_moe
+        _, idx_TK = torch.topk(scores, k, dim=-1)
+    return probs_TN.gather(-1, idx_TK), idx_TK
+
+
+def renormalize(weight_TK: torch.Tensor, keep_TK: torch.Tensor) -> torch.Tensor:
+    """w_i / sum_{kept j} w_j over the kept slots, 0 elsewhere; a token with nothing kept divides by 1."""
+    w = weight_TK * keep_TK
+    denom = w.sum(dim=-1, keepdim=True)
+    return w / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
 def route_topk_torch(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: Optional[torch.Tensor] = None,
                      norm_topk_prob: bool = True, score_func: str = "softmax",
                      tie_break: str = "true_first") -> Routed:
-    """The reference: the routers' pure functions (routing/topk.py select_topk, renormalize)."""
-    from moe_train.routing.topk import renormalize, select_topk  # routing imports this module: import late
-
+    """The reference: the routers' pure functions (select_topk, renormalize above)."""
     z = logits_TN.float()
     probs_TN = torch.sigmoid(z) if score_func == "sigmoid" else torch.softmax(z, dim=-1)
     weight_TK, idx_TK = select_topk(probs_TN, top_k, bias_N, tie_break)
@@ -107,8 +139,6 @@ def route_fused(logits_TN: torch.Tensor, cfg, top_k: int, num_true: int, bias_N:
     it for this tensor and the router's math is the kernel's (config.routing_kernel_excluded is ''); None otherwise,
     and the router runs its own torch path (the same math). probs_TN holds the raw scores (softmax or sigmoid);
     the router derives its balancing distribution from them as on the torch path."""
-    from moe_train.config import routing_kernel_excluded
-
     if cfg.routing_backend == "torch" or routing_kernel_excluded(cfg):  # validate_moe refuses 'triton' + excluded
         return None
     if bias_N is not None and bias_N.dim() != 1:

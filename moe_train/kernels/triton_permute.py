@@ -31,8 +31,31 @@ from torch.autograd.function import once_differentiable
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 BUILD_BLOCK = 256  # slots per program in the build kernels
-EXPERT_CHUNK = 32  # experts compared at once: a [BUILD_BLOCK, EXPERT_CHUNK] tile
-MAX_BLOCK_D = 1024  # hidden elements per inner iteration of the row kernels
+EXPERT_CHUNK = 32  # experts compared at once: a [BUILD_BLOCK, EXPERT_CHUNK] tile, at most
+MAX_BLOCK_D = 1024  # hidden elements per inner iteration of the row kernels, at most
+ROW_TILE = 4096  # elements of the row kernels' [BLOCK_K, BLOCK_D] tile, at most: 32 per thread on 4 warps
+
+
+# Launch parameters, one function per kernel family: the wrappers below launch with exactly these values and
+# moe_train.kernels.aot_report compiles what the wrappers launch (tests/test_kernels_aot.py: zero ptxas spills on
+# sm_90 and sm_100 at E up to 768, K up to 12, D up to 7168, bf16 and fp32).
+
+
+def build_config(E: int) -> dict:
+    """_block_histogram_kernel / _destination_kernel: BLOCK slots per program, EB experts per comparison chunk.
+    The destination kernel's cumsum keeps int32 [BLOCK, EB] tiles (64 elements per thread at 256 x 32: 167
+    registers on sm_90, no spills); fewer experts than a chunk shrink the chunk instead of comparing padding."""
+    return dict(BLOCK=BUILD_BLOCK, EB=min(EXPERT_CHUNK, max(8, triton.next_power_of_2(E))), num_warps=4)
+
+
+def row_config(K: int, D: int) -> dict:
+    """_scatter_kernel / _combine_kernel: BLOCK_K >= K slots by BLOCK_D hidden elements per inner iteration. The
+    [BLOCK_K, BLOCK_D] tile holds values and int64 addresses; at 16 x 1024 (K = 12) it took 146-255 registers on
+    sm_90 and a K = 8 tile spilled on sm_100, so the tile is capped at ROW_TILE elements: wide rows for few slots
+    per token, narrower ones for many (still >= 256 contiguous elements per row: whole 128-byte lines)."""
+    block_k = triton.next_power_of_2(max(K, 1))
+    block_d = min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D, max(ROW_TILE // block_k, 16))
+    return dict(BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,9 +69,11 @@ def _block_histogram_kernel(idx_ptr, hist_ptr, bad_ptr, M, E, BLOCK: tl.constexp
     b = tl.program_id(0)
     offs = b * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < M
-    e = tl.load(idx_ptr + offs, mask=in_range, other=-1).to(tl.int64)
+    e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
     bad = in_range & ((e < -1) | (e >= E))
     tl.store(bad_ptr + b, tl.sum(bad.to(tl.int32), axis=0))
+    # int32 ids for the [BLOCK, EB] comparisons (an int64 tile doubles their registers); bad ids match no expert.
+    e = tl.where(bad, -1, e).to(tl.int32)
     for c in range(0, tl.cdiv(E, EB)):
         ex = c * EB + tl.arange(0, EB)
         hit = e[:, None] == ex[None, :]
@@ -62,26 +87,30 @@ def _destination_kernel(idx_ptr, base_ptr, row_ptr, slot_ptr, token_ptr, M, E, K
     b = tl.program_id(0)
     offs = b * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < M
-    e = tl.load(idx_ptr + offs, mask=in_range, other=-1).to(tl.int64)
-    row = tl.zeros([BLOCK], dtype=tl.int64)
+    e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
+    true_slot = in_range & (e >= 0) & (e < E)  # ids out of range (only when the caller skipped the check): no row
+    e = tl.where(true_slot, e, -1).to(tl.int32)
+    # Rank of each slot among the block's slots of its expert, chunk by chunk of EB experts. Only int32 [BLOCK, EB]
+    # tiles live in the loop; the base row is gathered once per slot after it (its int64 tile spilled before).
+    rank = tl.zeros([BLOCK], dtype=tl.int32)
     for c in range(0, tl.cdiv(E, EB)):
         ex = c * EB + tl.arange(0, EB)
         hit = e[:, None] == ex[None, :]
-        rank = tl.cumsum(hit.to(tl.int32), axis=0)  # inclusive count of same-expert slots up to this one
-        base = tl.load(base_ptr + b.to(tl.int64) * E + ex, mask=ex < E, other=0)
-        row += tl.sum(tl.where(hit, rank.to(tl.int64) - 1 + base[None, :], 0), axis=1)
-    true_slot = in_range & (e >= 0)
+        incl = tl.cumsum(hit.to(tl.int32), axis=0)  # inclusive count of same-expert slots up to this one
+        rank += tl.sum(tl.where(hit, incl, 0), axis=1)
+    base = tl.load(base_ptr + b.to(tl.int64) * E + e, mask=true_slot, other=0)
+    row = base + (rank - 1)
     tl.store(row_ptr + offs, tl.where(true_slot, row, -1), mask=in_range)
     slot = offs.to(tl.int64)
     tl.store(slot_ptr + row, slot, mask=true_slot)
     tl.store(token_ptr + row, slot // K, mask=true_slot)
 
 
-def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: int = BUILD_BLOCK,
-               expert_chunk: int = EXPERT_CHUNK, num_rows: Optional[int] = None
+def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: Optional[int] = None,
+               expert_chunk: Optional[int] = None, num_rows: Optional[int] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (slot_N, token_N, counts_E, row_TK), all int64 on the input's device. ``num_rows`` (known to the
-    caller): no host sync and no id check."""
+    caller): no host sync and no id check. ``block`` / ``expert_chunk``: instead of build_config's (tests)."""
     T, K = expert_idx_TK.shape
     M, E = T * K, num_experts
     dev = expert_idx_TK.device
@@ -89,10 +118,12 @@ def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: int = BUILD
     if M == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return empty, empty.clone(), torch.zeros(E, dtype=torch.int64, device=dev), empty.reshape(T, K)
-    nb = triton.cdiv(M, block)
+    cfg = build_config(E)
+    cfg.update({k: v for k, v in (("BLOCK", block), ("EB", expert_chunk)) if v is not None})
+    nb = triton.cdiv(M, cfg["BLOCK"])
     hist_BkE = torch.empty(nb, E, dtype=torch.int32, device=dev)
     bad_Bk = torch.empty(nb, dtype=torch.int32, device=dev)
-    _block_histogram_kernel[(nb,)](idx_M, hist_BkE, bad_Bk, M, E, BLOCK=block, EB=expert_chunk)
+    _block_histogram_kernel[(nb,)](idx_M, hist_BkE, bad_Bk, M, E, **cfg)
     hist_BkE = hist_BkE.to(torch.int64)
     counts_E = hist_BkE.sum(0)
     # Base row of (block b, expert e): rows of all earlier experts + rows of expert e in earlier blocks.
@@ -108,7 +139,7 @@ def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: int = BUILD
     row_M = torch.empty(M, dtype=torch.int64, device=dev)
     slot_N = torch.empty(num_true, dtype=torch.int64, device=dev)
     token_N = torch.empty(num_true, dtype=torch.int64, device=dev)
-    _destination_kernel[(nb,)](idx_M, base_BkE, row_M, slot_N, token_N, M, E, K, BLOCK=block, EB=expert_chunk)
+    _destination_kernel[(nb,)](idx_M, base_BkE, row_M, slot_N, token_N, M, E, K, **cfg)
     return slot_N, token_N, counts_E, row_M.reshape(T, K)
 
 
@@ -174,10 +205,6 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block_d(D: int) -> int:
-    return min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D)
-
-
 def scatter_rows(src_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int, weight_TK: torch.Tensor | None = None,
                  y_ND: torch.Tensor | None = None, write_rows: bool = True
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -196,7 +223,7 @@ def scatter_rows(src_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int, weig
         dst if write_rows else dummy, y_ND.contiguous() if y_ND is not None else dummy,
         gw if gw is not None else dummy, D, K,
         HAS_W=weight_TK is not None, WRITE_ROWS=write_rows, WANT_GW=y_ND is not None,
-        ACC=_acc_dtype(src_TD.dtype), BLOCK_K=triton.next_power_of_2(K), BLOCK_D=_block_d(D))
+        ACC=_acc_dtype(src_TD.dtype), **row_config(K, D))
     return dst, gw
 
 
@@ -210,8 +237,7 @@ def combine_rows(src_ND: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Te
     src_ND = src_ND.contiguous()
     _combine_kernel[(T,)](
         src_ND, row_TK, weight_TK.contiguous() if weight_TK is not None else src_ND, out, D, K,
-        HAS_W=weight_TK is not None, ACC=_acc_dtype(src_ND.dtype),
-        BLOCK_K=triton.next_power_of_2(K), BLOCK_D=_block_d(D))
+        HAS_W=weight_TK is not None, ACC=_acc_dtype(src_ND.dtype), **row_config(K, D))
     return out
 
 

@@ -23,59 +23,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from moe_train.config import ModelConfig
+from moe_train.config import ModelConfig, validate_model
 from moe_train.model.experts import SwiGLU
+from moe_train.model.longcat import LongcatDecoderLayer
 from moe_train.model.mla import MLAttention
 from moe_train.model.moe_layer import MoELayer
+from moe_train.model.norm import RMSNorm
+from moe_train.model.rope import RotaryEmbedding, apply_rope, rotary_for  # noqa: F401 (RotaryEmbedding: users import it from here)
 from moe_train.routing import RoutingPlan
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as Mixtral does), scale in the input dtype.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos / sin tables; ``inv_freq`` and ``attention_factor`` (cos / sin scale) come from model/rope.py for scaled
-    RoPE (yarn), else plain RoPE of ``head_dim`` with base ``theta``."""
-
-    def __init__(self, head_dim: int, theta: float, inv_freq: Optional[torch.Tensor] = None,
-                 attention_factor: float = 1.0):
-        super().__init__()
-        if inv_freq is None:
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.attention_factor = attention_factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_SH = positions_S.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs_SH, freqs_SH], dim=-1)
-        if self.attention_factor != 1.0:
-            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
-        return emb.cos(), emb.sin()
-
-
-def rotary_for(cfg: ModelConfig) -> RotaryEmbedding:
-    """The model's RoPE: its rotated width (cfg.rope_dim) and rope_scaling (model/rope.py)."""
-    from moe_train.model.rope import rope_tables
-
-    inv_freq, attention_factor = rope_tables(cfg)
-    return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, inv_freq, attention_factor)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
-    return (x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd).to(x_BHSHd.dtype)
 
 
 class Attention(nn.Module):
@@ -132,8 +87,6 @@ class DecoderLayer(nn.Module):
 def layer_class(cfg: ModelConfig) -> type:
     """The decoder layer of the family: LongCat-Flash's two-attention shortcut layer (longcat.py), else DecoderLayer."""
     if cfg.family == "longcat_flash":
-        from moe_train.model.longcat import LongcatDecoderLayer  # it imports this module's RMSNorm
-
         return LongcatDecoderLayer
     return DecoderLayer
 
@@ -200,8 +153,6 @@ class MoETransformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: Optional[torch.device] = None) -> MoETransformer:
-    from moe_train.config import validate_model
-
     validate_model(cfg)
     model = MoETransformer(cfg)
     return model.to(device) if device is not None else model

@@ -25,6 +25,7 @@ from moe_train.config import ModelConfig
 from moe_train.model.experts import SwiGLU
 from moe_train.model.mla import MLAttention
 from moe_train.model.moe_layer import MoELayer
+from moe_train.model.norm import RMSNorm
 from moe_train.routing import RoutingPlan
 
 
@@ -33,7 +34,6 @@ class LongcatDecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        from moe_train.model.decoder import RMSNorm  # decoder builds this module: import at use
 
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = nn.ModuleList(RMSNorm(D, eps) for _ in range(2))

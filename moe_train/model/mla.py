@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import ModelConfig
+from moe_train.model.norm import RMSNorm
+from moe_train.model.rope import apply_rope, mla_softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV2/V3RMSNorm(q_lora_rank / kv_lora_rank) keep their default eps
 
@@ -38,8 +40,6 @@ class MLAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from moe_train.model.decoder import RMSNorm  # decoder builds this module: import at use
-        from moe_train.model.rope import mla_softmax_scale
 
         D, H = cfg.hidden_size, cfg.num_heads
         self.num_heads, self.kv_lora_rank = H, cfg.kv_lora_rank
@@ -70,8 +70,6 @@ class MLAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        from moe_train.model.decoder import apply_rope
-
         return apply_rope(deinterleave(x) if self.interleave else x, cos, sin)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

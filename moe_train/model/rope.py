@@ -17,8 +17,10 @@ d is the rotated width (ModelConfig.rope_dim: the whole head, or qk_rope_head_di
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import nn
 
 from moe_train.config import ModelConfig, RopeScalingConfig
 
@@ -73,3 +75,38 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
         m = yarn_mscale(r.factor, r.mscale_all_dim)
         scale = scale * m * m
     return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables; ``inv_freq`` and ``attention_factor`` (cos / sin scale) come from rope_tables for scaled
+    RoPE (yarn), else plain RoPE of ``head_dim`` with base ``theta``."""
+
+    def __init__(self, head_dim: int, theta: float, inv_freq: Optional[torch.Tensor] = None,
+                 attention_factor: float = 1.0):
+        super().__init__()
+        if inv_freq is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.attention_factor = attention_factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_SH = positions_S.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs_SH, freqs_SH], dim=-1)
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+        return emb.cos(), emb.sin()
+
+
+def rotary_for(cfg: ModelConfig) -> RotaryEmbedding:
+    """The model's RoPE: its rotated width (cfg.rope_dim) and rope_scaling (model/rope.py)."""
+    inv_freq, attention_factor = rope_tables(cfg)
+    return RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, inv_freq, attention_factor)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    return (x_BHSHd * cos_SHd + _rotate_half(x_BHSHd) * sin_SHd).to(x_BHSHd.dtype)

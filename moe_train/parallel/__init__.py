@@ -8,8 +8,13 @@ launch.py       torchrun / Slurm / MPI environment                   megatron/  
 
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, clip_grad_norm_
 from moe_train.parallel.dispatcher import AllToAllDispatcher
-from moe_train.parallel.distributed import (ParallelContext, RendezvousError, destroy_distributed, init_distributed,
-                                            validate_layout)
+from moe_train.parallel.distributed import (
+                                            ParallelContext,
+                                            RendezvousError,
+                                            destroy_distributed,
+                                            init_distributed,
+                                            validate_layout,
+)
 from moe_train.parallel.exchange import CountExchange, DispatchStats
 from moe_train.parallel.parallelize import parallelize_model, shard_experts
 from moe_train.parallel.state import checkpoint_view, full_grads, full_state_dict

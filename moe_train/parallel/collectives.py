@@ -5,11 +5,19 @@ rank by updating it with counts summed over all ranks). clip_grad_norm_: torch's
 moe_train.parallel.parallelize_model sharded, where every element of every parameter lives on exactly one rank
 (non-expert parameters: Shard(0) over the world; experts: Shard(0) over edp x disjoint over ep), so the global norm
 takes one all-reduce.
+
+Every collective of the package on tensors goes through this module (all_reduce, all_gather, broadcast,
+all_to_all_single below), which checks that the tensors live where the process group's backend reads them: NCCL
+takes CUDA tensors only, gloo (as this project runs it) CPU tensors. A CPU tensor handed to NCCL fails only at the
+first distributed step on a GPU machine, while gloo, which every CPU test runs, accepts it; checking here makes
+the CPU tests see such a tensor too (a gloo group expecting CUDA, tests/test_collectives.py) and names the
+mistake on the GPU. Object collectives (broadcast_object_list, all_gather_object) and barriers move no tensor of
+ours and call torch.distributed directly.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,12 +25,70 @@ from torch.distributed.tensor import DTensor
 
 from moe_train.parallel.distributed import ParallelContext
 
+# The device type each backend's collectives read and write. Backends not named here (fake: the planner's
+# meta-device tracing; mpi, ucc) are not checked. A device-keyed backend string ("cpu:gloo,cuda:nccl") names its
+# own devices. Tests replace entries (e.g. gloo -> cuda) to see what an NCCL run would refuse.
+BACKEND_DEVICE: dict[str, str] = {"nccl": "cuda", "gloo": "cpu"}
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A collective got a tensor on a device its process group's backend cannot read (a bug in the caller, not a
+    configuration mistake: the tensor must be built on ParallelContext.device / the group's device)."""
+
+
+def group_device_types(group=None) -> Optional[frozenset[str]]:
+    """The device types a collective on ``group`` (default: the world) accepts; None when any is fine."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": torch routes each device type to its own backend
+        return frozenset(part.split(":", 1)[0] for part in backend.split(","))
+    dev = BACKEND_DEVICE.get(backend)
+    return None if dev is None else frozenset((dev,))
+
+
+def check_device(op: str, group, *tensors: torch.Tensor) -> None:
+    """Raises CollectiveDeviceError unless every tensor is on a device ``group``'s backend accepts."""
+    types = group_device_types(group)
+    if types is None:
+        return
+    for t in tensors:
+        if t.device.type not in types:
+            raise CollectiveDeviceError(
+                f"{op} over a {dist.get_backend(group)} process group got a {t.device.type} tensor "
+                f"(shape {tuple(t.shape)}, {t.dtype}); this backend takes {'/'.join(sorted(types))} tensors only. "
+                f"Build it on the group's device (ParallelContext.device) before the collective")
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
+    """torch.distributed.all_reduce, in place, after the device check."""
+    check_device("all_reduce", group, t)
+    return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+
+
+def all_gather(parts: list[torch.Tensor], t: torch.Tensor, group=None, async_op: bool = False):
+    """torch.distributed.all_gather into ``parts`` (one per rank), after the device check."""
+    check_device("all_gather", group, t, *parts)
+    return dist.all_gather(parts, t, group=group, async_op=async_op)
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+    """torch.distributed.broadcast from global rank ``src``, in place, after the device check."""
+    check_device("broadcast", group, t)
+    return dist.broadcast(t, src=src, group=group, async_op=async_op)
+
+
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits: Optional[list[int]] = None,
+                      in_splits: Optional[list[int]] = None, group=None, async_op: bool = False):
+    """torch.distributed.all_to_all_single (uneven splits as Python ints, which need no device tensor), after the
+    device check."""
+    check_device("all_to_all_single", group, out, inp)
+    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+
 
 def all_reduce_sum(t: torch.Tensor, ctx: ParallelContext, group=None) -> torch.Tensor:
     """Sum over all ranks (or ``group``); returns a new tensor, the input is untouched."""
     out = t.detach().clone()
     if ctx.distributed:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -48,7 +114,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, ctx: Pa
     sq = torch.zeros((), dtype=torch.float32, device=ctx.device)
     for g in grads:
         sq += g.float().square().sum()
-    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    all_reduce(sq, op=dist.ReduceOp.SUM)
     total = sq.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:

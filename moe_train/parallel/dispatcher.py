@@ -56,7 +56,7 @@ class AllToAllDispatcher:
         ex = CountExchange.run(plan.counts_E, self.group, self.ep_size, self.ep_rank)
         perm = build_permutation(plan.expert_idx_TK, E, backend=b, num_rows=ex.rows_sent)
         if self.overlap_chunks > 1 and self.ep_size > 1:  # rows permuted straight into chunk-major order
-            order_N, _ = chunk_order(ex.send_counts_E, self.overlap_chunks, x_TD.device)
+            order_N, _ = chunk_order(ex.send_counts_E, self.overlap_chunks, x_TD.device, plan.counts_E)
             perm = reorder_permutation(perm, order_N)
             y_ND = overlapped_experts(permute(x_TD, perm, backend=b), ex, experts, self.overlap_chunks)
         else:

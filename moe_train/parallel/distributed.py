@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from moe_train.config import ParallelConfig
+from moe_train.parallel.launch import die_with_launcher
+from moe_train.parallel.layout import validate_layout
 
 
 class RendezvousError(RuntimeError):
@@ -79,23 +81,6 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
-
-
-def validate_layout(world_size: int, ep: int, num_experts: int) -> None:
-    """Every layout mistake, as a ValueError, before any process group exists."""
-    if ep < 1:
-        raise ValueError(f"parallel.ep={ep} must be >= 1")
-    if ep > num_experts:
-        raise ValueError(f"parallel.ep={ep} exceeds model.moe.num_experts={num_experts}: every expert-parallel rank "
-                         f"must hold at least one expert; use ep <= {num_experts}")
-    if num_experts % ep:
-        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ValueError(f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={ep}: each rank holds "
-                         f"num_experts/ep experts; use ep in {divisors}")
-    if world_size % ep:
-        raise ValueError(f"WORLD_SIZE={world_size} is not divisible by parallel.ep={ep}: the world is dp x ep ranks; "
-                         f"launch a multiple of {ep} processes (e.g. torchrun --nproc_per_node {ep}) or change "
-                         f"parallel.ep")
 
 
 def _pick_device(local_rank: int) -> tuple[torch.device, str]:
@@ -172,8 +157,6 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
     ``on_main``: run by rank 0 before any process group exists (the out_dir lock); a ValueError it raises is raised
     on every rank (StartRefused on the others), see _agree_on_start."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-    from moe_train.parallel.launch import die_with_launcher
 
     env = os.environ if env is None else env
     die_with_launcher(env)  # before anything slow: a worker whose launcher is gone must not train on

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from moe_train.parallel.collectives import all_to_all_single
 
 
 class _AllToAll(torch.autograd.Function):
@@ -34,14 +35,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
         out = x_ND.new_empty((sum(out_splits),) + tuple(x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         g = g.contiguous()
         out = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(out, g, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        all_to_all_single(out, g, ctx.in_splits, ctx.out_splits, group=ctx.group)
         return out, None, None, None
 
 
@@ -115,7 +116,7 @@ class CountExchange:
         L = E // P
         if P > 1:
             recv_counts_E = torch.empty_like(send_counts_E)  # [P*L]: from each source rank, per local expert
-            dist.all_to_all_single(recv_counts_E, send_counts_E, group=group)
+            all_to_all_single(recv_counts_E, send_counts_E, group=group)
         else:
             recv_counts_E = send_counts_E
         # The one host sync of the layer: the splits, the receive buffer size, the permutation's row count.

@@ -34,6 +34,8 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
+from moe_train.parallel.layout import validate_layout
+
 DEFAULT_PORT = "29500"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -142,8 +144,6 @@ class Topology:
 
     def describe(self) -> str:
         """Nodes, ranks and the dp x ep layout: which experts each rank holds, which ranks share them."""
-        from moe_train.parallel.distributed import validate_layout
-
         validate_layout(self.world_size, self.ep, self.num_experts)
         world, ep = self.world_size, self.ep
         per = self.num_experts // ep

@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from moe_train.kernels.permute import Permutation
+from moe_train.parallel.collectives import all_to_all_single
 from moe_train.parallel.exchange import CountExchange, expert_major_order, inverse_order
 
 
@@ -84,7 +84,7 @@ class _Box:
         x = x.contiguous()
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         with CommTimer.span():
-            self.work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
+            self.work = all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
         self.keep = (x, out)
         return out
 
@@ -133,22 +133,29 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     return _Start.apply(x, box), box
 
 
-def chunk_order(send_counts_E: list[int], C: int, device) -> tuple[torch.Tensor, list[list[int]]]:
+def chunk_bounds(counts: torch.Tensor, C: int) -> torch.Tensor:
+    """[C + 1, *counts.shape]: the cut of _part for every block of ``counts`` rows at once, on counts' device (so a
+    layer computes its chunk counts in one pass over device tensors, never from host lists: building a device
+    tensor from a Python list is a host-to-device copy that waits for the GPU, once per chunk)."""
+    c = torch.arange(C + 1, device=counts.device, dtype=counts.dtype).view((C + 1,) + (1,) * counts.dim())
+    return counts.unsqueeze(0) * c // C
+
+
+def chunk_order(send_counts_E: list[int], C: int, device, counts_dev_E: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, list[list[int]]]:
     """(order_N, parts_CkE): order_N[j] = the expert-grouped row that goes to chunk-major position j; parts_CkE[c][e] =
-    rows of expert e in chunk c."""
-    E = len(send_counts_E)
+    rows of expert e in chunk c. ``counts_dev_E``: the same counts already on ``device`` (the router's counts_E), so
+    that the order is computed there without a host-to-device copy; without it they are copied once."""
     parts = [[_part(n, c, C)[1] - _part(n, c, C)[0] for n in send_counts_E] for c in range(C)]
-    starts = [sum(send_counts_E[:e]) for e in range(E)]
-    src, length = [], []
-    for c in range(C):
-        for e in range(E):
-            src.append(starts[e] + _part(send_counts_E[e], c, C)[0])
-            length.append(parts[c][e])
-    length_t = torch.tensor(length, dtype=torch.int64, device=device)
-    dst_start = torch.cumsum(length_t, 0) - length_t
     N = sum(send_counts_E)
-    shift = torch.tensor(src, dtype=torch.int64, device=device) - dst_start
-    return torch.repeat_interleave(shift, length_t, output_size=N) + torch.arange(N, device=device), parts
+    if counts_dev_E is None:
+        counts_dev_E = torch.tensor(send_counts_E, dtype=torch.int64, device=device)
+    counts_E = counts_dev_E.to(device=device, dtype=torch.int64)
+    bounds_CkE = chunk_bounds(counts_E, C)
+    length = (bounds_CkE[1:] - bounds_CkE[:-1]).reshape(-1)  # chunk-major, then expert
+    src = ((torch.cumsum(counts_E, 0) - counts_E)[None, :] + bounds_CkE[:-1]).reshape(-1)
+    shift = src - (torch.cumsum(length, 0) - length)
+    return torch.repeat_interleave(shift, length, output_size=N) + torch.arange(N, device=device), parts
 
 
 def reorder_permutation(perm: Permutation, order_N: torch.Tensor) -> Permutation:
@@ -171,7 +178,10 @@ def overlapped_experts(x_ND: torch.Tensor, ex: CountExchange, experts, C: int) -
     parts_recv_PL = [[[_part(n, c, C)[1] - _part(n, c, C)[0] for n in row] for row in ex.recv_counts_PL]
                      for c in range(C)]
     x_chunks = torch.split(x_ND, [sum(s) for s in parts_send])
-    dev = x_ND.device
+    # every chunk's receive counts, on device from the exchanged ones (the splits above are host ints: they come
+    # from the layer's one host sync and all_to_all_single takes them as Python lists)
+    bounds_CkPL = chunk_bounds(ex.recv_counts_dev_PL, C)
+    counts_CkPL = bounds_CkPL[1:] - bounds_CkPL[:-1]
     pending = {0: _exchange(x_chunks[0], [sum(r) for r in parts_recv_PL[0]], parts_send[0], ex.group)}
     outs = []
     for c in range(C):
@@ -180,7 +190,7 @@ def overlapped_experts(x_ND: torch.Tensor, ex: CountExchange, experts, C: int) -
                                        ex.group)
         buf, box = pending.pop(c)
         x_RD = _Wait.apply(buf, box)
-        counts_PL = torch.tensor(parts_recv_PL[c], dtype=torch.int64, device=dev)
+        counts_PL = counts_CkPL[c]
         R = x_RD.shape[0]
         order = expert_major_order(counts_PL, R) if L > 1 and P > 1 else None
         y_RD = experts(x_RD if order is None else x_RD.index_select(0, order), counts_PL.sum(0))

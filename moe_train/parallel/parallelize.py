@@ -38,6 +38,7 @@ from torch import nn
 
 from moe_train.model.experts import ExpertShard, GroupedExperts
 from moe_train.model.moe_layer import MoELayer
+from moe_train.parallel.collectives import all_reduce
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext, validate_layout
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts
@@ -55,7 +56,7 @@ def _check_replicas_identical(model: nn.Module, ctx: ParallelContext) -> None:
     for i, p in enumerate(model.parameters()):
         s += (i + 1) * p.detach().to(torch.float64).sum()
     both = torch.stack([s, -s])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    all_reduce(both, op=dist.ReduceOp.MAX)
     if not torch.equal(both[0], -both[1]):
         raise ValueError("the model's parameters differ across ranks before parallelize_model: build it with the "
                          "same seed (torch.manual_seed) or load the same checkpoint on every rank")
@@ -94,7 +95,7 @@ def _global_aux_hook(ctx: ParallelContext):
         # (null counts share one averaged bucket), so the total spread evenly is exact.
         null_total = plan.expert_idx_TK.numel() - counts_E.sum()
         counts_N = null_bucket_counts(counts_E, null_total, num_null)
-        dist.all_reduce(counts_N, op=dist.ReduceOp.SUM)
+        all_reduce(counts_N, op=dist.ReduceOp.SUM)
         plan.aux_loss = load_balancing_loss(probs_TN, counts_N, num_null=num_null)
         return plan
 
@@ -119,7 +120,6 @@ def mixed_precision_policy(param_dtype: Optional[torch.dtype]):
 def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer],
                 param_dtype: Optional[torch.dtype] = None) -> None:
     from torch.distributed.fsdp import fully_shard
-
     from torch.distributed.tensor import Shard
 
     edp_mesh = ctx.mesh["dp"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from moe_train.model.experts import ExpertShard, GroupedExperts
+from moe_train.parallel.collectives import all_gather
 from moe_train.parallel.distributed import ParallelContext
 
 
@@ -45,7 +45,7 @@ def _gather_full(named: Iterable[tuple[str, Optional[torch.Tensor]]], shards: di
         shard = shards.get(name)
         if shard is not None and ctx.ep_size > 1:
             parts = [torch.empty_like(t) for _ in range(ctx.ep_size)]
-            dist.all_gather(parts, t.contiguous(), group=ctx.ep_group)
+            all_gather(parts, t.contiguous(), group=ctx.ep_group)
             t = torch.cat(parts, 0)  # ep ranks hold consecutive expert blocks (shard.offset = ep_rank * local)
             assert t.shape[0] == shard.num_global, (name, tuple(t.shape), shard)
         out[name] = t.detach()

@@ -62,7 +62,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moe_train.model.decoder import Attention, DecoderLayer
+from moe_train.model.experts import GroupedExperts, SwiGLU
+from moe_train.model.longcat import LongcatDecoderLayer
+from moe_train.model.lora import LoRAGroupedExperts, LoRALinear
+from moe_train.model.mla import MLAttention
 from moe_train.planner.shard import PlanError
+from moe_train.routing.adak import AdaKRouter
+from moe_train.routing.null_experts import NullExpertRouter
+from moe_train.routing.top_p import TopPRouter
+from moe_train.routing.topk import TopKRouter
 
 
 @dataclass(frozen=True)
@@ -107,8 +116,6 @@ def _trains(*params) -> bool:
 
 def _linear_parts(mod: nn.Module) -> tuple[nn.Module, bool, int]:
     """(base nn.Linear, its weight trains, LoRA rank or 0) of a Linear or LoRALinear."""
-    from moe_train.model.lora import LoRALinear
-
     if isinstance(mod, LoRALinear):
         return mod.base, mod.base.weight.requires_grad, mod.lora_A.shape[0] if mod.lora_A.requires_grad else 0
     if isinstance(mod, nn.Linear):
@@ -137,9 +144,6 @@ def _latent_norm(norm: nn.Module, reg: Regime, W: int) -> float:
 
 def _attention(attn: nn.Module, reg: Regime) -> tuple[float, float]:
     """(per-token bytes, autocast weight-cast bytes) of a GQA Attention (moe_train/model/decoder.py) or MLA."""
-    from moe_train.model.decoder import Attention
-    from moe_train.model.mla import MLAttention
-
     if _orig_type(attn) is MLAttention:
         return _mla(attn, reg)
     if _orig_type(attn) is not Attention:
@@ -199,11 +203,6 @@ class RouterActivations:
 
 def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
     """The saved bytes of a known router, without its input (the MoE block counts that once: docstring)."""
-    from moe_train.routing.adak import AdaKRouter
-    from moe_train.routing.null_experts import NullExpertRouter
-    from moe_train.routing.top_p import TopPRouter
-    from moe_train.routing.topk import TopKRouter
-
     fixed, ids = 0.0, 0  # ids: the expert ids' storage the plan keeps, in int64 entries per token
     if isinstance(router, NullExpertRouter):
         Z, K = router.num_experts + router.num_null, router.top_k
@@ -242,9 +241,6 @@ def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
 
 def _experts(experts: nn.Module, reg: Regime) -> tuple[float, float]:
     """(per received row, autocast weight casts) of GroupedExperts / LoRAGroupedExperts."""
-    from moe_train.model.experts import GroupedExperts
-    from moe_train.model.lora import LoRAGroupedExperts
-
     if _orig_type(experts) not in (GroupedExperts, LoRAGroupedExperts):
         raise PlanError(f"no activation formula for experts {type(experts).__name__}: add it to "
                         "moe_train/planner/activations.py")
@@ -261,8 +257,6 @@ def _experts(experts: nn.Module, reg: Regime) -> tuple[float, float]:
 def _swiglu(mlp: nn.Module, reg: Regime) -> tuple[float, float, list]:
     """(per-token bytes without its input, autocast casts, its input's consumers) of a SwiGLU (model/experts.py):
     gate output, silu, up output, h (when down_proj trains), x A per adapted projection."""
-    from moe_train.model.experts import SwiGLU
-
     if _orig_type(mlp) is not SwiGLU:
         raise PlanError(f"no activation formula for dense MLP {_orig_type(mlp).__name__}: add it to "
                         "moe_train/planner/activations.py")
@@ -320,9 +314,6 @@ def _moe_block(moe: nn.Module, reg: Regime, D: int, co_inputs: list) -> MoEActiv
 def layer_activations(layer: nn.Module, reg: Regime) -> LayerActivations:
     """The formula for one decoder layer: DecoderLayer (model/decoder.py: GQA or MLA, then an MoE block or a dense
     SwiGLU) or LongCat-Flash's LongcatDecoderLayer (model/longcat.py)."""
-    from moe_train.model.decoder import DecoderLayer
-    from moe_train.model.longcat import LongcatDecoderLayer
-
     if _orig_type(layer) is LongcatDecoderLayer:
         return _longcat_layer(layer, reg)
     if _orig_type(layer) is not DecoderLayer:

@@ -8,14 +8,13 @@ ep that divides the experts and the world; twice the GPUs (more nodes, the same 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 from moe_train.config import Config
+from moe_train.planner.hardware import Cluster
 
 
-def _variants(cfg: Config, cluster, job: str) -> list[tuple[str, Config, object]]:
-    from moe_train.planner.plan import Cluster
-
+def _variants(cfg: Config, cluster: Cluster, job: str) -> list[tuple[str, Config, Cluster]]:
     out = []
     t, p = cfg.train, cfg.parallel
     if job == "train" and not t.activation_checkpointing:
@@ -45,14 +44,14 @@ def _with(cfg: Config, **sections) -> Config:
     return out
 
 
-def suggestions(cfg: Config, cluster, job: str, true_experts: Optional[float], imbalance: float,
-                plan: dict) -> list[dict]:
-    from moe_train.planner.plan import _plan_once
-
+def suggestions(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[float], imbalance: float,
+                plan_once: Callable[..., dict]) -> list[dict]:
+    """One row per change of _variants; ``plan_once(cfg, cluster, job, true_experts, imbalance)`` is plan.py's
+    planner (passed in: plan.py calls this module)."""
     rows = []
     for what, variant, cl in _variants(cfg, cluster, job):
         try:
-            p = _plan_once(variant, cl, job, true_experts, imbalance)
+            p = plan_once(variant, cl, job, true_experts, imbalance)
         except ValueError as e:
             rows.append({"change": what, "error": str(e)})
             continue

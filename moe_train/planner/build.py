@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from moe_train.config import Config
+from moe_train.io.adak_convert import add_allocators
+from moe_train.model import build_model
+from moe_train.model.trainable import apply_trainable, freeze_base
 
 JOBS = ("train", "adak")
 
@@ -38,14 +41,10 @@ def bf16_planned(cfg: Config) -> bool:
 
 
 def build_job_model(cfg: Config, job: str, world: int) -> JobModel:
-    from moe_train.model import build_model
-
     if job not in JOBS:
         raise ValueError(f"--job {job!r}: one of {JOBS}")
     if job == "adak":
         return _adak_model(cfg, world)
-    from moe_train.train.trainer import apply_trainable
-
     with torch.device("meta"):
         model = build_model(cfg.model)
         apply_trainable(model, cfg)
@@ -57,10 +56,6 @@ def build_job_model(cfg: Config, job: str, world: int) -> JobModel:
 
 
 def _adak_model(cfg: Config, world: int) -> JobModel:
-    from moe_train.io.adak_convert import add_allocators
-    from moe_train.model import build_model
-    from moe_train.train.adak import freeze_base
-
     base_cfg = cfg.model
     if base_cfg.moe.router != "topk":
         raise ValueError(f"an Ada-K plan starts from a top-k base model; model.moe.router is "

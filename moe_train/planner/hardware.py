@@ -50,3 +50,14 @@ def gpu_spec(name: str) -> GPUSpec:
         raise ValueError(f"--gpu {name!r} is not in the planner's table: use one of {sorted(GPUS)} "
                          f"(moe_train/planner/hardware.py; add a row with its sources to plan another)")
     return GPUS[key]
+
+
+@dataclass
+class Cluster:
+    world: int
+    gpus_per_node: int
+    gpu: str = "h100"
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.world // self.gpus_per_node)

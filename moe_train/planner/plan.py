@@ -10,16 +10,17 @@ FSDP padding and routing).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from moe_train.config import Config
 from moe_train.model.flops import forward_flops_per_token
+from moe_train.parallel.distributed import ParallelContext, validate_layout
 from moe_train.planner.activations import Regime, layer_activations
+from moe_train.planner.advice import suggestions
 from moe_train.planner.build import build_job_model
-from moe_train.planner.hardware import gpu_spec
+from moe_train.planner.hardware import Cluster, gpu_spec
 from moe_train.planner.memory import Workload, adak_memory, train_memory
 from moe_train.planner.roofline import step_time
 from moe_train.planner.shard import PlanError, fake_context, fake_process_group, real_architecture, shard_report
@@ -30,21 +31,8 @@ HEADROOM = 0.9  # of HBM usable by tensors: CUDA context, NCCL buffers and alloc
 FP8_BACKENDS = ("te_fp8", "fp8_rowwise", "fp8_tensorwise")
 
 
-@dataclass
-class Cluster:
-    world: int
-    gpus_per_node: int
-    gpu: str = "h100"
-
-    @property
-    def nodes(self) -> int:
-        return -(-self.world // self.gpus_per_node)
-
-
 def resolve_cluster(cfg: Config, nodes: Optional[int], gpus_per_node: Optional[int], gpu: str) -> Cluster:
     """The world size: --nodes x --gpus-per-node, else parallel.world_size, else one ep group; clear errors."""
-    from moe_train.parallel.distributed import validate_layout
-
     gpu_spec(gpu)
     per = gpus_per_node or 8
     if per < 1 or (nodes is not None and nodes < 1):
@@ -73,9 +61,7 @@ def make_plan(cfg: Config, cluster: Cluster, job: str = "train", true_experts: O
     cfg = real_architecture(cfg)
     plan = _plan_once(cfg, cluster, job, true_experts, imbalance, memory_true_experts)
     if advise and not plan["fits"]:
-        from moe_train.planner.advice import suggestions
-
-        plan["suggestions"] = suggestions(cfg, cluster, job, true_experts, imbalance, plan)
+        plan["suggestions"] = suggestions(cfg, cluster, job, true_experts, imbalance, _plan_once)
     return plan
 
 
@@ -124,8 +110,6 @@ def check_formulas(model, reg: Regime) -> None:
 
 
 def _single_context():
-    from moe_train.parallel.distributed import ParallelContext
-
     return ParallelContext(device=torch.device("meta"))
 
 

@@ -23,6 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config import Config
+from moe_train.io.hf_common import read_hf_config
+from moe_train.io.hf_config import config_from_hf
+from moe_train.parallel.distributed import ParallelContext
+from moe_train.parallel.parallelize import parallelize_model
 
 
 class PlanError(ValueError):
@@ -65,7 +69,6 @@ def fake_context(world: int, ep: int, rank: int = 0):
     init_distributed builds the real one (same mesh dims and groups). Call inside ``fake_process_group``."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    from moe_train.parallel.distributed import ParallelContext
 
     mesh = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp", "ep"))
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu", mesh_dim_names=("world",))
@@ -143,8 +146,6 @@ def _unit_single(model: nn.Module) -> UnitBytes:
 
 def shard_report(model: nn.Module, ctx, param_dtype) -> ShardReport:
     """Applies parallelize_model (world > 1) to ``model`` (meta) and reads its units. Inside fake_process_group."""
-    from moe_train.parallel.parallelize import parallelize_model
-
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtypes = sorted({_dtype_name(p.dtype) for p in model.parameters()})
@@ -167,7 +168,6 @@ def real_architecture(cfg: Config) -> Config:
     src = cfg.train.init_from
     if not src or not (Path(src) / "config.json").is_file():
         return cfg
-    from moe_train.io.hf_config import config_from_hf, read_hf_config
 
     arch = config_from_hf(read_hf_config(src), str(Path(src) / "config.json"))
     return dataclasses.replace(cfg, model=dataclasses.replace(arch, moe=cfg.model.moe))

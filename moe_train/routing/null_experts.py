@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config import MoEConfig
+from moe_train.kernels.routing import route_fused
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
 from moe_train.routing.budget import null_bias_limits, update_null_bias
 from moe_train.routing.plan import RoutingPlan
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
-from moe_train.kernels.routing import route_fused
 from moe_train.routing.topk import select_topk
 from moe_train.routing.zero_compute import split_null_slots
 

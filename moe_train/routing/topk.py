@@ -6,52 +6,23 @@
     group-limited routing (DeepSeek topk_method) restricts idx to the best expert groups (routing/scores.py)
 
 b is the optional aux-loss-free expert bias (selection only, never in w).
-Among exactly equal scores the lower index ranks first (select_topk), so the selection is the same on every device
+Among exactly equal scores the lower index ranks first (select_topk, kernels/routing.py), so the selection is the same on every device
 and dtype (torch.topk leaves that order to the implementation).
 Shape legend: T tokens, D hidden, E true experts, K slots per token.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from moe_train.config import MoEConfig
+
+# select_topk / renormalize: the one selection of every router, owned by the kernel's reference (kernels/routing.py)
+from moe_train.kernels.routing import renormalize, route_fused, select_topk
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
-from moe_train.kernels.routing import route_fused
-
-
-def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None,
-                tie_break: str = "true_first"):
-    """Returns (weight_TK, idx_TK): the k best experts by (probs + bias), best first, and their UNBIASED
-    probabilities. ``bias_N`` may be [T, N] (routing/scores.py selection_bias: -inf rules out group-limited experts). The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
-    these routers).
-
-    tie_break (config.NULL_TIE_BREAKS) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
-    first through a stable descending sort, deterministic on every device and dtype; with the null router's layout
-    (true experts before null experts) a true expert ranks before its null twins. bf16 logits tie between distinct
-    experts often enough (a few tokens per thousand) that a converted model could only reproduce its top-k source
-    if both break ties the same way. ``topk`` leaves the order to torch.topk (device- and dtype-dependent), the
-    authors' AdaMoE behaviour, kept as an option for the null router only.
-    """
-    scores = probs_TN if bias_N is None else probs_TN + bias_N
-    if tie_break == "true_first":
-        idx_TK = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    else:
-        assert tie_break == "topk", tie_break  # validated in config.validate_moe
-        _, idx_TK = torch.topk(scores, k, dim=-1)
-    return probs_TN.gather(-1, idx_TK), idx_TK
-
-
-def renormalize(weight_TK: torch.Tensor, keep_TK: torch.Tensor) -> torch.Tensor:
-    """w_i / sum_{kept j} w_j over the kept slots, 0 elsewhere; a token with nothing kept divides by 1."""
-    w = weight_TK * keep_TK
-    denom = w.sum(dim=-1, keepdim=True)
-    return w / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def variable_k_plan(idx_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torch.Tensor, probs_TE: torch.Tensor,

@@ -79,12 +79,17 @@ from moe_train.config import AdaKConfig, Config, TrainConfig
 from moe_train.data import get_corpus
 from moe_train.eval.report import corpus_report
 from moe_train.io import load_any
+from moe_train.io.adak_convert import add_allocators
 from moe_train.io.lock import OutDirLock
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
+from moe_train.model.trainable import adak_routers, allocators_to_fp32, freeze_base  # noqa: F401
+from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.collectives import all_reduce_sum
+from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.adak import AdaKRouter, routing_mode
+from moe_train.train.deepspeed_engine import check_launch, prepare_experts
+from moe_train.train.engine import TorchEngine
 from moe_train.train.metrics import logger
 from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
 from moe_train.train.trainer import Trainer
@@ -101,33 +106,6 @@ def global_mean(x: torch.Tensor, ctx: Optional[ParallelContext] = None) -> torch
     return (s[0] / s[1]).to(x.dtype)
 
 
-def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
-    routers = model.routers()
-    if not all(isinstance(r, AdaKRouter) for r in routers):
-        raise ValueError(f"the model's router is {model.config.moe.router!r}, not an Ada-K router: convert a top-k "
-                         "model with moe_train.io.adak_convert.add_allocators (moe-train adak does it)")
-    return routers
-
-
-def allocators_to_fp32(routers: Sequence[AdaKRouter]) -> None:
-    """The allocators as fp32 master weights, in place (the Parameter objects stay; exact from bf16)."""
-    for r in routers:
-        r.allocator.float()
-
-
-def freeze_base(model: MoETransformer) -> list[nn.Parameter]:
-    """requires_grad False on every parameter except the allocators, which become fp32 master weights (module
-    docstring: precision); returns the allocator weights. Call before building the optimizer."""
-    routers = adak_routers(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    allocators_to_fp32(routers)
-    params = [r.allocator.weight for r in routers]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
 def build_allocator_optimizer(params: Sequence[nn.Parameter], a: AdaKConfig, t: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the allocator weights only (paper: lr 1e-3 constant, weight decay 0.1)."""
     return torch.optim.AdamW(list(params), lr=a.lr, weight_decay=a.weight_decay, betas=(t.beta1, t.beta2))
@@ -135,8 +113,6 @@ def build_allocator_optimizer(params: Sequence[nn.Parameter], a: AdaKConfig, t: 
 
 def load_adak_model(cfg: Config) -> MoETransformer:
     """The base model of ``train.init_from``, converted to Ada-K with adak.k_min / adak.k_max when it is top-k."""
-    from moe_train.io.adak_convert import add_allocators
-
     src = cfg.train.init_from
     if src is None:
         raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
@@ -333,8 +309,6 @@ def forced_log_probs(model: MoETransformer, inputs_BS: torch.Tensor, action_LT: 
 def as_engine(opt, model: nn.Module, params: Sequence[nn.Parameter], ctx: Optional[ParallelContext]):
     """``opt`` when it is an engine (train/engine.py), else a TorchEngine over the torch optimizer ``opt`` whose
     clipping covers ``params`` (the trainer's: the global norm over all ranks; torch's own in one process)."""
-    from moe_train.train.engine import TorchEngine
-
     if hasattr(opt, "clip_and_step"):
         return opt
     return TorchEngine(model, opt, ParallelContext() if ctx is None else ctx, params=list(params))
@@ -466,14 +440,12 @@ class AdaKTrainer(Trainer):
         model = model.to(self.ctx.device)
         freeze_base(model)
         if self.cfg.parallel.engine == "deepspeed":  # expert shards + all-to-all; DeepSpeed reduces the allocators
-            from moe_train.parallel.deepspeed_engine import check_launch, prepare_experts
 
             check_launch(self.cfg, self.ctx)
             prepare_experts(model, self.ctx)
         elif self.ctx.distributed:
             # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
             # allocator decides k before dispatch, so each token sends only its k rows.
-            from moe_train.parallel.parallelize import parallelize_model
 
             model = parallelize_model(model, self.ctx)
         self.params = [r.allocator.weight for r in adak_routers(model)]  # what the stages' optimizers train
@@ -536,8 +508,7 @@ class AdaKTrainer(Trainer):
             inputs, _ = self.data.train.next_batch()
             loss, st = warm_start_loss(self.model, inputs.to(ctx.device), a.warm_start_threshold, engine.forward)
             _update(engine, loss, t.grad_clip, f"warm start step {step}")
-            st = {k: [_mean_over_ranks(x, ctx) for x in v] if isinstance(v, list) else _mean_over_ranks(v, ctx)
-                  for k, v in st.items()}
+            st = mean_stats_over_ranks(st, ctx)
             record = {"stage": "warm_start", "step": step, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
                       "seconds": time.perf_counter() - start}
             self.metrics.write(record)
@@ -590,8 +561,19 @@ class AdaKTrainer(Trainer):
                         f"FLOPs vs top-k {fin['flops_vs_topk']:.3f}")
 
 
-def _mean_over_ranks(x: float, ctx: ParallelContext) -> float:
-    return global_mean(torch.tensor(x, dtype=torch.float64), ctx).item()
+def mean_stats_over_ranks(stats: dict, ctx: Optional[ParallelContext]) -> dict:
+    """Each float (or list of floats) of ``stats`` averaged over the ranks, in ONE all-reduce. The values are packed
+    on ctx.device: NCCL takes CUDA tensors only (a CPU tensor passes on gloo, so only a GPU run would see it)."""
+    if ctx is None or not ctx.distributed:
+        return stats
+    flat = [x for v in stats.values() for x in (v if isinstance(v, list) else [v])]
+    mean = all_reduce_mean(torch.tensor(flat, dtype=torch.float64, device=ctx.device), ctx).tolist()
+    out, i = {}, 0
+    for k, v in stats.items():
+        n = len(v) if isinstance(v, list) else 1
+        out[k] = mean[i:i + n] if isinstance(v, list) else mean[i]
+        i += n
+    return out
 
 
 def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optional[ParallelContext] = None) -> dict:

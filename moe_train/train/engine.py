@@ -4,7 +4,7 @@ Two implementations, one interface, so the Trainer (train/trainer.py) and Ada-K 
     TorchEngine      moe_train's own: a torch optimizer and LR schedule over a plain or FSDP2 model
                      (parallel/parallelize.py), the global-norm clipping of parallel/collectives.py, DCP checkpoints
                      (io/dcp_checkpoint.py). parallel.engine: fsdp.
-    DeepSpeedEngine  deepspeed.initialize around the same model (parallel/deepspeed_engine.py).
+    DeepSpeedEngine  deepspeed.initialize around the same model (train/deepspeed_engine.py).
                      parallel.engine: deepspeed.
 Interface (duck-typed):
     forward(*args, **kw)        the module call that the backward will go through

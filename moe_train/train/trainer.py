@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import resource
 import time
 from pathlib import Path
@@ -36,15 +35,22 @@ from moe_train.data import Data, build_data, get_corpus
 from moe_train.eval.report import corpus_report, validation_metrics
 from moe_train.io import load_any
 from moe_train.io.atomic import remove_leftovers
+from moe_train.io.convert import add_null_experts
 from moe_train.io.dcp_checkpoint import latest_checkpoint, remove_stale_temporaries
+from moe_train.io.hf import to_hf
 from moe_train.io.lock import OutDirLock
 from moe_train.io.model_file import load_model, save_model
 from moe_train.model import MoETransformer, build_model
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
+from moe_train.model.lora import merge_lora_state_dict
 from moe_train.model.loss import lm_loss, routing_losses
-from moe_train.parallel.distributed import ParallelContext, distributed
+from moe_train.model.trainable import apply_trainable  # noqa: F401 (callers import it from here too)
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, local_tensor
+from moe_train.parallel.distributed import ParallelContext, distributed
+from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.capacity import load_imbalance
+from moe_train.train.deepspeed_engine import build_engine, check_launch, prepare_experts, split_moe_groups
+from moe_train.train.engine import TorchEngine
 from moe_train.train.fingerprint import check_resume, config_record, optimizer_hparams, reapply_hparams
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
 from moe_train.train.preemption import Preempted, StopSignals, handles_stop_signals, rank_log
@@ -112,8 +118,6 @@ def initial_model(cfg: Config) -> MoETransformer:
     loaded = load_any(src)
     want, have = cfg.model.moe, loaded.config.moe
     if want.router == "null" and have.router == "topk":
-        from moe_train.io.convert import add_null_experts
-
         add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
                          want.null_kind)
     elif want.router == "top_p" and have.router == "topk":  # the same gate; top-p selection over its probabilities
@@ -133,19 +137,6 @@ def initial_model(cfg: Config) -> MoETransformer:
     assert not unexpected and all(k.endswith(("expert_bias", "null_bias", "null_bias_integral")) for k in missing), \
         (missing, unexpected)
     return model
-
-
-def apply_trainable(model: torch.nn.Module, cfg: Config) -> None:
-    """LoRA (if configured), then freeze every parameter whose name matches none of train.trainable."""
-    t = cfg.train
-    if t.lora_rank:
-        from moe_train.model.lora import apply_lora
-
-        apply_lora(model, t.lora_rank, t.lora_alpha, tuple(t.lora_targets))
-    if t.trainable:
-        patterns = [re.compile(p) for p in t.trainable]
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(pt.search(name) for pt in patterns))
 
 
 def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.device) -> dict:
@@ -278,13 +269,10 @@ class Trainer:
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         model = model.to(self.ctx.device)
         if self.cfg.parallel.engine == "deepspeed":  # sharding and reduction are DeepSpeed's (setup_optimizer)
-            from moe_train.parallel.deepspeed_engine import check_launch, prepare_experts
 
             check_launch(self.cfg, self.ctx)
             prepare_experts(model, self.ctx)
         elif self.ctx.distributed:
-            from moe_train.parallel.parallelize import parallelize_model
-
             # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
             bf16 = bf16_compute(self.cfg, self.ctx.device)
             model = parallelize_model(model, self.ctx, param_dtype=torch.bfloat16 if bf16 else None)
@@ -297,7 +285,6 @@ class Trainer:
         self.autocast = use_autocast(self.model, self.cfg, self.ctx.device)  # single process: autocast over fp32
         self.opt = build_optimizer(self.model, self.cfg, self.ctx.device)
         if self.cfg.parallel.engine == "deepspeed":  # MoE / non-MoE parameter groups, before the schedule sees them
-            from moe_train.parallel.deepspeed_engine import split_moe_groups
 
             split_moe_groups(self.opt)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
@@ -323,10 +310,7 @@ class Trainer:
         split into MoE / non-MoE groups first: setup_optimizer). ``accum``: micro-batches per step (default
         train.grad_accum_steps)."""
         if self.cfg.parallel.engine != "deepspeed":
-            from moe_train.train.engine import TorchEngine
-
             return TorchEngine(self.model, opt, self.ctx, sched, params)
-        from moe_train.parallel.deepspeed_engine import build_engine
 
         return build_engine(self.model, opt, self.cfg, self.ctx, bf16_compute(self.cfg, self.ctx.device), sched,
                             self.cfg.train.grad_accum_steps if accum is None else accum)
@@ -566,8 +550,6 @@ class Trainer:
         path = self.out_dir / name / "model.pt"
         if self.ctx.is_main:
             if merge_lora:
-                from moe_train.model.lora import merge_lora_state_dict
-
                 state = merge_lora_state_dict(state, self.cfg.train.lora_alpha)  # the final model is a plain model
             save_model(self.model, path, step=step, state_dict=state)
         return path
@@ -583,6 +565,4 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
 
 def export_hf(model_path: Path, hf_dir: Path) -> None:
     """The final model as a Hugging Face folder."""
-    from moe_train.io.hf import to_hf
-
     to_hf(load_model(model_path), hf_dir)

@@ -7,10 +7,13 @@ Importing this package needs megatron-core (>= 0.16.1); compat.py raises one cle
 """
 
 from moe_train.parallel.megatron import compat
-from moe_train.parallel.megatron.convert import (add_null_experts, convert_checkpoint_file,
-                                                 router_state_from_moe_train, sequential_mlp_state_from_moe_train)
-from moe_train.parallel.megatron.dispatcher import (VariableKAllToAllDispatcher, VariableKMoELayer,
-                                                    routing_map_to_slots)
+from moe_train.parallel.megatron.convert import (
+                                                 add_null_experts,
+                                                 convert_checkpoint_file,
+                                                 router_state_from_moe_train,
+                                                 sequential_mlp_state_from_moe_train,
+)
+from moe_train.parallel.megatron.dispatcher import VariableKAllToAllDispatcher, VariableKMoELayer, routing_map_to_slots
 from moe_train.parallel.megatron.router import VariableKRouter, VariableKRouting, adak, adamoe, topk
 from moe_train.parallel.megatron.spec import get_gpt_decoder_block_spec, get_gpt_layer_spec, with_variable_k
 from moe_train.parallel.megatron.zero_compute import ZeroComputeMoELayer

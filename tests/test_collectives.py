@@ -35,7 +35,7 @@ def _calls(t: torch.Tensor):
 
 def test_tensors_on_the_backends_device_pass(world1):
     t = torch.arange(4.0)
-    for name, call in _calls(t).items():
+    for call in _calls(t).values():
         call()
     assert torch.equal(C.all_reduce_sum(t, ParallelContext(world_size=2)), t)  # one rank: the sum is itself
 
@@ -43,7 +43,7 @@ def test_tensors_on_the_backends_device_pass(world1):
 def test_a_tensor_off_the_backends_device_is_refused(world1, monkeypatch):
     monkeypatch.setitem(C.BACKEND_DEVICE, "gloo", "cuda")  # as NCCL: CUDA tensors only
     t = torch.arange(4.0)
-    for name, call in _calls(t).items():
+    for call in _calls(t).values():
         with pytest.raises(C.CollectiveDeviceError, match=r"gloo process group got a cpu tensor .*cuda tensors only"):
             call()
 

@@ -272,6 +272,26 @@ def test_grouped_mm_unaligned_and_unknown_backend():
         grouped_mm(x, w, counts_E, "fp8_rowwise")
 
 
+def test_grouped_mm_fallback_is_logged_once(monkeypatch, caplog):
+    """On CUDA, torch._grouped_mm runs a per-expert loop (with a host sync) for anything but bf16 on Hopper /
+    Blackwell: correct but slow, so it is logged, once per reason."""
+    from types import SimpleNamespace
+
+    from moe_train.kernels import grouped_gemm as G
+
+    fake_cuda = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=None)
+    assert "float32 operands" in G.fallback_reason(fake_cuda) and "bf16 only" in G.fallback_reason(fake_cuda)
+    assert G.fallback_reason(torch.zeros(1)) is None  # CPU: one path, nothing to say
+    monkeypatch.setattr(G, "_WARNED", set())
+    monkeypatch.setattr(G, "fallback_reason", lambda x: "float32 operands: test")  # as a CUDA fp32 call would get
+    x, w, counts_E, _ = gemm_case([2, 3], 8, 8)
+    with caplog.at_level("WARNING", logger=G.__name__):
+        for _ in range(3):
+            grouped_mm(x, w, counts_E, "grouped_mm")
+    hits = [r for r in caplog.records if "per-expert loop" in r.getMessage()]
+    assert len(hits) == 1 and "float32 operands: test" in hits[0].getMessage()
+
+
 # ---- FP8 (torch._scaled_mm runs on CPU and computes exactly the dequantised product) ----
 
 

@@ -35,16 +35,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from moe_train.config import NULL_TIE_BREAKS, ConfigError, MoEConfig, validate_model, validate_moe
-from moe_train.io.hf import from_hf, to_hf
+from moe_train.io.hf import to_hf_stream
 from moe_train.io.hf_common import read_hf_config
 from moe_train.io.hf_config import config_from_hf
 from moe_train.io.safetensors_folder import stored_dtype
+from moe_train.io.sources import HFSource, meta_model_with_routers
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.null_experts import NullExpertRouter
 
@@ -197,14 +199,31 @@ def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_exp
     src, dst = Path(src), Path(dst)
     hf = read_hf_config(src)
     moe = config_from_hf(hf, str(src / "config.json")).moe
-    if moe.router == "null" and moe.null_kind != "zero":  # the family's own null experts (an AdaMoE one: refused)
+    existing = moe.router == "null" and moe.null_kind != "zero"  # the family's own null experts (AdaMoE: refused)
+    if existing:
         new_moe = check_existing_nulls(moe, num_null_experts, top_k, null_kind, baseline_top_k)
-        model = from_hf(src, dtype=stored_dtype(src))
-        model.config = dataclasses.replace(model.config, moe=new_moe)
     else:
         kind = "zero" if null_kind is None else null_kind
         check_conversion(moe, num_null_experts, top_k, baseline_top_k, null_tie_break, kind)
-        model = from_hf(src, dtype=stored_dtype(src))
-        add_null_experts(model, num_null_experts, top_k, baseline_top_k, null_tie_break, kind)
+    dtype = stored_dtype(src)
     extra = {key: hf[key] for key in _CARRIED_HF_KEYS if key in hf}
-    return to_hf(model, dst, max_shard_size=max_shard_size, extra_config=extra, carry_from=[src])
+    # Streamed: the routers are read and converted whole (they are small), every other tensor is read, cast and
+    # written a decoder layer at a time; peak memory is one layer, not the model.
+    with ExitStack() as stack:
+        source = HFSource(src, stack)
+        model = meta_model_with_routers(source)
+        if existing:
+            model.config = dataclasses.replace(model.config, moe=new_moe)
+        else:
+            add_null_experts(model, num_null_experts, top_k, baseline_top_k, null_tie_break, kind)
+        routers = {f"layers.{i}.moe.router.{rel}": t.detach() for i, layer in enumerate(model.layers)
+                   if layer.moe is not None for rel, t in layer.moe.router.state_dict().items()}
+        specs = {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
+                 for name, t in model.state_dict().items()}
+
+        def get(name: str) -> torch.Tensor:
+            t = routers[name] if name in routers else source.get(name)
+            return t.to(specs[name][1])
+
+        return to_hf_stream(model.config, specs, get, dst, max_shard_size=max_shard_size, extra_config=extra,
+                            carry_from=[src])

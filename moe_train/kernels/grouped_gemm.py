@@ -2,7 +2,9 @@
 
 Backends (one interface, chosen by name; config ``moe.gemm_backend``):
   grouped_mm      torch._grouped_mm (fp32 on CPU, bf16 on GPU). Needs 16-byte aligned strides (dims multiple of
-                  4 in fp32, 8 in bf16); raises otherwise.
+                  4 in fp32, 8 in bf16); raises otherwise. On CUDA its fused kernel takes bf16 on compute capability
+                  9.x / 10.x only; anything else (fp32, fp16, older GPUs) runs torch's fallback, a loop over the
+                  experts after a host sync on the offsets, which is logged once (fallback_reason).
   loop            a per-expert loop of plain matmuls: the reference (and as fast on CPU, where time is GEMM-bound).
   auto            grouped_mm where the shapes allow it, else loop; both compute the same products.
   te              Transformer Engine GroupedLinear in the input dtype (bf16). CUDA + transformer_engine only.
@@ -22,7 +24,9 @@ E experts.
 
 from __future__ import annotations
 
+import logging
 import weakref
+from typing import Optional
 
 import torch
 
@@ -30,6 +34,8 @@ from moe_train.config import GEMM_BACKENDS as BACKENDS  # the one list (config.p
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
 
 _LOW = (torch.bfloat16, torch.float16)
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # fallback reasons already logged (once per process each)
 
 
 def compute_dtype(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> torch.dtype:
@@ -66,7 +72,28 @@ def grouped_mm_loop(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Ten
     return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EIO.shape[2])
 
 
+def fallback_reason(x_NI: torch.Tensor) -> Optional[str]:
+    """Why torch._grouped_mm would run its per-expert fallback loop on these CUDA operands; None when it runs its
+    fused kernel (or on CPU, where there is only one path). torch 2.10's GroupedBlas.cpp takes the fused CUTLASS
+    kernel for bf16 operands on compute capability 9.x / 10.x only."""
+    if not x_NI.is_cuda:
+        return None
+    if x_NI.dtype != torch.bfloat16:
+        return (f"{x_NI.dtype} operands: torch._grouped_mm's fused CUDA kernel is bf16 only (train in bf16, e.g. "
+                "parallelize_model(param_dtype=torch.bfloat16) or autocast)")
+    major, minor = torch.cuda.get_device_capability(x_NI.device)
+    if major not in (9, 10):
+        return (f"compute capability {major}.{minor}: torch._grouped_mm's fused kernel is built for 9.x (Hopper) and "
+                "10.x (Blackwell)")
+    return None
+
+
 def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    reason = fallback_reason(x_NI)
+    if reason is not None and reason not in _WARNED:
+        # silent otherwise: the result is right, only slow (a host sync and one GEMM per expert, per call)
+        _WARNED.add(reason)
+        logger.warning(f"grouped GEMM: torch._grouped_mm falls back to a per-expert loop with a host sync: {reason}")
     if x_NI.shape[0] == 0:
         # _grouped_mm's backward rejects an empty input; an empty matmul gives the same (zero) gradients.
         return x_NI @ w_EIO[0]
@@ -146,8 +173,11 @@ def grouped_mm_te(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tenso
         m_splits, x_in, pos_N = counts_E.tolist(), x_NI.contiguous(), None  # TE views the input as [-1, I]
     mod = _te_module(te, w_EIO, x_NI.dtype)
     # TE wants weight{e} as [O, I] in the activation dtype (it asserts parameter and input dtypes match outside
-    # torch autocast); the transpose copy's backward hands the gradient back to w_EIO.
-    w_EOI = w_EIO.to(x_NI.dtype).transpose(1, 2).contiguous()
+    # torch autocast); the transpose copy's backward hands the gradient back to w_EIO. One copy per call, cast and
+    # transpose together: our experts are stored [E, I, O], and a cached copy would go stale at every optimizer
+    # step and could not carry the gradient (only storing the weights as [E, O, I] would remove it).
+    # (.to returns the view itself when the dtype already matches: .contiguous() then makes the one copy)
+    w_EOI = w_EIO.transpose(1, 2).to(dtype=x_NI.dtype, memory_format=torch.contiguous_format).contiguous()
     try:
         for e in range(E):
             mod._parameters[f"weight{e}"] = w_EOI[e]

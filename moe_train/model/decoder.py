@@ -25,6 +25,7 @@ from torch import nn
 
 from moe_train.config import ModelConfig, validate_model
 from moe_train.model.experts import SwiGLU
+from moe_train.model.init import base_seed, init_weights_
 from moe_train.model.longcat import LongcatDecoderLayer
 from moe_train.model.mla import MLAttention
 from moe_train.model.moe_layer import MoELayer
@@ -97,6 +98,9 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # one draw of the global generator before anything else draws (submodules' own default inits do on the
+        # CPU, not on the meta device): the same seed on every path
+        self.init_seed = base_seed()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = rotary_for(cfg)
         self.layers = nn.ModuleList(layer_class(cfg)(cfg, i) for i in range(cfg.num_layers))
@@ -111,17 +115,12 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for layer in self.moe_layers():
-            for w in (layer.moe.experts.w_gate, layer.moe.experts.w_up, layer.moe.experts.w_down):
-                nn.init.normal_(w, std=std)
+        """Every tensor at its initial value (model/init.py: one generator per tensor, seeded by ``init_seed`` and
+        its name, so a model materialised shard by shard on any number of ranks holds the same values). On the meta
+        device nothing is drawn: train/build.py fills each rank's shards from the same rule."""
+        if self.embed_tokens.weight.is_meta:
+            return
+        init_weights_(self, self.init_seed, self.config.init_std)
 
     def forward(self, input_ids_BS: torch.Tensor, *, return_plans: bool = False):
         if input_ids_BS.dim() != 2:

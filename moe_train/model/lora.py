@@ -10,6 +10,7 @@ Shape legend: N rows grouped by expert, D hidden, F expert FFN width, E experts,
 from __future__ import annotations
 
 import math
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +108,33 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], alpha: float) -> dict[
         else:
             out[key] = value
     return out
+
+
+def _lora_unit(name: str) -> str:
+    """The module whose tensors merge_lora_state_dict needs together: a LoRALinear (its base.* and lora_*), a
+    stacked-expert module (w_* and lora_*_A/B), else the tensor's own module."""
+    for mark in (".base.", ".lora_"):
+        if mark in name:
+            return name.split(mark)[0]
+    return name.rpartition(".")[0]
+
+
+def merge_lora_stream(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], alpha: float
+                      ) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], Iterator[tuple[str, torch.Tensor]]]:
+    """merge_lora_state_dict over a stream of full tensors (a streamed save of a sharded model): the merged
+    specs (computed on meta tensors), and the merged tensors, one module's worth held at a time."""
+    meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in specs.items()}
+    merged_specs = {n: (tuple(t.shape), t.dtype) for n, t in merge_lora_state_dict(meta, alpha).items()}
+
+    def merged() -> Iterator[tuple[str, torch.Tensor]]:
+        group: dict[str, torch.Tensor] = {}
+        for name, t in tensors:
+            if group and _lora_unit(name) != _lora_unit(next(iter(group))):
+                yield from merge_lora_state_dict(group, alpha).items()
+                group = {}
+            group[name] = t
+        if group:
+            yield from merge_lora_state_dict(group, alpha).items()
+
+    return merged_specs, merged()

@@ -1,6 +1,7 @@
 """Applies expert + data parallelism to a plain model: expert sharding, all-to-all dispatchers, FSDP2.
 
-parallelize_model(model, ctx), on every rank, with the same full model on every rank (same seed or checkpoint):
+parallelize_model(model, ctx), on every rank, with the same full model on every rank (same seed or checkpoint), or
+with a model on the meta device (train/build.py: sharded first, then each rank materialises its own shards):
   1. each MoE layer keeps only its expert shard: experts [ep_rank*E_local, (ep_rank+1)*E_local) (E_local = E/ep) of
      every stacked per-expert tensor (base weights and LoRA adapters alike), recorded in ``experts.ep_shard`` (an
      ExpertShard), and gets an AllToAllDispatcher over the ep group (ep > 1);
@@ -8,7 +9,8 @@ parallelize_model(model, ctx), on every rank, with the same full model on every 
      the per-expert counts summed over all ranks (the probabilities stay local);
   3. gradient reduction by FSDP2 ``fully_shard`` with two meshes (the torchtitan layout):
        experts of each layer   over the "dp" mesh dim (the expert-data-parallel group, ranks with the same shard)
-       everything else          over all ranks (world_mesh), one unit at the root
+       everything else          over all ranks (world_mesh): one unit per decoder block (its experts nested in
+                                it), the embedding, norm + head, and the root (_apply_fsdp)
      Expert weights are sharded on dim 1 over the edp group (dim 0 is the ep split).
      Scale. The loss on each rank is the mean over its own tokens; the objective is the mean over ranks. A
      non-expert gradient is averaged over the world (FSDP's default). An expert weight's local gradient already
@@ -135,6 +137,18 @@ def _apply_fsdp(model: nn.Module, ctx: ParallelContext, layers: list[MoELayer],
             # gloo has no PREMUL_SUM: sum, then divide. (Not on a 1-rank mesh: torch 2.13 would divide twice there,
             # once in its no-communication copy and once more as the post-division.)
             layer.experts.set_force_sum_reduction_for_comms(True)
+    # One unit per decoder block (torchtitan's): a rank holds one block's gathered parameters at a time, not the
+    # whole model's. Every block but the last frees its gathered parameters after forward (gathered again for
+    # backward); the last block's and the head's are used by backward at once, so they stay. The embedding and
+    # norm + head are units of their own; a tied head shares the embedding's weight, so it stays in the root unit
+    # with the embedding. FSDP2 prefetches the next unit's all-gather during the current unit's compute.
+    blocks = list(getattr(model, "layers", []))
+    for i, block in enumerate(blocks):
+        fully_shard(block, mesh=ctx.world_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if hasattr(model, "embed_tokens") and not tied:
+        fully_shard(model.embed_tokens, mesh=ctx.world_mesh, mp_policy=mp)
+        fully_shard([model.norm, model.lm_head], mesh=ctx.world_mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mesh=ctx.world_mesh, mp_policy=mp)
 
 
@@ -156,8 +170,9 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, param_dtype: Optio
         raise ValueError(f"MoE layers with different expert counts {sorted(num_experts)} are not supported")
     E = num_experts.pop()
     validate_layout(ctx.world_size, ctx.ep_size, E)
-    model.to(ctx.device)
-    if ctx.device.type != "meta":  # the planner (moe_train/planner) shards a meta model: no values to compare
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:  # a model built whole on every rank (tests, small jobs); train/build.py shards a meta model
+        model.to(ctx.device)
         _check_replicas_identical(model, ctx)
     for layer in layers:
         if ctx.ep_size > 1:

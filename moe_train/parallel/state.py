@@ -11,7 +11,7 @@ at another world size and ep (moe_train/io/dcp_checkpoint.py).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -58,6 +58,31 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.T
     if not ctx.distributed:
         return {k: v.detach() for k, v in sd.items()}
     return _gather_full(sd.items(), expert_shards(model), ctx)
+
+
+def full_state_specs(model: nn.Module, ctx: ParallelContext) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (full shape, dtype) of every state-dict entry, as full_state_dict would return them; no communication."""
+    shards = expert_shards(model) if ctx.distributed else {}
+    out = {}
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)  # a DTensor's shape is its global one over the FSDP mesh
+        if name in shards and ctx.ep_size > 1:
+            shape = (shards[name].num_global, *shape[1:])
+        out[name] = (shape, t.dtype)
+    return out
+
+
+def iter_full_state(model: nn.Module, ctx: ParallelContext) -> Iterator[tuple[str, torch.Tensor]]:
+    """full_state_dict one entry at a time (collective: every rank iterates it to the end): a caller that writes each
+    tensor and drops it holds one full tensor, never the model."""
+    sd = model.state_dict()
+    if not ctx.distributed:
+        for name, t in sd.items():
+            yield name, t.detach()
+        return
+    shards = expert_shards(model)
+    for name, t in sd.items():
+        yield name, _gather_full([(name, t)], shards, ctx)[name]
 
 
 def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, Optional[torch.Tensor]]:

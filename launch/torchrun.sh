@@ -6,6 +6,7 @@
 # SIGTERM / SIGUSR1 to torchrun reach the workers, which stop after their current step with a checkpoint
 # (moe_train/train/preemption.py); torchrun waits SHUTDOWN_TIMEOUT_S for them before SIGKILL (raise it for
 # large checkpoints). torchrun itself then exits non-zero; the workers exit 0.
+# A user mistake met after the check (e.g. on one node only) is printed by rank 0 alone (moe_train/cli.py).
 set -euo pipefail
 if [ "${NNODES:-1}" = "1" ]; then
   # A second single-node job on a port in use would join the first job's rendezvous and print nothing until that
@@ -21,6 +22,13 @@ with socket.socket() as s:
         sys.exit(f"launch/torchrun.sh: port {port} is already in use on this host (another job?): "
                  f"set MASTER_PORT to a free port")
 PY
+fi
+# The config and every input (init_from, data, out_dir, the layout at NNODES x NPROC ranks) are checked once here,
+# before torchrun spawns ranks: a mistake fails with one line and exit 2 (SKIP_CHECK=1 skips; a --miniature
+# replaces init_from and data, so it is not checked against them).
+case " $* " in *" --miniature "*) SKIP_CHECK=1 ;; esac
+if [ "${SKIP_CHECK:-0}" != "1" ]; then
+  python -m moe_train.cli train "$@" --check --nnodes "${NNODES:-1}" --procs-per-node "${NPROC:-2}" || exit $?
 fi
 exec torchrun \
   --nnodes "${NNODES:-1}" \

@@ -141,6 +141,19 @@ DEEPSPEED_OFFLOAD_KEYS = ("offload_optimizer", "offload_param", "cpu_offload", "
                           "cpu_offload_use_pin_memory")
 # Sections that do expert parallelism DeepSpeed's way: moe_train does its own (parallel.ep).
 DEEPSPEED_EP_KEYS = ("moe", "expert_parallel")
+# The choice tuple of each config key that takes one of a fixed set of values (`moe-train config --explain`,
+# moe_train/explain.py, shows them; validate() checks the same tuples). Metadata only.
+CHOICES: dict[str, tuple] = {
+    "model.family": FAMILIES, "model.rope_scaling.type": ROPE_TYPES, "model.moe.router": ROUTERS,
+    "model.moe.null_tie_break": NULL_TIE_BREAKS, "model.moe.null_kind": NULL_KINDS,
+    "model.moe.score_func": SCORE_FUNCS, "model.moe.topk_method": TOPK_METHODS,
+    "model.moe.drop_policy": DROP_POLICIES, "model.moe.gemm_backend": GEMM_BACKENDS,
+    "model.moe.permute_backend": PERMUTE_BACKENDS, "model.moe.routing_backend": ROUTING_BACKENDS,
+    "train.schedule": SCHEDULES, "train.precision": PRECISIONS, "train.lora_targets": LORA_TARGETS,
+    "data.kind": DATA_KINDS, "data.corpus": CORPORA, "data.format": DATA_FORMATS,
+    "parallel.engine": ENGINES, "deepspeed.stage": DEEPSPEED_STAGES,
+    "adak.dtype": ADAK_DTYPES, "adak.baseline": ADAK_BASELINES,
+}
 
 
 @dataclass

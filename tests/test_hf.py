@@ -207,10 +207,9 @@ def test_null_and_adak_models_round_trip_exactly(tmp_path, family, router):
                 r.expert_bias.copy_(torch.randn(4))
                 r.null_bias.fill_(0.3)
                 r.null_bias_integral.fill_(-0.7)
-    with pytest.warns(UserWarning, match="expert bias") if router == "null" else _nullcontext():
-        to_hf(model, tmp_path / "x")
+    to_hf(model, tmp_path / "x")  # the shipped modeling code routes with the expert bias: no warning that it is lost
     hf = json.loads((tmp_path / "x" / "config.json").read_text())
-    assert hf["moe_train"]["router"] == router
+    assert hf["moe_train"]["router"] == router and hf["model_type"] == "moe_train"
     extra = "null_gate.weight" if router == "null" else "allocator.weight"
     prefix = "block_sparse_moe." if family == "mixtral" else "mlp."
     with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as f:
@@ -221,18 +220,13 @@ def test_null_and_adak_models_round_trip_exactly(tmp_path, family, router):
     assert back.config == model.config
     assert_same_tensors(back, model)
     assert torch.equal(ours_logits(back, IDS), ours_logits(model, IDS))
-    # transformers still loads the folder: as the top-k model with the true gates (extras ignored)
-    ref, info = load_in_transformers(tmp_path / "x")
-    assert ref.config.num_experts_per_tok == 2
-    assert any(extra in k for k in info["unexpected_keys"])
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    # transformers runs the folder's own modeling code (io/hf_remote), the whole router; never silently top-k
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_in_transformers(tmp_path / "x")
+    ref, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x", trust_remote_code=True,
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (hf_logits(ref.eval(), IDS) - ours_logits(model, IDS)).abs().max().item() <= TOL
 
 
 def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):

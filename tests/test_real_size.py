@@ -26,6 +26,7 @@ import ep_workers as W
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
 CONFIG = str(REPO / "configs" / "tiny_adamoe.yaml")
 
 
@@ -93,3 +94,22 @@ def test_bf16_stores_frozen_weights_in_bf16_and_keeps_fp32_masters(mixtral_folde
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and set(frozen.values()) == {torch.bfloat16}
     assert trainable and set(trainable.values()) == {torch.float32}
+
+
+def test_peak_memory_per_rank_stays_near_its_share(tmp_path):
+    """ep 4 on 4 gloo ranks, a 56M-parameter Mixtral folder converted to AdaMoE with LoRA, one step, final model.pt
+    and HF export: each rank's peak above its imports, less the same job's on a model of the same layout with tiny
+    widths (the fixed overhead: process groups, data, FSDP state), is within 2x the rank's share of the weights
+    (the whole model / 4; the old path held ~2.5x the WHOLE model)."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))  # bench/startup_memory.py (no bench module shadows a package: test_layout.py)
+    import startup_memory as SM
+
+    big = SM.measure(256, 512, 16, 4096, world=4, ep=4, work=tmp_path / "big")
+    small = SM.measure(32, 32, 16, 4096, world=4, ep=4, work=tmp_path / "small")
+    share = big["model_mb"] / 4
+    for b, s in zip(big["ranks"], small["ranks"]):
+        grown = (b["peak_mb"] - b["base_mb"]) - (s["peak_mb"] - s["base_mb"])
+        assert grown <= 2 * share, (b, s, share)
+        assert grown >= 0.5 * share  # the rank does hold its share: the measurement sees the weights

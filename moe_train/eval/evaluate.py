@@ -45,7 +45,8 @@ class EvalConfig:
     generate_prompt: Optional[str] = None  # a prompt for one greedy generation
     max_new_tokens: int = 32
     force_k: Optional[int] = None  # run every token with this k (Ada-K models)
-    compare_topk: bool = False  # Ada-K models: also evaluate with k forced to the base top-k
+    compare_topk: bool = False  # Ada-K / AdaMoE models: also evaluate with their base top-k routing
+    baseline: Optional[str] = None  # a second model (e.g. the top-k base) evaluated the same way, tagged "baseline"
     lm_eval: bool = False  # also run the task files through lm-evaluation-harness
     batch_size: int = 16
     device: str = "cpu"
@@ -57,13 +58,21 @@ def _log_result(name: str, rep: dict) -> None:
 
 
 def _variants(model: MoETransformer, cfg: EvalConfig) -> list[tuple[str, Optional[int]]]:
-    """(tag, force_k) of each way the model runs: as it is (Ada-K: greedy k), and its base top-k if asked."""
+    """(tag, force_k) of each way the model runs: as it is (Ada-K: greedy k), and its base top-k if asked:
+    Ada-K with k forced to the base model's k; a null-expert (AdaMoE) model over its true experts only with its
+    baseline_top_k (moe_train/eval/scoring.py)."""
     moe = model.config.moe
     variants = [("adak" if moe.router == "adak" and cfg.force_k is None else "model", cfg.force_k)]
     if cfg.compare_topk:
-        if moe.router != "adak":
-            raise ValueError(f"--compare-topk needs an Ada-K model (router adak); this one is {moe.router!r}")
-        variants.append((f"top{moe.top_k}", moe.top_k))
+        if moe.router == "adak":
+            variants.append((f"top{moe.top_k}", moe.top_k))
+        elif moe.router == "null":
+            k = moe.resolved_baseline_top_k
+            variants.append((f"top{k}", k))
+        else:
+            raise ValueError(f"--compare-topk compares an Ada-K or null-expert (AdaMoE) model with its base top-k "
+                             f"routing; this is a {moe.router!r} model: give the model to compare with as "
+                             f"--baseline PATH")
     return variants
 
 
@@ -143,15 +152,23 @@ def run_eval(cfg: EvalConfig, on_result: Callable[[str, dict], None] = _log_resu
     device, tasks = check_eval_config(cfg)
     model = load_any(cfg.checkpoint).to(device)
     codec = build_codec(cfg.tokenizer, model.config.vocab_size)
-    variants = _variants(model, cfg)
+    variants = [(tag, model, k) for tag, k in _variants(model, cfg)]
     _check_fits(model, cfg, codec, tasks)  # before any scoring
     results: dict = {"checkpoint": str(cfg.checkpoint), "router": model.config.moe.router}
+    if cfg.baseline is not None:
+        base = load_any(cfg.baseline).to(device)
+        if base.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--baseline {cfg.baseline!r} has vocab_size {base.config.vocab_size}, the checkpoint "
+                             f"{model.config.vocab_size}: the two must read the same tokens")
+        _check_fits(base, cfg, codec, tasks)
+        variants.append(("baseline", base, None))
+        results["baseline"] = {"checkpoint": str(cfg.baseline), "router": base.config.moe.router}
 
     def emit(name: str, rep: dict) -> None:
         results[name] = rep
         on_result(name, {k: v for k, v in rep.items() if k != "predictions"})
 
-    for tag, k in variants:
+    for tag, model, k in variants:
         for f, (kind, docs) in tasks.items():
             emit(f"{tag}:{f}", evaluate_docs(model, kind, docs, codec, cfg.batch_size, device, k))
         if cfg.difficulty:

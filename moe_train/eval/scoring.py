@@ -6,7 +6,8 @@ lm-evaluation-harness's log-likelihood primitives (shared by the task evaluator 
                      model.max_seq_len inputs                                           rolling_loglikelihood
     long inputs      truncated from the left to the last max_seq_len + 1 tokens (lm-eval's HF model does the same)
 Ada-K models are evaluated with the greedy allocator (argmax k); ``force_k`` instead runs every token with a fixed k
-(the base top-k model, for comparison).
+(the base top-k model, for comparison). For a null-expert (AdaMoE) model, a ``force_k`` other than its k routes over
+the true experts only, top-``force_k`` of the true gate (its baseline_top_k: the top-k model it was converted from).
 Shape legend: B batch, S sequence, T = B*S tokens, K slots per token, L layers.
 """
 
@@ -20,6 +21,7 @@ import torch
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
 from moe_train.routing.adak import AdaKRouter
+from moe_train.routing.null_experts import NullExpertRouter
 
 # ----------------------------------------------------------------------------------------------------------
 # routing control and statistics
@@ -33,6 +35,12 @@ def eval_routing(model: MoETransformer, force_k: Optional[int] = None):
     routers = [r for r in model.routers() if isinstance(r, AdaKRouter)]
     saved = [(r.mode, r.forced_action_T) for r in routers]
     handles = []
+    nulls = [r for r in model.routers() if isinstance(r, NullExpertRouter)]
+    if force_k is not None and nulls and force_k != model.config.moe.top_k:
+        with _true_experts_only(nulls, force_k):
+            with eval_routing(model):
+                yield
+        return
     if force_k is not None and not routers:
         if force_k != model.config.moe.top_k:
             raise ValueError(f"force_k={force_k}: only Ada-K models can change k; this is a "
@@ -58,6 +66,25 @@ def eval_routing(model: MoETransformer, force_k: Optional[int] = None):
         for r, (mode, forced) in zip(routers, saved):
             r.set_mode(mode, forced)
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _true_experts_only(routers: list[NullExpertRouter], k: int):
+    """AdaMoE routers routed as their top-k baseline: the true experts' gate alone, top-``k`` of its scores, no
+    null expert and no null selection bias (for a converted model, the routing of the top-k model it came from)."""
+    n = routers[0].num_experts
+    if not 1 <= k <= n:
+        raise ValueError(f"force_k={k}: a null-expert model routed over its {n} true experts only takes k in [1, {n}]")
+    names = ("top_k", "num_null", "null_gate", "null_bias", "null_expert_bias")
+    saved = [{a: getattr(r, a) for a in names} for r in routers]
+    try:
+        for r in routers:
+            r.top_k, r.num_null, r.null_gate, r.null_bias, r.null_expert_bias = k, 0, None, None, None
+        yield
+    finally:
+        for r, attrs in zip(routers, saved):
+            for a, v in attrs.items():
+                setattr(r, a, v)
 
 
 class KStats:

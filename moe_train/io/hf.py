@@ -10,11 +10,15 @@ The parts, one job each:
     io/atomic.py             the atomic folder write
 A model saved by to_hf with a plain top-k router loads in transformers (AutoModelForCausalLM); null gates,
 allocators and the MoEConfig are extras only from_hf reads, so from_hf rebuilds exactly the router that was saved.
+A router transformers does not have (null experts, Ada-K, top-p, an expert bias it ignores) makes the export carry
+its own modeling code, loaded with trust_remote_code=True (io/hf_remote); to_hf logs which loaders run the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -26,6 +30,7 @@ from moe_train.io.atomic import write_folder_atomically
 from moe_train.io.hf_common import CONFIG_NAME, read_hf_config
 from moe_train.io.hf_config import config_from_hf, config_to_hf, write_hf_config
 from moe_train.io.hf_deepseek import num_mtp_layers
+from moe_train.io.hf_remote import loaders_message, remote_code_reason, remote_config, write_export_files
 from moe_train.io.hf_weights import (
     WeightImporter,
     export_head,
@@ -44,6 +49,8 @@ from moe_train.io.safetensors_folder import (
 )
 from moe_train.model.decoder import MoETransformer, layer_class
 from moe_train.model.rope import rotary_for
+
+logger = logging.getLogger(__name__)
 
 
 def check_hf(path: Union[str, Path]) -> ModelConfig:
@@ -113,9 +120,6 @@ def to_hf_stream(cfg: ModelConfig, specs: dict[str, tuple[tuple[int, ...], torch
     folder out, then ``get(name)`` supplies our tensors one decoder layer at a time (e.g. ModelFileReader.get, which
     reads them from a model.pt), each layer converted to the family's names and written before the next is read:
     peak memory is one layer."""
-    if cfg.moe.null_kind == "constant" and cfg.moe.num_null_experts:  # docs/zero_compute.md
-        raise ValueError("to_hf: this model's null experts are of kind 'constant' (model.moe.null_kind), which no "
-                         "Hugging Face family has; save it as a moe_train model.pt (io.model_file.save_model)")
     limit = parse_shard_size(max_shard_size)
     with torch.device("meta"):
         skeleton = MoETransformer(cfg)
@@ -126,6 +130,12 @@ def to_hf_stream(cfg: ModelConfig, specs: dict[str, tuple[tuple[int, ...], torch
         if key in hf and hf[key] != value:
             raise ValueError(f"extra_config[{key!r}]={value!r} clashes with the exported config ({hf[key]!r})")
         hf[key] = value
+    # Which loaders run it (io/hf_remote): a router transformers lacks ships its own modeling code. The expert
+    # biases are read ahead (E numbers per layer) since a zero one changes nothing in transformers' routing.
+    bias_names = [n for n in specs if n.endswith("moe.router.expert_bias")]
+    remote = remote_code_reason(cfg, any(bool(get(n).abs().sum() > 0) for n in bias_names))
+    if remote is not None:
+        hf = remote_config(hf, cfg)
     hf_specs = {name: (tuple(t.shape), t.dtype) for name, t in export_state_dict(skeleton).items()}
 
     def part(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
@@ -156,6 +166,12 @@ def to_hf_stream(cfg: ModelConfig, specs: dict[str, tuple[tuple[int, ...], torch
     def write(folder: Path) -> None:
         copy_non_weight_files(sources, folder)
         write_hf_config(folder, hf)
+        write_export_files(folder, hf)  # modeling code (remote exports), generation_config.json
         write_safetensors_stream(folder, hf_specs, tensors(), limit)
 
-    return write_folder_atomically(dst, write)
+    with warnings.catch_warnings():
+        if remote is not None:  # the shipped code routes with the expert bias: hf_weights' "transformers ignores it"
+            warnings.filterwarnings("ignore", message=r"layer \d+: the .*expert bias is nonzero")
+        out = write_folder_atomically(dst, write)
+    (logger.info if remote is None else logger.warning)(loaders_message(cfg, remote, out))
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moe_train.config import FAMILIES, ConfigError, ModelConfig, MoEConfig, validate_model
-from moe_train.io import hf_longcat
+from moe_train.io import hf_longcat, hf_remote
 from moe_train.io.hf_common import (
     CONFIG_NAME,
     MOE_TRAIN_KEY,
@@ -99,6 +99,12 @@ def _check_sliding_window(hf: dict, family: str, max_pos: int, where: str) -> No
 def config_from_hf(hf: dict, where: str = CONFIG_NAME) -> ModelConfig:
     """Maps a Mixtral / Qwen2-MoE config.json to a validated ModelConfig (ValueError naming unsupported fields)."""
     family = hf.get("model_type")
+    if family == hf_remote.REMOTE_MODEL_TYPE:  # an export carrying its own modeling code: the family's fields
+        family = hf.get(hf_remote.FAMILY_KEY)
+        if family not in hf_remote.FAMILIES:
+            raise ValueError(f"{where}: model_type={hf_remote.REMOTE_MODEL_TYPE!r} with {hf_remote.FAMILY_KEY}="
+                             f"{family!r}; expected one of {hf_remote.FAMILIES}")
+        hf = {**hf, "model_type": family}
     if family not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type={family!r} is not supported; supported: {MODEL_TYPES}")
     check_hf_field_types(hf, where)  # every family's fields, before any is compared or used

@@ -257,9 +257,10 @@ def _header(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], names: list[s
     return len(text).to_bytes(8, "little") + text
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's bytes in row-major order on the host (0-d tensors too)."""
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in row-major order on the host (0-d tensors too), without a copy when it is a contiguous
+    host tensor already (a file write takes the buffer as it is)."""
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def write_safetensors_stream(folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],

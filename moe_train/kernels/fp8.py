@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_train.kernels.cuda_rules import check_grouped_mm
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -97,8 +99,10 @@ def _scaled_mm_grouped(a_NK: torch.Tensor, sa: torch.Tensor, b_EKO: torch.Tensor
         sa_Np = torch.ones(a_NpK.shape[0], dtype=torch.float32, device=a_NK.device)
         sa_Np[pos_N] = sa.reshape(-1)
         offs = torch.cumsum(counts_pad_E, 0, dtype=torch.int32)
-        y_NpO = torch._scaled_grouped_mm(a_NpK, b_EKO, sa_Np, sb.reshape(E, O).contiguous(), offs=offs,
-                                        out_dtype=torch.bfloat16)
+        sb_EO = sb.reshape(E, O).contiguous()
+        check_grouped_mm(a_NpK, b_EKO, offs, scale_a=sa_Np, scale_b=sb_EO, out_dtype=torch.bfloat16,
+                         where="fp8 _scaled_grouped_mm")
+        y_NpO = torch._scaled_grouped_mm(a_NpK, b_EKO, sa_Np, sb_EO, offs=offs, out_dtype=torch.bfloat16)
         return y_NpO.index_select(0, pos_N).to(out_dtype)
     outs, start = [], 0
     for e, m in enumerate(counts_E.tolist()):
@@ -119,7 +123,9 @@ def _wgrad(x_NI: torch.Tensor, g_NO: torch.Tensor, counts_E: torch.Tensor) -> to
     x_NI, g_NO = x_NI.contiguous(), g_NO.contiguous()
     if x_NI.is_cuda and x_NI.dtype == torch.bfloat16:
         # 2d x 2d grouped GEMM: one [I, O] product per group of rows, no host sync.
-        return torch._grouped_mm(x_NI.t(), g_NO, offs=torch.cumsum(counts_E, 0, dtype=torch.int32))
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        check_grouped_mm(x_NI.t(), g_NO, offs, where="fp8 wgrad _grouped_mm")
+        return torch._grouped_mm(x_NI.t(), g_NO, offs=offs)
     parts = zip(torch.split(x_NI, counts_E.tolist()), torch.split(g_NO, counts_E.tolist()))
     return torch.stack([xe.t() @ ge for xe, ge in parts])
 

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from moe_train.config import GEMM_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
+from moe_train.kernels.cuda_rules import check_grouped_mm
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -41,7 +42,8 @@ _WARNED: set[str] = set()  # fallback reasons already logged (once per process e
 def compute_dtype(x_NI: torch.Tensor, w_EIO: torch.Tensor) -> torch.dtype:
     """The dtype the expert GEMM runs in for these operands in the current autocast state (see the docstring)."""
     dev = x_NI.device.type
-    if torch.is_autocast_enabled(dev) and torch.float64 not in (x_NI.dtype, w_EIO.dtype):
+    # meta tensors (shape rehearsals) have no autocast state: torch.is_autocast_enabled("meta") raises
+    if dev != "meta" and torch.is_autocast_enabled(dev) and torch.float64 not in (x_NI.dtype, w_EIO.dtype):
         return torch.get_autocast_dtype(dev)  # what autocast does to a matmul's fp32/fp16/bf16 operands
     if x_NI.dtype == w_EIO.dtype:
         return x_NI.dtype
@@ -98,6 +100,8 @@ def grouped_mm_torch(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Te
         # _grouped_mm's backward rejects an empty input; an empty matmul gives the same (zero) gradients.
         return x_NI @ w_EIO[0]
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    if x_NI.is_cuda or w_EIO.is_cuda:  # CUDA's rules (cuda_rules.py): clear errors instead of a CUDA-side failure
+        check_grouped_mm(x_NI, w_EIO, offs, where="grouped_mm", fallback_dtypes=reason is not None)
     y_NO = torch._grouped_mm(x_NI, w_EIO, offs=offs)
     if y_NO.requires_grad:
         # _grouped_mm's backward fails on stride-0 (expanded) gradients, e.g. from .sum(): make them dense.

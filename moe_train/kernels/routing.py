@@ -128,8 +128,8 @@ def route_topk(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: Optio
     if not use_triton(backend, logits_TN, tie_break):
         return route_topk_torch(logits_TN, top_k, num_true, bias_N, norm_topk_prob, score_func, tie_break)
     bias = None if bias_N is None else bias_N.detach().float()
-    probs, w, idx, counts = _triton_kernels().RoutingFn.apply(logits_TN, bias, top_k, num_true, norm_topk_prob,
-                                                              score_func)
+    probs, w, idx, counts = _triton_kernels().route_differentiable(logits_TN, bias, top_k, num_true, norm_topk_prob,
+                                                                   score_func)
     return Routed(probs, w, idx, counts)
 
 

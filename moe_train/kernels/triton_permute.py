@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 # Whether the kernels below were defined for the CPU interpreter (decided by triton at decoration time).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -110,14 +109,24 @@ def build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: Optional[in
                expert_chunk: Optional[int] = None, num_rows: Optional[int] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (slot_N, token_N, counts_E, row_TK), all int64 on the input's device. ``num_rows`` (known to the
-    caller): no host sync and no id check. ``block`` / ``expert_chunk``: instead of build_config's (tests)."""
+    caller): no host sync and no id check. ``block`` / ``expert_chunk``: instead of build_config's (tests: the
+    kernels launched directly); otherwise through the custom op ``moe_train::build_rows``."""
+    if block is None and expert_chunk is None:
+        return build_rows_op(expert_idx_TK, num_experts, num_rows)
+    return _build_rows(expert_idx_TK, num_experts, block, expert_chunk, num_rows)
+
+
+def _build_rows(expert_idx_TK: torch.Tensor, num_experts: int, block: Optional[int] = None,
+                expert_chunk: Optional[int] = None, num_rows: Optional[int] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, K = expert_idx_TK.shape
     M, E = T * K, num_experts
     dev = expert_idx_TK.device
     idx_M = expert_idx_TK.reshape(-1).contiguous()
     if M == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return empty, empty.clone(), torch.zeros(E, dtype=torch.int64, device=dev), empty.reshape(T, K)
+        def empty(*shape):
+            return torch.zeros(shape, dtype=torch.int64, device=dev)
+        return empty(0), empty(0), empty(E), empty(T, K)  # four tensors: a custom op's outputs must not alias
     cfg = build_config(E)
     cfg.update({k: v for k, v in (("BLOCK", block), ("EB", expert_chunk)) if v is not None})
     nb = triton.cdiv(M, cfg["BLOCK"])
@@ -242,46 +251,146 @@ def combine_rows(src_ND: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd
+# torch custom ops (opaque to torch.compile, fakes for FakeTensorMode / meta) and their autograd
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PermuteFn(torch.autograd.Function):
-    """x_ND[row[t,k]] = x_TD[t]; backward: grad_x[t] = sum of grad rows of t's true slots (a combine)."""
-
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
-        ctx.save_for_backward(row_TK)
-        return scatter_rows(x_TD, row_TK, num_rows)[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_ND: torch.Tensor):
-        (row_TK,) = ctx.saved_tensors
-        return combine_rows(grad_ND, row_TK), None, None
+def _op_name(base: str) -> str:
+    """``moe_train::<base>``, or ``<base>_<n>`` when a copy of this module registered it already (tests import a fresh
+    copy under TRITON_INTERPRET: each copy's op must launch that copy's kernels)."""
+    name, n = base, 0
+    while hasattr(torch.ops.moe_train, name):
+        n += 1
+        name = f"{base}_{n}"
+    return f"moe_train::{name}"
 
 
-class UnpermuteCombineFn(torch.autograd.Function):
-    """out_TD[t] = sum_k w[t,k] y_ND[row[t,k]]; backward: grad_y[row] = w * grad_out[t], grad_w = dot(grad_out, y)."""
+def check_same_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """A kernel reads raw pointers: every operand must live on the first one's device (a CPU tensor handed to a CUDA
+    launch is an illegal address at best). Raised by the real launch and by the fake (FakeTensorMode, torch.compile)."""
+    for name, t in others.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, the other operands on {first.device}; every operand of "
+                             "the Triton kernels must be on one device")
 
-    @staticmethod
-    def forward(ctx, y_ND: torch.Tensor, weight_TK: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(y_ND, weight_TK, row_TK)
-        return combine_rows(y_ND, row_TK, weight_TK)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_TD: torch.Tensor):
-        y_ND, weight_TK, row_TK = ctx.saved_tensors
-        want_gy, want_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_y, grad_w = scatter_rows(grad_TD, row_TK, y_ND.shape[0], weight_TK,
-                                      y_ND=y_ND if want_gw else None, write_rows=want_gy)
-        return grad_y, grad_w, None
+def _check_rows(op: str, row_TK: torch.Tensor, src: torch.Tensor, weight_TK: Optional[torch.Tensor] = None) -> None:
+    check_same_device(op, src, row_TK=row_TK, weight_TK=weight_TK)
+    if row_TK.dtype != torch.int64 or row_TK.dim() != 2:
+        raise ValueError(f"{op}: row_TK must be a 2-D int64 tensor, got {row_TK.dtype} {tuple(row_TK.shape)}")
+    if src.dim() != 2:
+        raise ValueError(f"{op}: rows must be 2-D [rows, D], got {tuple(src.shape)}")
+    if weight_TK is not None and tuple(weight_TK.shape) != tuple(row_TK.shape):
+        raise ValueError(f"{op}: weight_TK {tuple(weight_TK.shape)} must match row_TK {tuple(row_TK.shape)}")
+
+
+@torch.library.custom_op(_op_name("build_rows"), mutates_args=())
+def build_rows_op(expert_idx_TK: torch.Tensor, num_experts: int, num_rows: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot_N, token_N, counts_E, row_TK). Without num_rows, N is data-dependent: one host sync in the real op,
+    an unbacked size (new_dynamic_size) in the fake."""
+    return _build_rows(expert_idx_TK, num_experts, num_rows=num_rows)
+
+
+@build_rows_op.register_fake
+def _build_rows_fake(expert_idx_TK, num_experts, num_rows=None):
+    T, K = expert_idx_TK.shape
+    if num_rows is None:
+        num_rows = 0 if T * K == 0 else torch.library.get_ctx().new_dynamic_size(min=0, max=T * K)
+    i64 = dict(dtype=torch.int64)
+    return (expert_idx_TK.new_empty(num_rows, **i64), expert_idx_TK.new_empty(num_rows, **i64),
+            expert_idx_TK.new_empty(num_experts, **i64), expert_idx_TK.new_empty(T, K, **i64))
+
+
+@torch.library.custom_op(_op_name("permute_rows"), mutates_args=())
+def permute_rows_op(x_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """x_ND[row[t,k]] = x_TD[t] for the true slots (the scatter kernel, no weights)."""
+    _check_rows("moe_train.permute_rows", row_TK, x_TD)
+    return scatter_rows(x_TD, row_TK, num_rows)[0]
+
+
+@permute_rows_op.register_fake
+def _permute_rows_fake(x_TD, row_TK, num_rows):
+    _check_rows("moe_train.permute_rows", row_TK, x_TD)
+    return x_TD.new_empty(num_rows, x_TD.shape[1])
+
+
+@torch.library.custom_op(_op_name("combine_rows"), mutates_args=())
+def combine_rows_op(y_ND: torch.Tensor, row_TK: torch.Tensor, weight_TK: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """out_TD[t] = sum over t's true slots of (weight *) y_ND[row] (the combine kernel)."""
+    _check_rows("moe_train.combine_rows", row_TK, y_ND, weight_TK)
+    return combine_rows(y_ND, row_TK, weight_TK)
+
+
+@combine_rows_op.register_fake
+def _combine_rows_fake(y_ND, row_TK, weight_TK=None):
+    _check_rows("moe_train.combine_rows", row_TK, y_ND, weight_TK)
+    return y_ND.new_empty(row_TK.shape[0], y_ND.shape[1])
+
+
+@torch.library.custom_op(_op_name("combine_rows_backward"), mutates_args=())
+def combine_backward_op(grad_TD: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, y_ND: torch.Tensor,
+                        want_grad_y: bool, want_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y_ND, grad_weight_TK) of the weighted combine in one scatter pass; an unwanted one is an empty tensor."""
+    _check_rows("moe_train.combine_rows_backward", row_TK, grad_TD, weight_TK)
+    check_same_device("moe_train.combine_rows_backward", grad_TD, y_ND=y_ND)
+    gy, gw = scatter_rows(grad_TD, row_TK, y_ND.shape[0], weight_TK, y_ND=y_ND if want_grad_w else None,
+                          write_rows=want_grad_y)
+    return (gy if gy is not None else grad_TD.new_empty(0),
+            gw if gw is not None else weight_TK.new_empty(0))
+
+
+@combine_backward_op.register_fake
+def _combine_backward_fake(grad_TD, row_TK, weight_TK, y_ND, want_grad_y, want_grad_w):
+    _check_rows("moe_train.combine_rows_backward", row_TK, grad_TD, weight_TK)
+    check_same_device("moe_train.combine_rows_backward", grad_TD, y_ND=y_ND)
+    gy = grad_TD.new_empty(y_ND.shape[0], grad_TD.shape[1]) if want_grad_y else grad_TD.new_empty(0)
+    return gy, weight_TK.new_empty(row_TK.shape if want_grad_w else (0,))
+
+
+def _permute_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_backward(ctx, grad_ND):
+    """grad_x[t] = sum of the grad rows of t's true slots: a combine without weights (once differentiable)."""
+    (row_TK,) = ctx.saved_tensors
+    return _sum_rows_per_token(grad_ND.contiguous(), row_TK), None, None
+
+
+def _sum_rows_per_token(grad_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # once differentiable: nothing recorded for a double backward
+        return combine_rows_op(grad_ND, row_TK, None)
+
+
+def _combine_setup_context(ctx, inputs, output):
+    y_ND, row_TK, weight_TK = inputs
+    ctx.save_for_backward(y_ND, row_TK, weight_TK)
+
+
+def _combine_backward(ctx, grad_TD):
+    """Weighted: grad_y[row] = w * grad_out[t], grad_w = dot(grad_out[t], y[row]) (one scatter pass); unweighted
+    (the backward of permute): grad_y[row] = grad_out[t] (a permute). Once differentiable."""
+    y_ND, row_TK, weight_TK = ctx.saved_tensors
+    want_gy, want_gw = ctx.needs_input_grad[0], weight_TK is not None and ctx.needs_input_grad[2]
+    grad_TD = grad_TD.contiguous()
+    with torch.no_grad():
+        if weight_TK is None:
+            return (permute_rows_op(grad_TD, row_TK, y_ND.shape[0]) if want_gy else None), None, None
+        gy, gw = combine_backward_op(grad_TD, row_TK, weight_TK, y_ND, want_gy, want_gw)
+    return (gy if want_gy else None), None, (gw if want_gw else None)
+
+
+permute_rows_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+combine_rows_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
 
 
 def permute(x_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return PermuteFn.apply(x_TD, row_TK, num_rows)
+    """x_ND[row[t,k]] = x_TD[t]; backward: grad_x[t] = sum of the grad rows of t's true slots (a combine)."""
+    return permute_rows_op(x_TD, row_TK, num_rows)
 
 
 def unpermute_combine(y_ND: torch.Tensor, weight_TK: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
-    return UnpermuteCombineFn.apply(y_ND, weight_TK, row_TK)
+    """out_TD[t] = sum_k w[t,k] y_ND[row[t,k]]; backward: grad_y[row] = w * grad_out[t], grad_w = dot(grad_out, y)."""
+    return combine_rows_op(y_ND, row_TK, weight_TK)

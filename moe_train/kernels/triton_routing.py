@@ -14,7 +14,7 @@ NaN: ordered as torch.sort / torch.topk order it, above every number (so as the 
 first (lowest index among NaNs) and its weight is NaN, so a token with NaN logits (softmax: the whole row NaN)
 routes to real experts with NaN weights and the NaN reaches the loss, where the trainer's checks see it. Every
 pick is in [0, N); counts_N sums to T * k.
-Backward (``RoutingFn``): the gradient of weight_TK through the renormalisation and of probs_TN, then through the
+Backward (the custom op ``moe_train::route``, registered autograd): the gradient of weight_TK through the renormalisation and of probs_TN, then through the
 softmax / sigmoid, in torch (``routing_backward``: a few [T, N] element-wise ops).
 Like triton_permute, TRITON_INTERPRET=1 must be set before this module is first imported to run on CPU tensors.
 Shape legend: T tokens, K picks per token, E true experts, N = E + Z scored experts (true, then null: the
@@ -23,10 +23,11 @@ routing/ exception of docs/shapes.md).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
@@ -156,21 +157,69 @@ def routing_backward(grad_probs_TN, grad_w_TK, probs_TN, pick_TK, num_true: int,
     return probs_TN * (gp - (gp * probs_TN).sum(1, keepdim=True))
 
 
-class RoutingFn(torch.autograd.Function):
-    """Differentiable outputs: probs_TN, weight_TK (w.r.t. the logits); expert_idx_TK and counts_N are integers."""
+def _op_name(base: str) -> str:
+    """``moe_train::<base>``, or ``<base>_<n>`` when a copy of this module registered it already (tests import a fresh
+    copy under TRITON_INTERPRET: each copy's op must launch that copy's kernels)."""
+    name, n = base, 0
+    while hasattr(torch.ops.moe_train, name):
+        n += 1
+        name = f"{base}_{n}"
+    return f"moe_train::{name}"
 
-    @staticmethod
-    def forward(ctx, logits_TN, bias_N, top_k, num_true, norm_topk_prob, score_func):
-        probs, w, idx, counts, pick = route(logits_TN, top_k, num_true, bias_N, norm_topk_prob, score_func)
-        ctx.save_for_backward(probs, pick)
-        ctx.cfg = (num_true, norm_topk_prob, score_func, logits_TN.dtype)
-        ctx.mark_non_differentiable(idx, counts)
-        return probs, w, idx, counts
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_probs, grad_w, _gi, _gc):
-        probs, pick = ctx.saved_tensors
-        num_true, norm, score_func, dtype = ctx.cfg
+def check_same_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """A kernel reads raw pointers: every operand must live on the first one's device (a CPU tensor handed to a CUDA
+    launch is an illegal address at best). Raised by the real launch and by the fake (FakeTensorMode, torch.compile)."""
+    for name, t in others.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, the other operands on {first.device}; every operand of "
+                             "the Triton kernels must be on one device")
+
+
+@torch.library.custom_op(_op_name("route"), mutates_args=())
+def route_op(logits_TN: torch.Tensor, bias_N: Optional[torch.Tensor], top_k: int, num_true: int,
+             norm_topk_prob: bool, score_func: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    """route() as a torch custom op (opaque to torch.compile / FakeTensorMode, fake below): (probs_TN, weight_TK,
+    expert_idx_TK, counts_N, pick_TK)."""
+    check_same_device("moe_train.route", logits_TN, bias_N=bias_N)
+    return route(logits_TN, top_k, num_true, bias_N, norm_topk_prob, score_func)
+
+
+@route_op.register_fake
+def _route_fake(logits_TN, bias_N, top_k, num_true, norm_topk_prob, score_func):
+    T, N = logits_TN.shape
+    if not 0 <= top_k <= N:
+        raise ValueError(f"top_k={top_k} must be in [0, N={N}] (N scored experts)")
+    check_same_device("moe_train.route", logits_TN, bias_N=bias_N)
+    f32, i64 = dict(dtype=torch.float32), dict(dtype=torch.int64)
+    return (logits_TN.new_empty(T, N, **f32), logits_TN.new_empty(T, top_k, **f32),
+            logits_TN.new_empty(T, top_k, **i64), logits_TN.new_empty(N, **i64), logits_TN.new_empty(T, top_k, **i64))
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits_TN, _bias, _k, num_true, norm_topk_prob, score_func = inputs
+    probs, _w, idx, counts, pick = output
+    ctx.save_for_backward(probs, pick)
+    ctx.cfg = (num_true, norm_topk_prob, score_func, logits_TN.dtype)
+    ctx.mark_non_differentiable(idx, counts, pick)
+
+
+def _route_backward(ctx, grad_probs, grad_w, _gi, _gc, _gp):
+    """Once differentiable (routing_backward's ops are not recorded for a double backward)."""
+    probs, pick = ctx.saved_tensors
+    num_true, norm, score_func, dtype = ctx.cfg
+    with torch.no_grad():
         g = routing_backward(grad_probs, grad_w, probs, pick, num_true, norm, score_func)
-        return g.to(dtype), None, None, None, None, None
+    return g.to(dtype), None, None, None, None, None
+
+
+route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+
+
+def route_differentiable(logits_TN: torch.Tensor, bias_N: Optional[torch.Tensor], top_k: int, num_true: int,
+                         norm_topk_prob: bool, score_func: str):
+    """(probs_TN, weight_TK, expert_idx_TK, counts_N): differentiable in logits_TN through probs and weights (the
+    bias only selects: no gradient)."""
+    probs, w, idx, counts, _pick = route_op(logits_TN, bias_N, top_k, num_true, norm_topk_prob, score_func)
+    return probs, w, idx, counts

@@ -123,6 +123,16 @@ def resolve_launch_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def launch_rank(env: Mapping[str, str]) -> int:
+    """This process's global rank as its launcher set it (torchrun, mpirun, srun), 0 without a launcher."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    if env.get("SLURM_PROCID", "").isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
 def apply_launch_env(env: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:
     """Exports what resolve_launch_env finds into ``env`` (os.environ by default); returns what it set."""
     env = os.environ if env is None else env

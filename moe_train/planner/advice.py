@@ -2,7 +2,10 @@
 
 Changes tried (each only where it applies): activation checkpointing on; half the micro-batch (twice the
 gradient accumulation); LoRA on attention and experts with only routers and adapters training; the next larger
-ep that divides the experts and the world; twice the GPUs (more nodes, the same global batch).
+ep that divides the experts and the world; twice the GPUs (more nodes, the same global batch). Each row's peak is
+the plan's verdict figure: the largest of the steady step, loading, the first step and the export.
+The LoRA change frees more than the optimizer state: frozen weights are stored in the compute dtype (bf16 under
+bf16 precision: 2 bytes instead of a 4-byte fp32 master, train/build.py), so a frozen base takes half the memory.
 """
 
 from __future__ import annotations
@@ -55,6 +58,6 @@ def suggestions(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[
         except ValueError as e:
             rows.append({"change": what, "error": str(e)})
             continue
-        rows.append({"change": what, "peak_bytes": p["memory"]["peak"], "fits": p["fits"],
+        rows.append({"change": what, "peak_bytes": p["peak_gpu"], "fits": p["fits"],
                      "step_s": p["time"]["serial_s"]})
     return rows

@@ -1,12 +1,17 @@
-"""The job's model at real size on the meta device, prepared exactly as the job prepares it.
+"""The job's model at real size on the meta device, prepared exactly as the job prepares it (train/build.py).
 
-    train  moe_train/train/trainer.py: build_model (null router as configured: the AdaMoE conversion of a top-k
-           checkpoint yields the same modules), apply_trainable (LoRA, freezing), activation_checkpointing flag,
-           fp32 parameters; bf16 compute through FSDP2's MixedPrecisionPolicy (world > 1) or autocast (world 1).
-    adak   moe_train/train/adak.py: the top-k base with add_allocators, the base cast to adak.dtype (``stored`` is
-           planned as bf16, the dtype Hugging Face Mixtral / Qwen folders ship), every base parameter frozen,
-           allocators fp32; parallelize_model without a param dtype (the base computes in its own dtype).
-The planner plans a GPU job: ``train.precision: auto`` resolves to bf16 as it does on CUDA.
+    train  train/build.py build_job_model: build_model (null router as configured: the AdaMoE conversion of a top-k
+           checkpoint yields the same modules), apply_trainable (LoRA, freezing), the activation_checkpointing flag,
+           then the SAME ``_frozen_to`` the job runs: frozen parameters in the compute dtype (bf16 under bf16
+           precision: no fp32 master, no gradient, no optimizer state), trainable ones fp32 masters; bf16 compute
+           through FSDP2's MixedPrecisionPolicy (world > 1) or autocast (world 1).
+    adak   train/adak.py load_adak_model: the top-k base with add_allocators, every base parameter frozen
+           (freeze_base), the base in adak.dtype by the same ``_frozen_to`` (``stored`` is planned as bf16, the
+           dtype Hugging Face Mixtral / Qwen folders ship), allocators fp32; parallelize_model without a param dtype
+           (the base computes in its own dtype).
+The planner plans a GPU job: ``train.precision: auto`` resolves to bf16 as it does on CUDA (train/build.py
+_compute_dtype on a CUDA device). The steps after sharding (to_empty, filling the shards) hold no model-sized
+state beyond the shards; planner/startup.py plans their transients.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from moe_train.config import Config
 from moe_train.io.adak_convert import add_allocators
 from moe_train.model import build_model
 from moe_train.model.trainable import apply_trainable, freeze_base
+from moe_train.train.build import _compute_dtype, _frozen_to  # the job's own dtype rules, not a copy of them
 
 JOBS = ("train", "adak")
+PLANNED_DEVICE = torch.device("cuda")  # a device object only: nothing is allocated on it
 
 
 @dataclass
@@ -37,7 +44,7 @@ class JobModel:
 
 
 def bf16_planned(cfg: Config) -> bool:
-    return cfg.train.precision in ("bf16", "auto")  # auto = bf16 on CUDA (trainer.bf16_compute)
+    return _compute_dtype(cfg, PLANNED_DEVICE) == torch.bfloat16  # auto = bf16 on CUDA
 
 
 def build_job_model(cfg: Config, job: str, world: int) -> JobModel:
@@ -49,6 +56,7 @@ def build_job_model(cfg: Config, job: str, world: int) -> JobModel:
         model = build_model(cfg.model)
         apply_trainable(model, cfg)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    _frozen_to(model, _compute_dtype(cfg, PLANNED_DEVICE))
     bf16 = bf16_planned(cfg)
     distributed = world > 1
     return JobModel(model=model, job=job, param_dtype=torch.bfloat16 if bf16 and distributed else None, bf16=bf16,
@@ -63,8 +71,8 @@ def _adak_model(cfg: Config, world: int) -> JobModel:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "stored": torch.bfloat16}[cfg.adak.dtype]
     with torch.device("meta"):
         model = build_model(dataclasses.replace(base_cfg))
-        model.to(dtype)
         add_allocators(model, cfg.adak.k_min, cfg.adak.k_max)
         freeze_base(model)
+    _frozen_to(model, dtype)  # allocators stay fp32 masters (train/build.py's rule)
     return JobModel(model=model, job="adak", param_dtype=None, bf16=dtype == torch.bfloat16, autocast=False,
                     activation_checkpointing=False)

@@ -3,18 +3,22 @@
   persistent   parameter shards (storage dtype) + buffers + AdamW moments (2 x the trainable shards) + the
                sharded gradients (from the first micro-batch's backward to the next step's zero_grad: present
                during micro-batches 2.. of an accumulated step and in the optimizer step)
-  gathered     FSDP2 (world > 1): the root unit's parameters in the compute dtype for the whole forward+backward
-               (the root is not resharded after forward); per experts unit, its own gathered weights while it runs,
-               two units at a time in the backward (current + prefetched next)
+  gathered     FSDP2 (world > 1), units per decoder block (parallel/parallelize.py): at the start of the backward
+               the units kept gathered since their forward (the root, the last block, norm + head); in a layer's
+               backward the root plus two blocks' non-expert parameters and two experts units (current +
+               prefetched next), all in the compute dtype; at the end of the backward the root and the embedding
   activations  moe_train/planner/activations.py, all layers (or, with activation checkpointing, every layer's input
                and routing plan plus one recomputed layer)
   backward     the fp32 gradients of the log-probabilities and the logits (8V per token) at the loss, and per
                layer the gradients of its widest tensors (three R x F, or T x Fd of a dense MLP, in c; two T x D
-               in r); at the end of the backward the root unit's unsharded gradients (compute dtype) and their
-               reduce-scatter input (fp32)
+               in r); a unit's unsharded gradients (compute dtype) and their reduce-scatter input (fp32) when its
+               backward ends (the largest block / experts unit in a layer's backward, the embedding at the end; the
+               root's wait for the end of the backward). The gradients of the units already done are fp32 shards.
 The peak is the largest of: the start of the backward (all activations + logits gradient), a layer's backward
 (each layer's: checkpointing's recomputed layer, its widest gradients, the gradients of the layers after it), the end
-of the backward (gradients + reduce buffers), the optimizer step.
+of the backward (gradients + reduce buffers), the optimizer step. Weights that do not train are stored in the compute
+dtype (train/build.py: bf16 under bf16 precision) and have no gradient and no optimizer state; what the plan counts
+is read off the parameters themselves (planner/shard.py).
 Ada-K (moe_train/train/adak.py): forward-only rollouts of ceil(global batch / ppo_minibatches) sequences (the
 residual stream plus the widest op group: attention block, expert rows, or logits with their fp32 log-softmax) and
 PPO forwards that save only the allocators' inputs; the frozen base has no gradients and no optimizer state.
@@ -70,12 +74,8 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
     trainable = rep.total("sharded_trainable")
     m.optimizer = 2 * trainable
     m.gradients = trainable
-    distributed = rep.world_size > 1
-    root = [u for u in rep.units if u.kind in ("root", "model")]
-    experts = [u for u in rep.units if u.kind == "experts"]
-    root_gathered = sum(u.unsharded for u in root) if distributed else 0
-    expert_gathered = 2 * max((u.unsharded for u in experts), default=0) if distributed else 0
-    m.gathered_params = root_gathered + expert_gathered
+    g = gathered_moments(rep)
+    m.gathered_params = max(g.values())
     T, R, N = w.tokens, w.rows_recv, w.rows_sent
     layers = [layer_activations(layer, reg) for layer in _decoder_layers(model)]
     head = head_activations(model, reg) * T + head_casts(model, reg)
@@ -90,12 +90,12 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
         kept = sum(full) + head
         m.activations = kept
     static = m.params + m.buffers + m.optimizer + (m.gradients if w.accumulating else 0)
-    # at the start of the backward no experts unit is gathered yet (each reshards after its forward)
-    cands = {"backward start": static + root_gathered + kept + logits_grad}
-    # the first layer's backward comes last: every later layer's and the head's gradients already exist (the
-    # root unit's unsharded in the compute dtype under FSDP2, the experts' already reduce-scattered to shards)
-    # (while accumulating, the sharded or one-process gradients are already counted in static; the root unit's
-    # unsharded compute-dtype gradients are new in every micro-batch)
+    # at the start of the backward no experts unit and no block but the last is gathered (they reshard after forward)
+    cands = {"backward start": static + g["backward start"] + kept + logits_grad}
+    # the first layer's backward comes last: every later layer's and the head's gradients already exist (under
+    # FSDP2 already reduce-scattered to fp32 shards, unit by unit; only the root unit's, unsharded in the compute
+    # dtype, wait for the end) (while accumulating, the sharded or one-process gradients are already counted in
+    # static; the root unit's unsharded compute-dtype gradients are new in every micro-batch)
     # ... and so on for every layer i: its recomputed activations and widest gradients, the later ones' gradients
     # (the largest layer need not be the first: DeepSeek's dense first layers)
     two_td = 2 * reg.r * _hidden(model) * T
@@ -104,11 +104,10 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
         later_unsharded, later_other = _later_grad_bytes(model, rep, reg, i)
         per_layer.append((full[i] if ac else 0) + la.backward_widest(T, R) + two_td + later_unsharded
                          + (0 if w.accumulating else later_other))
-    cands["layer backward"] = static + m.gathered_params + kept - head + max(per_layer)
-    root_grads = sum(u.unsharded_trainable for u in root) if distributed else 0
-    reduce = sum(u.unsharded_trainable_reduce for u in root) if distributed else 0
-    m.reduce_buffers = root_grads + reduce
-    cands["backward end"] = m.params + m.buffers + m.optimizer + m.gradients + m.gathered_params + m.reduce_buffers
+    unit_reduce = _reduce_over_gathered(rep)  # the unit whose backward just ended
+    cands["layer backward"] = static + g["layer backward"] + kept - head + max(per_layer) + unit_reduce
+    m.reduce_buffers = _reduce_bytes(rep, ("root",), every=True) + _reduce_bytes(rep, ("other",))
+    cands["backward end"] = m.params + m.buffers + m.optimizer + m.gradients + g["backward end"] + m.reduce_buffers
     biggest = max((p.numel() * 4 for p in model.parameters() if p.requires_grad), default=0)
     cands["optimizer step"] = m.params + m.buffers + m.optimizer + m.gradients + (0 if gpu_fused_adam else 2 * biggest)
     m.backward_transient = int(max(logits_grad, layer_bwd))
@@ -117,15 +116,55 @@ def train_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload, a
     return m
 
 
+def gathered_moments(rep: ShardReport) -> dict[str, int]:
+    """FSDP2 parameters gathered in the compute dtype at each moment of a step (0 everywhere in one process).
+    FSDP2 prefetches the next unit's all-gather while the current one computes: two blocks (and two experts
+    units) at a time in the backward; units kept after forward (the root, the last block, norm + head) stay
+    gathered from their forward to their own backward."""
+    if rep.world_size == 1:
+        return {"backward start": 0, "layer backward": 0, "backward end": 0}
+    root = _unsharded(rep, "root", every=True)
+    kept = sum(u.unsharded for u in rep.units if u.kept_after_forward and u.kind != "experts")
+    return {"backward start": kept,
+            "layer backward": root + 2 * _unsharded(rep, "block") + 2 * _unsharded(rep, "experts"),
+            "backward end": root + _unsharded(rep, "other")}  # the embedding's backward comes last
+
+
+def _unsharded(rep: ShardReport, kind: str, every: bool = False) -> int:
+    """The gathered bytes of the largest unit of ``kind`` (``every``: of all of them)."""
+    sizes = [u.unsharded for u in rep.units if u.kind == kind]
+    return sum(sizes) if every else max(sizes, default=0)
+
+
+def _reduce_bytes(rep: ShardReport, kinds: tuple[str, ...], every: bool = False) -> int:
+    """A unit's unsharded gradients (compute dtype) + its fp32 reduce-scatter input, at the end of its backward:
+    of the largest unit of ``kinds`` (``every``: all of them at once, the root's wait for the end). 0 in one
+    process (no reduce-scatter)."""
+    if rep.world_size == 1:
+        return 0
+    sizes = [u.unsharded_trainable + u.unsharded_trainable_reduce for u in rep.units if u.kind in kinds]
+    return sum(sizes) if every else max(sizes, default=0)
+
+
+def _reduce_over_gathered(rep: ShardReport) -> int:
+    """What a block or experts unit adds at the end of its backward: FSDP2's post-backward frees the unit's gathered
+    parameters before it reduce-scatters, so its unsharded gradients + the fp32 reduce-scatter input take the
+    place of those parameters (the prefetched next unit stays gathered)."""
+    if rep.world_size == 1:
+        return 0
+    return max((max(u.unsharded_trainable + u.unsharded_trainable_reduce - u.unsharded, 0)
+                for u in rep.units if u.kind in ("block", "experts")), default=0)
+
+
 def adak_memory(model: nn.Module, rep: ShardReport, reg: Regime, w: Workload) -> MemoryBreakdown:
     m = MemoryBreakdown()
     m.params, m.buffers = rep.total("sharded"), rep.buffers
     trainable = rep.total("sharded_trainable")
     m.optimizer, m.gradients = 2 * trainable, trainable
-    distributed = rep.world_size > 1
-    root = sum(u.unsharded for u in rep.units if u.kind in ("root", "model")) if distributed else 0
-    expert = max((u.unsharded for u in rep.units if u.kind == "experts"), default=0) if distributed else 0
-    m.gathered_params = root + expert
+    # a forward only: the units kept after forward, the current and the prefetched block, one experts unit
+    kept = sum(u.unsharded for u in rep.units if u.kept_after_forward and u.kind != "experts")
+    m.gathered_params = kept + 2 * _unsharded(rep, "block") + _unsharded(rep, "experts") if rep.world_size > 1 \
+        else 0
     D, V = _hidden(model), _vocab(model)
     A = max(layer.moe.router.k_max - layer.moe.router.k_min + 1 for layer in model.layers if layer.moe is not None)
     T, Tg = w.tokens, w.grad_tokens
@@ -173,21 +212,22 @@ def _forward_block(model: nn.Module, reg: Regime, T: float, R: float) -> float:
 
 def _later_grad_bytes(model: nn.Module, rep: ShardReport, reg: Regime, layer: int = 0) -> tuple[float, float]:
     """Gradient bytes present while decoder layer ``layer`` runs its backward, of every trainable parameter outside
-    layers 0..layer and the embedding: (the root unit's unsharded compute-dtype gradients under FSDP2, the rest: full
-    gradients in one process, expert gradients as their reduce-scattered shards)."""
+    layers 0..layer and the embedding: (the root unit's unsharded compute-dtype gradients, which wait for the end of
+    the backward; the rest: every other FSDP2 unit reduce-scatters at the end of its own backward, so its gradients
+    are fp32 shards by now, and full gradients in one process)."""
     from torch.distributed.tensor import DTensor
 
     first = {id(p) for block in list(model.layers)[:layer + 1] for p in block.parameters()}
     first |= {id(p) for p in model.embed_tokens.parameters()}
-    experts = {id(p) for layer in model.layers if layer.moe is not None for p in layer.moe.experts.parameters()}
+    root = set().union(*(u.param_ids for u in rep.units if u.kind == "root"))
     unsharded = other = 0.0
     for p in model.parameters():
         if not p.requires_grad or id(p) in first:
             continue
-        if isinstance(p, DTensor) and id(p) in experts:
-            other += p.to_local().numel() * p.element_size()
-        elif isinstance(p, DTensor):
+        if id(p) in root:
             unsharded += p.numel() * reg.c
+        elif isinstance(p, DTensor):
+            other += p.to_local().numel() * p.element_size()
         else:
             other += p.numel() * p.element_size()
     return unsharded, other

@@ -3,7 +3,8 @@
 The pieces (each module of moe_train/planner/ does one job): build.py (the job's model on meta), shard.py (the
 real parallelize_model under a fake process group: per-rank parameter bytes), workload.py (tokens, true experts,
 rows), activations.py + memory.py (peak memory), traffic.py (all-to-all and FSDP bytes), roofline.py (time, MFU),
-hardware.py (the GPU table), advice.py (what change would fit). Rank 0 of the mesh is planned (ranks differ only by
+hardware.py (the GPU table), advice.py (what change would fit), startup.py (loading, the first step, the final
+save and export). The verdict takes the largest GPU figure of all the phases: steady step, load, first step, export. Rank 0 of the mesh is planned (ranks differ only by
 FSDP padding and routing).
 """
 
@@ -24,6 +25,7 @@ from moe_train.planner.hardware import Cluster, gpu_spec
 from moe_train.planner.memory import Workload, adak_memory, train_memory
 from moe_train.planner.roofline import step_time
 from moe_train.planner.shard import PlanError, fake_context, fake_process_group, real_architecture, shard_report
+from moe_train.planner.startup import ModelLayout, startup_phases
 from moe_train.planner.traffic import Traffic, a2a_traffic, split_collective
 from moe_train.planner.workload import adak_tokens, train_tokens
 
@@ -74,10 +76,16 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
     reg = Regime(c=2 if jm.bf16 else 4, r=4 if jm.autocast or not jm.bf16 else 2, autocast=jm.autocast)
     if job == "train":  # a layer kind without an activation formula fails before any sharding
         check_formulas(jm.model, reg)
+    layout = ModelLayout.of(jm.model)  # the full state, before parallelize_model shards the model in place
     with fake_process_group(world):
         ctx = fake_context(world, ep) if world > 1 else _single_context()
         rep = shard_report(jm.model, ctx, jm.param_dtype)
         mem, mem_worst = _memory(jm, rep, reg, toks, imbalance, memory_true_experts)
+    startup = startup_phases(layout, rep, mem, cfg.train.init_from, bool(cfg.train.lora_rank) and job == "train",
+                             cfg.train.export_hf and job == "train", cluster.gpus_per_node)
+    peak_at, peak_gpu = max([("steady step", mem.peak), *((k, v["gpu"]) for k, v in startup.items())],
+                            key=lambda kv: kv[1])
+    startup_gpu = max(v["gpu"] for v in startup.values())
     flops = _flops(cfg, job, toks, rep, jm.activation_checkpointing)
     traffic = _traffic(cfg, job, toks, rep, cluster, reg, toks.k_expected, jm.activation_checkpointing)
     base_traffic = _traffic(cfg, job, toks, rep, cluster, reg, toks.k_baseline, jm.activation_checkpointing)
@@ -97,7 +105,9 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
         "tokens": dataclasses.asdict(toks),
         "memory": mem.as_dict(), "memory_worst_case": {"peak": mem_worst.peak, "bound": toks.worst_bound,
                                                        "rows_recv": toks.rows_recv_worst},
-        "usable_bytes": usable, "fits": mem.peak <= usable, "fits_worst_case": mem_worst.peak <= usable,
+        "startup": startup, "peak_gpu": peak_gpu, "peak_gpu_at": peak_at,
+        "peak_host_per_node": max(v["host_per_node"] for v in startup.values()),
+        "usable_bytes": usable, "fits": peak_gpu <= usable, "fits_worst_case": max(mem_worst.peak, startup_gpu) <= usable,
         "flops": flops,
         "traffic": dataclasses.asdict(traffic), "traffic_topk_baseline": dataclasses.asdict(base_traffic),
         "time": dataclasses.asdict(t), "time_topk_baseline": dataclasses.asdict(tb),
@@ -153,14 +163,14 @@ def _traffic(cfg: Config, job: str, toks, rep, cluster: Cluster, reg: Regime, k:
     row_bytes = cfg.model.hidden_size * reg.c
     intra, inter = a2a_traffic(toks.tokens * k, row_bytes, L, passes * toks.micro_batches, ep, G, me)
     tr = Traffic(a2a_intra=intra, a2a_inter=inter)
-    gathers = 1 if job == "adak" else 2
     all_gather = reduce_scatter = 0.0
     for u in rep.units:
         if u.kind == "model":
             continue
-        ranks = list(range(world)) if u.kind == "root" else [me % ep + j * ep for j in range(world // ep)]
+        # experts units are sharded over the expert-data-parallel group, every other unit over the world
+        ranks = [me % ep + j * ep for j in range(world // ep)] if u.kind == "experts" else list(range(world))
         ag = split_collective(u.unsharded, ranks, G, me)
-        n_ag = toks.micro_batches * (1 if u.kind == "root" else gathers)
+        n_ag = toks.micro_batches * gathers_per_micro_batch(u, job)
         rs = split_collective(u.unsharded_trainable_reduce, ranks, G, me) if job != "adak" else (0.0, 0.0)
         tr.fsdp_intra += ag[0] * n_ag + rs[0] * toks.micro_batches
         tr.fsdp_inter += ag[1] * n_ag + rs[1] * toks.micro_batches
@@ -170,6 +180,12 @@ def _traffic(cfg: Config, job: str, toks, rep, cluster: Cluster, reg: Regime, k:
                  "row_bytes": row_bytes, "fsdp_all_gather_bytes": all_gather,
                  "fsdp_reduce_scatter_bytes": reduce_scatter}
     return tr
+
+
+def gathers_per_micro_batch(unit, job: str) -> int:
+    """All-gathers of one FSDP2 unit per micro-batch: one for a forward-only job (Ada-K) or a unit kept gathered
+    from its forward to its backward (the root, the last block, norm + head), else two (forward, backward)."""
+    return 1 if job == "adak" or unit.kept_after_forward else 2
 
 
 def _hbm_bytes(rep, mem, toks, ac: bool, job: str) -> float:

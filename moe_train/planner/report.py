@@ -13,6 +13,12 @@ def _ms(x: float) -> str:
     return f"{x * 1e3:9.1f} ms"
 
 
+def _startup_lines(plan: dict) -> list[str]:
+    """One line per phase outside the steady step: rank 0's GPU, its node's host, what peaks."""
+    return [f"  {name:<20} {_gb(p['gpu'])}  host/node {_gb(p['host_per_node']).strip()}  ({p['what']})"
+            for name, p in plan["startup"].items()]
+
+
 def render(plan: dict) -> str:
     m, t, tb, tok, fl = plan["memory"], plan["time"], plan["time_topk_baseline"], plan["tokens"], plan["flops"]
     tr, trb = plan["traffic"], plan["traffic_topk_baseline"]
@@ -33,10 +39,13 @@ def render(plan: dict) -> str:
         if key in m and m[key]:
             lines.append(f"  {key:<20} {_gb(m[key])}")
     verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
-    lines += [f"  {'peak':<20} {_gb(m['peak'])}  at {m['peak_at']}  -> {verdict} in {_gb(plan['usable_bytes'])} "
-              f"usable ({plan['gpu']}, 90 %)",
+    lines += [f"  {'steady step peak':<20} {_gb(m['peak'])}  at {m['peak_at']}",
               f"  worst-case routing  {_gb(plan['memory_worst_case']['peak'])}  "
               f"({'fits' if plan['fits_worst_case'] else 'does not fit'}; {plan['memory_worst_case']['bound']})",
+              *_startup_lines(plan),
+              f"  {'peak (all phases)':<20} {_gb(plan['peak_gpu'])}  at {plan['peak_gpu_at']}  -> {verdict} in "
+              f"{_gb(plan['usable_bytes'])} usable ({plan['gpu']}, 90 %)",
+              f"  {'host per node':<20} {_gb(plan['peak_host_per_node'])}  (largest phase; tensors only)",
               "",
               f"per step, per GPU            {'this config':>14} {'top-k baseline':>16}",
               f"  forward FLOPs/token        {fl['forward_per_token'] / 1e9:11.2f} G "

@@ -7,8 +7,11 @@ so one process plays one rank of a 16- or 64-rank mesh). Then every FSDP2 unit's
 shard each rank stores, the unsharded size an all-gather materialises in the compute dtype, which parameters
 train. Nothing is estimated here: a new family, a LoRA target or a sharding change shows up by itself.
 
-Units (parallel/parallelize.py): one per MoE layer's experts (mesh "dp" = the expert-data-parallel group) and the
-root (everything else, over all ranks). A single process (world 1) has no FSDP: one pseudo-unit, unsharded.
+Units (parallel/parallelize.py _apply_fsdp), read off the modules, never assumed: one per decoder block (its
+non-expert parameters, over all ranks; every block but the last reshards after forward), one per MoE layer's experts
+nested inside it (mesh "dp" = the expert-data-parallel group), the embedding, [norm, lm_head] (kept gathered from the
+forward to its backward), and the root (whatever is left: nothing, or with tied embeddings the embedding + head). A
+single process (world 1) has no FSDP: one pseudo-unit, unsharded.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from moe_train.config import Config
 from moe_train.io.hf_common import read_hf_config
 from moe_train.io.hf_config import config_from_hf
+from moe_train.model.experts import GroupedExperts
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.parallelize import parallelize_model
 
@@ -37,9 +41,12 @@ class PlanError(ValueError):
 class UnitBytes:
     """One FSDP2 unit on one rank (bytes)."""
 
-    name: str  # "root" or "layers.<i>.moe.experts"
-    kind: str  # "root" | "experts" | "model" (world 1)
+    name: str  # "root", "layers.<i>", "layers.<i>.moe.experts", "embed_tokens", "norm+lm_head"
+    kind: str  # "root" | "block" | "experts" | "other" (embedding, head) | "model" (world 1)
     mesh_size: int  # ranks the unit is sharded over
+    # gathered from its forward until its backward (the root, the last block, the head): one all-gather per
+    # micro-batch instead of two, and its parameters stay in memory through the start of the backward
+    kept_after_forward: bool = False
     sharded: int = 0  # padded local shards, storage dtype (what the rank keeps)
     sharded_trainable: int = 0  # of which trainable (their gradients and optimizer moments have this size)
     sharded_trainable_numel: int = 0
@@ -47,6 +54,7 @@ class UnitBytes:
     unsharded_trainable: int = 0  # unsharded gradients (compute dtype) before the reduce-scatter
     unsharded_trainable_reduce: int = 0  # the reduce-scatter input in the reduce dtype (fp32 here)
     numel: int = 0  # full (unsharded) parameter count of the unit
+    param_ids: set = field(default_factory=set, repr=False)  # id() of the unit's (sharded) parameters
 
 
 @dataclass
@@ -97,20 +105,33 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def _unit_kind(module: nn.Module, model: nn.Module) -> str:
+    if module is model:
+        return "root"
+    if isinstance(module, GroupedExperts):
+        return "experts"
+    if any(module is block for block in getattr(model, "layers", [])):
+        return "block"
+    return "other"
+
+
 def _units_fsdp(model: nn.Module) -> list[UnitBytes]:
     from torch.distributed.fsdp import FSDPModule
 
-    units = []
-    names = {m: n for n, m in model.named_modules()}
+    # one FSDP state per unit; a unit over several modules ([norm, lm_head]) is reached from each of them
+    states: dict[int, list[nn.Module]] = {}
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule):
+            states.setdefault(id(module._get_fsdp_state()), []).append(module)  # noqa: SLF001
+    names = {m: n for n, m in model.named_modules()}
+    units = []
+    for modules in states.values():
+        group = modules[0]._get_fsdp_state()._fsdp_param_group  # noqa: SLF001 - the sharded parameters themselves
+        if group is None:  # e.g. the root when every parameter sits in a unit below it
             continue
-        group = module._get_fsdp_state()._fsdp_param_group  # noqa: SLF001 - the sharded parameters themselves
-        if group is None:
-            continue
-        name = names[module] or "root"
-        unit = UnitBytes(name=name, kind="root" if module is model else "experts",
-                         mesh_size=group.mesh_info.mesh.size())
+        unit = UnitBytes(name="+".join(names[m] for m in modules) or "root", kind=_unit_kind(modules[0], model),
+                         mesh_size=group.mesh_info.mesh.size(),
+                         kept_after_forward=modules[0] is model or group.post_forward_mesh_info is None)
         mp = group.mp_policy  # FSDPParam's own dtype attributes are set only at the first forward
         for fp in group.fsdp_params:
             storage = fp.sharded_param.dtype
@@ -118,6 +139,7 @@ def _units_fsdp(model: nn.Module) -> list[UnitBytes]:
             numel = fp._orig_size.numel()  # noqa: SLF001
             shard_numel = fp.padded_sharded_param_size.numel()
             unit.numel += numel
+            unit.param_ids.add(id(fp.sharded_param))
             unit.sharded += shard_numel * storage.itemsize
             unit.unsharded += numel * compute.itemsize
             if fp.sharded_param.requires_grad:

@@ -8,8 +8,9 @@ tested equal to it). Per layer and micro-batch: dispatch + combine in the forwar
 backward, and the forward pair again when activation checkpointing recomputes the layer. With balanced routing a
 row goes to each ep rank alike: remote share (P - 1) / P; the ranks of the ep group on this rank's node take the
 intra-node share (ep groups are consecutive ranks: parallel/distributed.py).
-FSDP2 (parallel/parallelize.py): per micro-batch the root unit is all-gathered once (not resharded after forward),
-each experts unit twice (forward, backward); gradients of trainable parameters are reduce-scattered once per
+FSDP2 (parallel/parallelize.py): per micro-batch the units kept gathered after forward (the root, the last decoder
+block, norm + head) are all-gathered once, every other unit (each block, the embedding, each experts unit) twice
+(forward, backward: plan.py gathers_per_micro_batch); gradients of trainable parameters are reduce-scattered once per
 micro-batch (the trainer does not skip the gradient sync while accumulating), in the reduce dtype (fp32). A
 collective over m ranks moves (m - 1)/m of the full size per rank; when it spans n nodes with g of its ranks on
 each, the n - 1 other nodes' share, (n - 1)/n of the full size, enters each node through its g NICs: (n - 1)/(n g)

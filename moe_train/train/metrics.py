@@ -92,6 +92,51 @@ class MetricsWriter:
                           str(self.path))
 
 
+# TensorBoard groups (the part of a tag before "/"): validation (val_* keys), routing (experts per token, FLOPs vs
+# top-k, balance, drops, router losses), system (speed, memory), the rest under train/ (loss, lr, grad norm).
+ROUTING_KEYS = ("true_experts", "flops_vs_topk", "expert_flops", "drop_rate", "expert_imbalance", "rank_imbalance",
+                "aux_loss", "z_loss", "entropy_loss", "null_bias", "mean_k", "k_", "budget", "capacity")
+SYSTEM_KEYS = ("tokens_per_s", "tflops", "mfu", "peak_memory", "memory", "seconds", "step_time", "bad_steps")
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped tag of a metrics.jsonl key: val_loss -> val/loss, true_experts_per_token ->
+    routing/true_experts_per_token, tokens_per_s -> system/tokens_per_s, loss -> train/loss."""
+    if key.startswith("val_"):
+        return f"val/{key[4:]}"
+    if key.startswith("validation/"):
+        return f"val/{key[len('validation/'):]}"
+    if any(key.startswith(k) for k in ROUTING_KEYS):
+        return f"routing/{key}"
+    if any(key.startswith(k) for k in SYSTEM_KEYS):
+        return f"system/{key}"
+    return f"train/{key}"
+
+
+def tensorboard_scalars(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """(tag, value) of every number in a record: a list is one scalar per layer (``<key>/layer_<i>``), a dict one
+    per name (``<key>/<name>``); strings and the step are left out."""
+    out: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, (int, float)):
+            out.append((tensorboard_tag(name), value))
+        elif isinstance(value, list):
+            out += [(f"{tensorboard_tag(name)}/layer_{i}", v) for i, v in enumerate(value)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        elif isinstance(value, dict):
+            if key == "validation" and not prefix:
+                out += tensorboard_scalars({k if k.startswith("val_") else f"val_{k}": v for k, v in value.items()})
+            else:
+                out += [(f"{tensorboard_tag(name)}/{k}", v) for k, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out
+
+
 class TensorBoard:
     """Numeric metrics as TensorBoard scalars under <out_dir>/tb; a no-op when disabled or not installed."""
 
@@ -108,10 +153,10 @@ class TensorBoard:
         self.writer = SummaryWriter(str(out_dir / "tb"))
 
     def write(self, record: dict, step: int) -> None:
+        """Every number of ``record`` (lists per layer and dicts per label included) under its group's tag."""
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, step)
+            for tag, value in tensorboard_scalars(record):
+                self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         if self.writer is not None:

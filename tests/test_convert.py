@@ -88,12 +88,13 @@ def test_convert_to_adamoe(tmp_path, family, m, k, baseline):
     assert torch.isfinite(logits).all()
     for p in plans:  # null picks are -1 slots: variable true experts per token, at most k
         assert p.expert_idx_TK.shape[1] == k and (p.true_experts_per_token_T <= k).all()
-    # transformers ignores the null gate and loads the top-k model the conversion started from
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst", attn_implementation="eager").eval()
+    # transformers runs the converted router itself (the export ships its modeling code, io/hf_remote)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
     assert back.config.num_experts_per_tok == want_baseline
-    if baseline is None:
-        with torch.no_grad():
-            assert torch.equal(back(IDS).logits, ref(IDS).logits)
+    with torch.no_grad():
+        assert (back(IDS).logits - logits).abs().max().item() <= 1e-4
+        if baseline is None:  # Mixtral's true_first conversion is function-preserving: the source's logits
+            assert (back(IDS).logits - ref(IDS).logits).abs().max().item() <= 1e-4
 
 
 def test_conversion_keeps_bf16_and_works_in_place(tmp_path):

@@ -169,7 +169,10 @@ def test_bf16_runs_near_fp32_and_exports_fp32_masters(world2):
     out = world2["out"]
     # bf16 compute with fp32 masters (DeepSpeed's bf16 + ZeRO 2): finite, near the fp32 run (bf16 rounding only)
     assert_same_trajectory(out, "null_ds2_bf16", "null_fsdp", 4, keys=("loss", "lm_loss"), tol=3e-2)
-    assert_same_model(out, "null_ds2_bf16", "null_fsdp", tol=5e-2)  # float32 tensors: the masters, not bf16
+    # float32 tensors: the masters, not bf16. AdamW's normalised step moves an element by up to lr per step whatever
+    # its gradient's size, so a near-zero gradient whose sign bf16 flips can put the two runs 2 x lr apart per step:
+    # the bound is 2 x lr x steps (1e-2, 4 steps; measured 0.056 on the expert weights, 0.02 elsewhere)
+    assert_same_model(out, "null_ds2_bf16", "null_fsdp", tol=2 * 1e-2 * 4)
 
 
 @pytest.mark.parametrize("change, match", [

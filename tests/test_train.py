@@ -181,9 +181,12 @@ def test_tensorboard_events_and_hf_export(tmp_path):
                  f"train.out_dir={out}", "--set", "data.num_sequences=64", "--set", "train.export_hf=true"]) == 0
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     ours = load_model(out / "final" / "model.pt").eval()
-    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()  # the null experts travel as extras; loads as top-2
+    # null experts: the export ships its modeling code (io/hf_remote), which transformers runs with trust_remote_code
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
     assert hf.config.num_experts_per_tok == 2
     ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
     from moe_train.io.hf import from_hf
 
     back = from_hf(out / "hf")

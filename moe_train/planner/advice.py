@@ -6,6 +6,8 @@ ep that divides the experts and the world; twice the GPUs (more nodes, the same 
 the plan's verdict figure: the largest of the steady step, loading, the first step and the export.
 The LoRA change frees more than the optimizer state: frozen weights are stored in the compute dtype (bf16 under
 bf16 precision: 2 bytes instead of a 4-byte fp32 master, train/build.py), so a frozen base takes half the memory.
+Every plan also names the term that bounds its step time and the remedies for it (``bound_advice``), each marked
+implemented or not.
 """
 
 from __future__ import annotations
@@ -61,3 +63,61 @@ def suggestions(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[
         rows.append({"change": what, "peak_bytes": p["peak_gpu"], "fits": p["fits"],
                      "step_s": p["time"]["serial_s"]})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what bounds the step, and what would lower that term
+#
+# The fit advice above answers "does it fit"; this answers "what is the step waiting on". Each remedy says whether
+# moe_train implements it, so a user never reads a remedy as a setting that does not exist.
+
+TERM_NAMES = {"compute": "compute (GEMM FLOPs at the GPU's peak)", "hbm": "HBM traffic (weights + activations)",
+              "a2a_nvlink": "expert all-to-all over NVLink", "a2a_ib": "expert all-to-all over InfiniBand",
+              "fsdp_nvlink": "FSDP all-gather / reduce-scatter over NVLink",
+              "fsdp_ib": "FSDP all-gather / reduce-scatter over InfiniBand"}
+
+_FEWER_EXPERTS = ("fewer true experts per token: null experts with a compute budget (model.moe.router: null, "
+                  "model.moe.target_true_experts); FLOPs and all-to-all bytes scale with it", True)
+_OVERLAP = ("overlap the all-to-all with the expert GEMMs (parallel.a2a_overlap_chunks >= 2; measured on CPU only, "
+            "the roofline's serial sum does not credit it)", True)
+_FEWER_MICRO = ("fewer micro-batches per step (lower train.grad_accum_steps): every micro-batch all-gathers the "
+                "weights again", True)
+
+
+def _remedies(term: str, cfg: Config, cluster: Cluster) -> list[tuple[str, bool]]:
+    t, moe = cfg.train, cfg.model.moe
+    if term == "compute":
+        out = [_FEWER_EXPERTS]
+        if moe.gemm_backend not in ("te_fp8", "fp8_rowwise", "fp8_tensorwise"):
+            out.append(("FP8 expert GEMMs (model.moe.gemm_backend: fp8_rowwise or te_fp8)", True))
+        if t.activation_checkpointing:
+            out.append(("activation checkpointing off where memory allows: it recomputes every forward", True))
+        return out
+    if term == "hbm":
+        return [("a larger micro-batch (lower train.grad_accum_steps): the weights are read once per "
+                 "micro-batch", True)]
+    if term.startswith("a2a"):
+        out = [_FEWER_EXPERTS, _OVERLAP, ("FP8 dispatch (rows sent in FP8, as DeepSeek-V3)", False)]
+        if term == "a2a_ib":
+            out.insert(0, (f"keep each expert-parallel group inside a node: parallel.ep <= {cluster.gpus_per_node} "
+                           "(GPUs per node), so the all-to-all stays on NVLink", True))
+            out.append(("node-limited routing (each token to experts on at most M nodes, DeepSeek-V3)", False))
+        return out
+    out = [("frozen weights stored in bf16: half the all-gather bytes of an fp32 master (automatic for frozen "
+            "weights under bf16 precision: train.trainable / LoRA, train/build.py)", True), _FEWER_MICRO,
+           ("keep frozen experts in bf16, unsharded over dp (replicated: no all-gather for weights that never "
+            "change)", False)]
+    if term == "fsdp_ib":
+        out.append(("HSDP: shard within a node, replicate across nodes (only the gradient reduction crosses "
+                    "InfiniBand)", False))
+    return out
+
+
+def bound_advice(terms: dict, cfg: Config, cluster: Cluster) -> dict:
+    """The largest roofline term of the step (planner/roofline.py), its share of the serial step, and the remedies
+    for it, each with ``implemented``: whether moe_train has it (a setting to change) or not (work to do)."""
+    term = max(terms, key=terms.get)
+    serial = sum(v for k, v in terms.items() if k != "hbm") or 1.0  # hbm overlaps the rest (roofline.py)
+    return {"term": term, "what": TERM_NAMES.get(term, term), "seconds": terms[term],
+            "share_of_serial": terms[term] / serial,
+            "remedies": [{"remedy": r, "implemented": ok} for r, ok in _remedies(term, cfg, cluster)]}

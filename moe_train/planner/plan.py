@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 
 from moe_train.config import Config
+from moe_train.model.experts import GroupedExperts
 from moe_train.model.flops import forward_flops_per_token
 from moe_train.parallel.distributed import ParallelContext, validate_layout
 from moe_train.planner.activations import Regime, layer_activations
-from moe_train.planner.advice import suggestions
+from moe_train.planner.advice import bound_advice, suggestions
 from moe_train.planner.build import build_job_model
 from moe_train.planner.hardware import Cluster, gpu_spec
 from moe_train.planner.memory import Workload, adak_memory, train_memory
@@ -77,6 +78,7 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
     if job == "train":  # a layer kind without an activation formula fails before any sharding
         check_formulas(jm.model, reg)
     layout = ModelLayout.of(jm.model)  # the full state, before parallelize_model shards the model in place
+    facts = parameter_facts(jm.model, toks.k_expected, toks.k_baseline)  # before sharding: all experts in place
     with fake_process_group(world):
         ctx = fake_context(world, ep) if world > 1 else _single_context()
         rep = shard_report(jm.model, ctx, jm.param_dtype)
@@ -102,6 +104,7 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
         "gpus_per_node": cluster.gpus_per_node, "dp": world // ep, "ep": ep,
         "precision": "bf16" if jm.bf16 else "fp32", "activation_checkpointing": jm.activation_checkpointing,
         "params_total": rep.param_numel, "params_trainable": rep.trainable_numel,
+        **facts,
         "tokens": dataclasses.asdict(toks),
         "memory": mem.as_dict(), "memory_worst_case": {"peak": mem_worst.peak, "bound": toks.worst_bound,
                                                        "rows_recv": toks.rows_recv_worst},
@@ -111,7 +114,44 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
         "flops": flops,
         "traffic": dataclasses.asdict(traffic), "traffic_topk_baseline": dataclasses.asdict(base_traffic),
         "time": dataclasses.asdict(t), "time_topk_baseline": dataclasses.asdict(tb),
+        "bottleneck": bound_advice(t.terms, cfg, cluster),
     }
+
+
+# Parameters the job adds to the family's architecture: LoRA adapters (merged into the base at the end), AdaMoE's
+# null gate and constant null values, Ada-K's allocators. Without them the count is the published model's.
+ADDED_PARAMS = ("lora_", "null_gate", "null_values", "allocator")
+
+
+def _is_base(name: str) -> bool:
+    return not any(key in name for key in ADDED_PARAMS)
+
+
+def active_params(model: torch.nn.Module, k: float) -> float:
+    """BASE parameters (no ADDED_PARAMS) one token uses in a forward at ``k`` true experts per MoE layer: all but
+    the routed experts (attention, norms, routers, shared experts, the embedding table and the head), plus k / E of
+    each layer's routed experts. The model on meta, before sharding (an expert-parallel module holds its block)."""
+    total = sum(p.numel() for n, p in model.named_parameters() if _is_base(n))
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            routed = sum(p.numel() for n, p in module.named_parameters() if _is_base(n))
+            total -= routed * (1 - min(k, module.num_experts) / module.num_experts)
+    return total
+
+
+def parameter_facts(model: torch.nn.Module, k_expected: float, k_baseline: float) -> dict:
+    """The plan's parameter figures beyond total / trainable: the base architecture's size (comparable to the
+    published one) and the active parameters per token at the expected and the top-k baseline true experts.
+    Published "active" figures differ on the embedding: Mixtral, Qwen count the embedding table (Mixtral-8x7B
+    12.9 B = 12.75 B + 0.13 B embedding), DeepSeek-V2-Lite's 2.4 B does not (2.66 B with it, 2.45 B without),
+    so both are given. A tied table is the head's weight too (a GEMM every token runs): it stays in both."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    embed = 0 if tied else sum(p.numel() for n, p in model.named_parameters() if n.startswith("embed_tokens."))
+    active, active_base = active_params(model, k_expected), active_params(model, k_baseline)
+    return {"params_base": sum(p.numel() for n, p in model.named_parameters() if _is_base(n)),
+            "params_active_per_token": active, "params_active_per_token_topk_baseline": active_base,
+            "params_active_per_token_no_embedding": active - embed,
+            "params_active_per_token_topk_baseline_no_embedding": active_base - embed}
 
 
 def check_formulas(model, reg: Regime) -> None:

@@ -19,6 +19,23 @@ def _startup_lines(plan: dict) -> list[str]:
             for name, p in plan["startup"].items()]
 
 
+def _active_line(plan: dict) -> str:
+    """Active parameters per token: at the expected true experts and at the top-k baseline (the published figure
+    of a family), with and without the embedding table (publishers differ: planner/plan.py parameter_facts)."""
+    a, b = plan["params_active_per_token"], plan["params_active_per_token_topk_baseline"]
+    return (f"active per token: {a / 1e9:.2f} B at {plan['tokens']['k_expected']:g} true experts "
+            f"({plan['params_active_per_token_no_embedding'] / 1e9:.2f} B without the embedding); top-k baseline "
+            f"{b / 1e9:.2f} B ({plan['params_active_per_token_topk_baseline_no_embedding'] / 1e9:.2f} B)")
+
+
+def _bottleneck_lines(b: dict) -> list[str]:
+    lines = ["", f"step bounded by: {b['what']} ({b['term']}, {100 * b['share_of_serial']:.0f} % of the serial step)",
+             "what would lower it:"]
+    for r in b["remedies"]:
+        lines.append(f"  [{'implemented' if r['implemented'] else 'NOT implemented'}] {r['remedy']}")
+    return lines
+
+
 def render(plan: dict) -> str:
     m, t, tb, tok, fl = plan["memory"], plan["time"], plan["time_topk_baseline"], plan["tokens"], plan["flops"]
     tr, trb = plan["traffic"], plan["traffic_topk_baseline"]
@@ -27,7 +44,9 @@ def render(plan: dict) -> str:
         f"cluster: {plan['world']} x {plan['gpu']} ({plan['nodes']} node(s) x {plan['gpus_per_node']}), "
         f"mesh dp {plan['dp']} x ep {plan['ep']}, {plan['precision']}, activation checkpointing "
         f"{'on' if plan['activation_checkpointing'] else 'off'}",
-        f"parameters: {plan['params_total'] / 1e9:.2f} B, trainable {plan['params_trainable'] / 1e6:.2f} M",
+        f"parameters: {plan['params_total'] / 1e9:.2f} B, trainable {plan['params_trainable'] / 1e6:.2f} M; "
+        f"base architecture {plan['params_base'] / 1e9:.2f} B (without adapters, null gates, allocators)",
+        _active_line(plan),
         f"micro-batch per rank: {tok['micro_batch_seqs']} seq = {tok['tokens']} tokens, {tok['micro_batches']} "
         f"forward(s) per step; true experts/token {tok['k_expected']:g} (top-k baseline {tok['k_baseline']:g}; "
         f"memory sized for {tok['k_worst']:g})",
@@ -61,6 +80,7 @@ def render(plan: dict) -> str:
               f"  roofline (full overlap)    {_ms(t['roofline_s'])} {_ms(tb['roofline_s'])}",
               f"  bounded by                 {t['bound_by']:>12} {tb['bound_by']:>16}",
               f"  MFU (serial)               {100 * t['mfu']:11.1f} % {100 * tb['mfu']:13.1f} %"]
+    lines += _bottleneck_lines(plan["bottleneck"])
     if plan.get("suggestions"):
         lines += ["", "what would fit:"]
         for s in plan["suggestions"]:

@@ -95,6 +95,14 @@ from moe_train.train.metrics import logger
 from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
 from moe_train.train.trainer import Trainer
 
+# The console lines' abbreviations, printed once before each stage's first line (the step lines stay short).
+WARM_START_LEGEND = ("warm start legend: ce = allocator cross-entropy against the threshold labels k*, label k = mean "
+                     "k* (the frozen router's experts to reach the threshold), acc = share of tokens whose most "
+                     "probable allocator action is k*")
+PPO_LEGEND = ("ppo legend: reward = log-likelihood - penalty x true experts summed over layers, loglik = mean token log-likelihood, "
+              "k = mean true experts per token per layer, flops/topk = whole-model FLOPs vs the base top-k, "
+              "kl = approx. KL(old || new policy), clip = share of clipped ratios, H = policy entropy (nats)")
+
 # ----------------------------------------------------------------------------------------------------------
 # model preparation
 
@@ -438,6 +446,14 @@ class AdaKTrainer(Trainer):
         self.engine = None  # each stage makes its own optimizer (stage_engine); Ada-K runs are short, no resume
         return 0
 
+    def run_line(self) -> str:
+        t, a = self.cfg.train, self.cfg.adak
+        return (f"run: Ada-K, {a.warm_start_steps} warm-start + {a.ppo_steps} PPO steps of {t.batch_size} sequences "
+                f"x {t.seq_len} tokens, log every {t.log_every} -> {self.out_dir}")
+
+    def precision_label(self) -> str:
+        return f"frozen base {str(adak_base_dtype(self.cfg)).replace('torch.', '')}, allocators fp32"
+
     def stage_engine(self):
         """A fresh AdamW over the allocators for a stage, in the run's engine (train/engine.py). DeepSpeed: one
         deepspeed.initialize for the run, its optimizer state reset at the second stage (the same as a new AdamW)."""
@@ -486,6 +502,8 @@ class AdaKTrainer(Trainer):
         """Stage 1: the allocators learn the pseudo labels of the frozen router (module docstring)."""
         t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
         engine = self.stage_engine()
+        if a.warm_start_steps:
+            logger.info(WARM_START_LEGEND)
         for step in range(1, a.warm_start_steps + 1):
             start = time.perf_counter()
             inputs, _ = self.data.train.next_batch()
@@ -509,6 +527,8 @@ class AdaKTrainer(Trainer):
         baseline = RewardBaseline(a.baseline, a.running_mean_decay)
         gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
         record: dict = {}
+        if a.ppo_steps:
+            logger.info(PPO_LEGEND)
         for step in range(1, a.ppo_steps + 1):
             start = time.perf_counter()
             inputs, targets = self.data.train.next_batch()
@@ -517,6 +537,7 @@ class AdaKTrainer(Trainer):
             record = {"stage": "ppo", "step": step, **record, "seconds": time.perf_counter() - start}
             if a.val_every and step % a.val_every == 0 and step < a.ppo_steps:
                 record["validation"] = self.validate()
+                self.log_validation(record["validation"], f"ppo step {step}")  # printed, not only in metrics.jsonl
             self.metrics.write(record)
             if step % t.log_every == 0 or step == a.ppo_steps:
                 logger.info(f"ppo {step}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
@@ -536,9 +557,9 @@ class AdaKTrainer(Trainer):
                        "checkpoint, a new run starts over")
         raise Preempted(step, self.preemption.reason(), None)
 
-    def log_validation(self, fin: dict) -> None:
+    def log_validation(self, fin: dict, when: str = "final") -> None:
         if fin:
-            logger.info(f"validation: loss {fin['val_loss']:.4f} (top-{self.cfg.model.moe.top_k} base "
+            logger.info(f"validation ({when}): loss {fin['val_loss']:.4f} (top-{self.cfg.model.moe.top_k} base "
                         f"{fin['base_val_loss']:.4f}, {100 * fin['val_loss_increase']:+.2f}%) mean k "
                         f"{fin['mean_k']:.3f} expert FLOPs vs top-k {fin['expert_flops_vs_topk']:.3f} whole-model "
                         f"FLOPs vs top-k {fin['flops_vs_topk']:.3f}")

@@ -171,6 +171,89 @@ def update_routing_state(routers, stats: dict, budget: bool) -> None:
             router.update_budget(k_mean)
 
 
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters of the WHOLE model, from any rank: a DTensor (FSDP2) reports its global size,
+    and an expert-parallel GroupedExperts holds only its block of experts, scaled back up to num_global (the counts
+    are the same on every rank, so rank 0 can print them without a collective)."""
+    total = trainable = 0
+    for module in model.modules():
+        shard = getattr(module, "ep_shard", None)
+        for p in module.parameters(recurse=False):
+            n = p.numel() * (shard.num_global // p.shape[0] if shard is not None else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def _count(n: float) -> str:
+    """1234567 -> '1.23 M' (parameters and tokens read at a glance)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def router_line(cfg: Config) -> str:
+    """The routing a run trains with, in the words of the config: experts, k, the FLOPs baseline, the budget."""
+    e = cfg.model.moe
+    if e.router == "null":
+        experts = f"{e.num_experts} true + {e.num_null_experts} null experts, k {e.top_k}"
+    elif e.router == "adak":
+        experts = f"{e.num_experts} experts, k in [{e.k_min}, {e.resolved_k_max}] (Ada-K allocator)"
+    elif e.router == "top_p":
+        experts = f"{e.num_experts} experts, top-p {e.top_p} (at most {e.max_slots})"
+    else:
+        experts = f"{e.num_experts} experts, k {e.top_k}"
+    line = f"router: {e.router}, {experts}; FLOPs baseline top-{e.resolved_baseline_top_k}"
+    if e.target_true_experts is not None:
+        line += (f"; compute budget: target {e.target_true_experts:g} true experts/token/layer "
+                 f"(PI kp {e.budget_kp:g}, ki {e.budget_ki:g})")
+    return line
+
+
+def data_lines(cfg: Config, data: Data) -> list[str]:
+    """What the run reads and what it validates on; a run without validation data says so before it starts (else
+    the user learns it from a metrics.jsonl without val_loss after the run)."""
+    d, t = cfg.data, cfg.train
+    seen = t.steps * t.batch_size * t.seq_len
+    if data.train.sequences is not None:
+        n = data.train.sequences.shape[0]
+        train = (f"{n} sequences x {t.seq_len} = {_count(n * t.seq_len)} tokens; the run reads {_count(seen)} "
+                 f"({t.steps * t.batch_size / n:.2f} epochs)")
+    else:
+        train = f"streamed from {d.path} (size unknown until read); the run reads {_count(seen)} tokens"
+    lines = [f"data: {d.kind}, train {train}"]
+    if data.val_tokens is None:
+        why = ("data.streaming without data.val_path" if d.streaming else
+               "data.val_sequences: 0" if not d.val_sequences else "no held-out split")
+        lines.append(f"validation: NONE ({why}): no val_loss, neither every train.eval_every steps nor at the end")
+    else:
+        every = f"every {t.eval_every} steps and " if t.eval_every else ""
+        lines.append(f"validation: {data.val_tokens.shape[0]} sequences ({_count(data.val_tokens.numel())} tokens), "
+                     f"{every}at the end")
+    return lines
+
+
+def step_line(record: dict, step: int, steps: int, eta: float, target: Optional[float]) -> str:
+    """The progress line of a logged step: loss, routing (against the budget's target when there is one), speed,
+    memory, lr, gradient norm, MFU (when train.peak_tflops is set)."""
+    bar = "#" * int(20 * step / steps)
+    experts = f"experts/token {record['true_experts_per_token']:.2f}"
+    if target is not None:  # the controller's job at a glance: where it is against where it should be
+        bias = record.get("null_bias_per_layer") or [0.0]
+        experts += f" (target {target:.2f}, null bias {sum(bias) / len(bias):+.3f})"
+    grad = "" if record.get("grad_norm") is None else f" gnorm {record['grad_norm']:.3f}"
+    mfu = f" mfu {100 * record['mfu']:.2f}%" if "mfu" in record else ""
+    return (f"[{bar:<20}] step {step}/{steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} {experts} "
+            f"flops/topk {record['flops_vs_topk']:.3f} lr {record['lr']:.2e}{grad} tok/s "
+            f"{record['tokens_per_s']:.0f}{mfu} mem {record['peak_memory_mb']:.0f} MiB eta {eta:.0f}s")
+
+
+def validation_line(metrics: dict, when: str) -> str:
+    return (f"validation ({when}): loss {metrics['val_loss']:.4f} true experts/token "
+            f"{metrics['val_true_experts_per_token']:.2f} flops/topk {metrics['val_flops_vs_topk']:.3f}")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -209,6 +292,30 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.routers = self.model.routers()  # one per MoE layer (dense-first layers have none)
         self.preemption = StopSignals()  # SIGTERM / SIGUSR1 while fit runs: stop at a step boundary
+        self.log_start()
+
+    def log_start(self) -> None:
+        """The start banner (rank 0: the logger's filter): what this run is before its first step, as torchtitan
+        and Megatron print it, so a wrong mesh, precision, router or data set shows before any time is spent."""
+        ctx, m = self.ctx, self.cfg.model
+        total, trainable = parameter_counts(self.model)
+        logger.info(self.run_line())
+        logger.info(f"mesh: dp {ctx.world_size // ctx.ep_size} x ep {ctx.ep_size} = world {ctx.world_size} "
+                    f"({ctx.device.type}), engine {self.cfg.parallel.engine}, precision {self.precision_label()}")
+        logger.info(f"model: {m.family}, {m.num_layers} layers, hidden {m.hidden_size}; parameters {_count(total)} "
+                    f"total, {_count(trainable)} trainable ({100 * trainable / max(total, 1):.1f} %)")
+        logger.info(router_line(self.cfg))
+        for line in data_lines(self.cfg, self.data):
+            logger.info(line)
+
+    def run_line(self) -> str:
+        t = self.cfg.train
+        resumed = f", resuming after step {self.start_step}" if self.start_step else ""
+        return (f"run: {t.steps} steps of {t.batch_size} sequences x {t.seq_len} tokens, lr {t.lr:g} (warm-up "
+                f"{t.warmup_steps}), log every {t.log_every}{resumed} -> {self.out_dir}")
+
+    def precision_label(self) -> str:
+        return ("bf16 compute, fp32 master weights" if bf16_compute(self.cfg, self.ctx.device) else "fp32")
 
     def remove_crash_leftovers(self) -> None:
         """The hidden temp files / folders a crash or a full disk left in out_dir (checkpoint staging, the HF
@@ -312,6 +419,8 @@ class Trainer:
                 self.checkpoint(step)
             if step % t.log_every == 0 or step == t.steps:
                 self.log_progress(record, step, t0)
+            if "val_loss" in record:  # printed too, after its step's line: a user watches the console
+                logger.info(validation_line(record, f"step {step}"))
             self.stop_if_preempted(step)
         return self.finish(record)
 
@@ -419,10 +528,7 @@ class Trainer:
     def log_progress(self, record: dict, step: int, t0: float) -> None:
         t = self.cfg.train
         eta = (time.perf_counter() - t0) / (step - self.start_step) * (t.steps - step)
-        bar = "#" * int(20 * step / t.steps)
-        logger.info(f"[{bar:<20}] step {step}/{t.steps} loss {record['loss']:.4f} lm {record['lm_loss']:.4f} "
-                    f"experts/token {record['true_experts_per_token']:.2f} flops/topk {record['flops_vs_topk']:.3f} "
-                    f"tok/s {record['tokens_per_s']:.0f} eta {eta:.0f}s")
+        logger.info(step_line(record, step, t.steps, eta, self.cfg.model.moe.target_true_experts))
 
     def stop_if_preempted(self, step: int) -> None:
         """After optimizer step ``step`` (taken or skipped): when a stop signal reached any rank (agreed in
@@ -502,8 +608,7 @@ class Trainer:
         record.update(final)
         if final:
             self.metrics.write({"step": t.steps, **final})
-            logger.info(f"validation loss {final['val_loss']:.4f} true experts/token "
-                        f"{final['val_true_experts_per_token']:.2f} flops/topk {final['val_flops_vs_topk']:.3f}")
+            logger.info(validation_line(final, "final"))
             if "val_true_experts_by_label" in final:
                 logger.info("true experts by difficulty: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in final["val_true_experts_by_label"].items()))

@@ -111,5 +111,5 @@ def loaders_message(cfg: ModelConfig, reason: Optional[str], folder: Path) -> st
                 f"moe_train (from_hf){caveat}")
     return (f"HF export {folder}: its router ({reason}) is not in transformers; the folder carries its modeling code: "
             f"load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or moe_train's from_hf. "
-            f"Loaders that run only transformers' native models (and vLLM, TGI) refuse it (model_type "
-            f"{REMOTE_MODEL_TYPE!r}){caveat}")
+            f"Loaders without remote code (transformers by default, serving stacks) refuse it (model_type "
+            f"{REMOTE_MODEL_TYPE!r}) rather than run it as a plain top-k model{caveat}")

@@ -37,12 +37,21 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+def linear(i, o):
+    """A bias-free Linear; a zero-wide one (Qwen2-MoE without a shared expert) without torch's init warning."""
+    if i and o:
+        return nn.Linear(i, o, bias=False)
+    lin = nn.Linear(1, 1, bias=False)
+    lin.weight, lin.in_features, lin.out_features = nn.Parameter(torch.empty(o, i)), i, o
+    return lin
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden_size, ffn_size, names=("gate_proj", "up_proj", "down_proj")):
         super().__init__()
         self.names = names
         for name, (i, o) in zip(names, ((hidden_size, ffn_size), (hidden_size, ffn_size), (ffn_size, hidden_size))):
-            setattr(self, name, nn.Linear(i, o, bias=False))
+            setattr(self, name, linear(i, o))
 
     def forward(self, x):
         gate, up, down = (getattr(self, n) for n in self.names)

@@ -420,3 +420,29 @@ def test_config_accepts_gemm_backends():
         validate_moe(MoEConfig(gemm_backend=b))
     with pytest.raises(ValueError, match="gemm_backend"):
         validate_moe(MoEConfig(gemm_backend="cutlass"))
+
+
+def test_te_fp8_recipe_adds_no_collective_per_gemm(monkeypatch):
+    """The TE FP8 recipe must not all-reduce amaxes at every autocast exit (one region per expert GEMM): a stand-in
+    transformer_engine records the recipe grouped_gemm builds (TE itself needs CUDA)."""
+    import sys
+    import types
+
+    from moe_train.kernels import grouped_gemm as GG
+
+    made = {}
+
+    class DelayedScaling:
+        def __init__(self, **kw):
+            made.update(kw)
+
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.DelayedScaling, recipe.Format = DelayedScaling, types.SimpleNamespace(HYBRID="hybrid")
+    for name, mod in (("transformer_engine", types.ModuleType("transformer_engine")),
+                      ("transformer_engine.common", types.ModuleType("transformer_engine.common")),
+                      ("transformer_engine.common.recipe", recipe)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(GG, "_TE_RECIPE", None)
+    te = types.SimpleNamespace(autocast=lambda enabled, recipe: ("autocast", recipe))
+    assert GG._fp8_autocast(te)[0] == "autocast"
+    assert made.get("reduce_amax") is False and made["fp8_format"] == "hybrid"

@@ -135,7 +135,11 @@ def _fp8_autocast(te):
     global _TE_RECIPE
     if _TE_RECIPE is None:
         from transformer_engine.common.recipe import DelayedScaling, Format
-        _TE_RECIPE = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+        # reduce_amax=False: each call enters its own autocast region, and TE's default all-reduces the amaxes over
+        # the world at every region's exit: one world-wide collective per expert GEMM. The experts a rank holds are
+        # its own (ep), so a per-rank amax history is the right scale anyway.
+        _TE_RECIPE = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max",
+                                    reduce_amax=False)
     if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast(fp8_recipe=) to autocast(recipe=)
         return te.autocast(enabled=True, recipe=_TE_RECIPE)
     return te.fp8_autocast(enabled=True, fp8_recipe=_TE_RECIPE)

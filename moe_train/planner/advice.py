@@ -84,7 +84,7 @@ _FEWER_MICRO = ("fewer micro-batches per step (lower train.grad_accum_steps): ev
                 "weights again", True)
 
 
-def _remedies(term: str, cfg: Config, cluster: Cluster) -> list[tuple[str, bool]]:
+def _remedies(term: str, cfg: Config, cluster: Cluster, frozen_bf16: bool) -> list[tuple[str, bool]]:
     t, moe = cfg.train, cfg.model.moe
     if term == "compute":
         out = [_FEWER_EXPERTS]
@@ -104,20 +104,24 @@ def _remedies(term: str, cfg: Config, cluster: Cluster) -> list[tuple[str, bool]
             out.append(("node-limited routing (each token to experts on at most M nodes, DeepSeek-V3)", False))
         return out
     out = [("frozen weights stored in bf16: half the all-gather bytes of an fp32 master (automatic for frozen "
-            "weights under bf16 precision: train.trainable / LoRA, train/build.py)", True), _FEWER_MICRO,
-           ("keep frozen experts in bf16, unsharded over dp (replicated: no all-gather for weights that never "
-            "change)", False)]
+            "weights under bf16 precision: train.trainable / LoRA, train/build.py)"
+            + ("; already so in this plan" if frozen_bf16 else ""), True)]
+    if t.grad_accum_steps > 1:
+        out.append(_FEWER_MICRO)
+    out.append(("keep frozen experts in bf16, unsharded over dp (replicated: no all-gather for weights that never "
+                "change)", False))
     if term == "fsdp_ib":
         out.append(("HSDP: shard within a node, replicate across nodes (only the gradient reduction crosses "
                     "InfiniBand)", False))
     return out
 
 
-def bound_advice(terms: dict, cfg: Config, cluster: Cluster) -> dict:
+def bound_advice(terms: dict, cfg: Config, cluster: Cluster, frozen_bf16: bool = False) -> dict:
     """The largest roofline term of the step (planner/roofline.py), its share of the serial step, and the remedies
-    for it, each with ``implemented``: whether moe_train has it (a setting to change) or not (work to do)."""
+    for it, each with ``implemented``: whether moe_train has it (a setting to change) or not (work to do).
+    ``frozen_bf16``: the plan already stores frozen weights in bf16 (said so, not offered as a change)."""
     term = max(terms, key=terms.get)
     serial = sum(v for k, v in terms.items() if k != "hbm") or 1.0  # hbm overlaps the rest (roofline.py)
     return {"term": term, "what": TERM_NAMES.get(term, term), "seconds": terms[term],
             "share_of_serial": terms[term] / serial,
-            "remedies": [{"remedy": r, "implemented": ok} for r, ok in _remedies(term, cfg, cluster)]}
+            "remedies": [{"remedy": r, "implemented": ok} for r, ok in _remedies(term, cfg, cluster, frozen_bf16)]}

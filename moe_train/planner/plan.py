@@ -114,7 +114,7 @@ def _plan_once(cfg: Config, cluster: Cluster, job: str, true_experts: Optional[f
         "flops": flops,
         "traffic": dataclasses.asdict(traffic), "traffic_topk_baseline": dataclasses.asdict(base_traffic),
         "time": dataclasses.asdict(t), "time_topk_baseline": dataclasses.asdict(tb),
-        "bottleneck": bound_advice(t.terms, cfg, cluster),
+        "bottleneck": bound_advice(t.terms, cfg, cluster, jm.bf16 and rep.trainable_numel < rep.param_numel),
     }
 
 

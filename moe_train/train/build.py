@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from contextlib import ExitStack
 from typing import Optional
@@ -168,6 +169,8 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
         with torch.device("meta"):
             model = build_model(model_cfg)
         seed = model.init_seed
+        if ctx is not None and ctx.distributed and cfg.parallel.engine == "deepspeed":
+            _check_whole_model_fits(model, ctx)
         _check_router_state(model, routers, src)
         if adak:
             freeze_base(model)
@@ -181,6 +184,23 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
         model.to_empty(device=device)
         fill_local_shards(model, model_cfg, seed, source, routers)
     return model
+
+
+def _check_whole_model_fits(model: MoETransformer, ctx: ParallelContext) -> None:
+    """The DeepSpeed engine materialises the whole model on every rank before DeepSpeed partitions it (no zero.Init):
+    refuse, before any allocation, a model whose fp32 copies on this node's ranks exceed the host's memory."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))  # torchrun's; else all on one host
+    need = sum(p.numel() for p in model.parameters()) * 4 * ranks_here
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if need > avail:
+        raise ValueError(f"parallel.engine: deepspeed builds the whole model on every rank before DeepSpeed shards "
+                         f"it: {need / 2**30:.1f} GiB for this node's {ranks_here} ranks in fp32, but "
+                         f"{avail / 2**30:.1f} GiB of host memory is available; use parallel.engine: fsdp, which "
+                         f"materialises each rank's shards only")
 
 
 def _expert_block(model_cfg: ModelConfig, ctx: Optional[ParallelContext], cfg: Config) -> Optional[tuple[int, int]]:

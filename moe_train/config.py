@@ -951,6 +951,10 @@ def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
     for key in ("warm_start_steps", "ppo_steps", "val_every"):
         if getattr(a, key) < 0:
             _fail(f"{p}.{key}", getattr(a, key), "must be >= 0")
+    if a.warm_start_steps + a.ppo_steps == 0:
+        # a run of neither stage would save the untrained allocator as final/model.pt and exit 0
+        _fail(f"{p}.warm_start_steps + {p}.ppo_steps", 0, f"nothing would train: set {p}.warm_start_steps and/or "
+              f"{p}.ppo_steps > 0")
     for key in ("ppo_epochs", "ppo_minibatches"):
         if getattr(a, key) < 1:
             _fail(f"{p}.{key}", getattr(a, key), "must be >= 1")

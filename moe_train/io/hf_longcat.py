@@ -163,7 +163,9 @@ def import_layer(imp, cfg: ModelConfig, expected: dict[str, torch.Tensor], i: in
         else:  # router state transformers does not have (compute budget, ...)
             sd[ours] = imp.take(p + "router." + rel, expected[ours].shape, " (config.json 'moe_train' describes "
                                 "a router with this state)")
-    if imp.has(p + "experts.gate_up_proj"):  # transformers' in-memory layout
+    if hi == lo:  # no experts asked for (a caller that reads the rest of the layer: its router)
+        w_gate, w_up, w_down = torch.empty(0, D, F), torch.empty(0, D, F), torch.empty(0, F, D)
+    elif imp.has(p + "experts.gate_up_proj"):  # transformers' in-memory layout
         # [E, 2F, D] since transformers 5.25; [E + Z, 2F, D] before (rows for the zero experts, never used)
         rows = E + Z if Z and imp.src.shape(p + "experts.gate_up_proj")[0] == E + Z else E
         gate_up_EOD = imp.take(p + "experts.gate_up_proj", [rows, 2 * F, D])[lo:hi]

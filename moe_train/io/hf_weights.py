@@ -100,6 +100,8 @@ def _import_experts(imp: WeightImporter, family: str, p: str, E: int, D: int, F:
     """(w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]) from per-expert Linear weights or the fused layout;
     ``experts=(lo, hi)``: only those experts (one rank's shard: the others' tensors are never read)."""
     lo, hi = experts or (0, E)
+    if hi == lo:  # no experts asked for (a caller that reads the rest of the layer: its router)
+        return torch.empty(0, D, F), torch.empty(0, D, F), torch.empty(0, F, D)
     if imp.has(f"{p}experts.gate_up_proj"):
         gate_up_EOD = imp.take(f"{p}experts.gate_up_proj", [E, 2 * F, D])[lo:hi]
         down_EDF = imp.take(f"{p}experts.down_proj", [E, D, F])[lo:hi]

@@ -33,8 +33,11 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 class StateSource(Protocol):
     config: ModelConfig
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    experts: Optional[tuple[int, int]]  # the block of experts a layer read holds (a Hugging Face folder's)
 
     def get(self, name: str, experts: Optional[tuple[int, int]] = None) -> torch.Tensor: ...
+
+    def forget(self) -> None: ...
 
 
 class ModelFileSource:
@@ -43,6 +46,10 @@ class ModelFileSource:
     def __init__(self, path: Union[str, Path]):
         self.reader = ModelFileReader(path)
         self.config, self.specs = self.reader.config, self.reader.specs
+        self.experts = None  # unused: each get names its rows
+
+    def forget(self) -> None:
+        pass
 
     def get(self, name: str, experts: Optional[tuple[int, int]] = None) -> torch.Tensor:
         return self.reader.get(name, rows=experts)
@@ -60,6 +67,10 @@ class HFSource:
         self.specs = {n: (tuple(t.shape), t.dtype) for n, t in self._expected.items()}
         self._imp = WeightImporter(SafetensorsFolder(folder, stack), None, folder)
         self._cache: tuple[object, dict[str, torch.Tensor]] = (None, {})
+
+    def forget(self) -> None:
+        """Drops the cached layer (the next get reads again, with the current ``experts``)."""
+        self._cache = (None, {})
 
     def get(self, name: str, experts: Optional[tuple[int, int]] = None) -> torch.Tensor:
         assert experts is None or experts == (self.experts or (0, self.config.moe.num_experts)), (experts, self.experts)
@@ -93,6 +104,8 @@ def meta_model_with_routers(source: StateSource) -> MoETransformer:
     conversions on load (io/convert.py, io/adak_convert.py) need their values; nothing else is read."""
     with torch.device("meta"):
         model = MoETransformer(source.config)
+    experts = getattr(source, "experts", None)
+    source.experts = (0, 0)  # a Hugging Face folder: read each layer's router without its experts
     for i, layer in enumerate(model.layers):
         if layer.moe is None:
             continue
@@ -101,4 +114,6 @@ def meta_model_with_routers(source: StateSource) -> MoETransformer:
             for rel, t in router.state_dict(keep_vars=True).items():
                 t.copy_(source.get(f"layers.{i}.moe.router.{rel}").float())
         router.float()
+    source.experts = experts
+    source.forget()
     return model

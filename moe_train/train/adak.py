@@ -93,7 +93,7 @@ from moe_train.train.deepspeed_engine import check_launch, prepare_experts
 from moe_train.train.engine import TorchEngine
 from moe_train.train.metrics import logger
 from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
-from moe_train.train.trainer import Trainer
+from moe_train.train.trainer import Trainer, TrainingError
 
 # The console lines' abbreviations, printed once before each stage's first line (the step lines stay short).
 WARM_START_LEGEND = ("warm start legend: ce = allocator cross-entropy against the threshold labels k*, label k = mean "
@@ -306,13 +306,20 @@ def as_engine(opt, model: nn.Module, params: Sequence[nn.Parameter], ctx: Option
 
 def _update(engine, loss: torch.Tensor, grad_clip: float, what: str) -> float:
     """One allocator update: backward, clipping (train.grad_clip; 0 = none, the norm is still measured), step.
-    A non-finite gradient norm fails the run (the allocators would become NaN)."""
+    A non-finite loss or gradient norm fails the run before the optimizer step (the allocators would become NaN and
+    be saved as final/model.pt): TrainingError naming the step, which the command line prints in one line (exit 1).
+    The loss is the global one (every rank's part summed), so every rank takes the same decision."""
+    total = float(all_reduce_sum(loss.detach().reshape(1).float(), engine.ctx)) if getattr(
+        engine, "ctx", None) is not None and engine.ctx.distributed else float(loss.detach())
+    if not math.isfinite(total):
+        raise TrainingError(f"Ada-K diverged at {what}: non-finite allocator loss {total}; nothing was saved from "
+                            "it; lower adak.lr or set train.grad_clip, and check the base model (train.init_from)")
     engine.zero_grad()
     engine.backward(loss)
     norm, stepped = engine.clip_and_step(grad_clip)
     if not stepped or not math.isfinite(float(norm)):
-        raise FloatingPointError(f"{what}: non-finite allocator gradient norm {float(norm)}; lower adak.lr or set "
-                                 "train.grad_clip")
+        raise TrainingError(f"Ada-K diverged at {what}: non-finite allocator gradient norm {float(norm)}; nothing "
+                            "was saved from it; lower adak.lr or set train.grad_clip")
     return float(norm)
 
 
@@ -323,7 +330,8 @@ def _rows(B: int, S: int, seqs: torch.Tensor) -> torch.Tensor:
 
 def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter],
              inputs_BS: torch.Tensor, targets_BS: torch.Tensor, a: AdaKConfig, baseline: RewardBaseline,
-             grad_clip: float, generator: torch.Generator, ctx: Optional[ParallelContext] = None) -> dict:
+             grad_clip: float, generator: torch.Generator, ctx: Optional[ParallelContext] = None,
+             step: int = 0) -> dict:
     """Rollout (in chunks), advantages over the whole batch, ppo_epochs x ppo_minibatches updates (module docstring).
 
     ``inputs_BS`` is this rank's share of the global batch: the ctx.dp_rank-th contiguous B of dp_size * B
@@ -374,7 +382,7 @@ def ppo_step(model: MoETransformer, opt: torch.optim.Optimizer, params: Sequence
             new_LT, ent_LT = forced_log_probs(model, inputs_BS[seqs], action_LT[:, idx], engine.forward)
             loss, st = ppo_objective(new_LT, old_LT[:, idx], adv_T[idx], a.clip_eps, ent_LT, a.entropy_coef,
                                      num_actions=count)
-            grad_norm = _update(engine, loss * grad_scale, grad_clip, "ppo")
+            grad_norm = _update(engine, loss * grad_scale, grad_clip, f"ppo step {step}" if step else "ppo")
             sums_M4.append(st["sums"])
             counts_M.append(count)
     rollout_stats = Rollout(inputs_BS, targets_BS, action_LT, old_LT, k_LT, reward_T, loglik_T)
@@ -441,6 +449,19 @@ class AdaKTrainer(Trainer):
             model = parallelize_model(model, self.ctx)
         self.params = [r.allocator.weight for r in adak_routers(model)]  # what the stages' optimizers train
         return model
+
+    def remove_crash_leftovers(self) -> None:
+        """The Trainer's, and a previous Ada-K run's outputs in out_dir (only our own file names): Ada-K always
+        starts over, and a run that stops early (a signal, a failure) must not leave the old final/model.pt and
+        validation.json beside this run's config.yaml, where they would read as this run's results."""
+        super().remove_crash_leftovers()
+        stale = [self.out_dir / "final" / "model.pt", self.out_dir / "warm_start" / "model.pt",
+                 self.out_dir / "validation.json"]
+        stale = [p for p in stale if p.is_file()]
+        for p in stale:
+            p.unlink()
+        if stale:
+            logger.info("removed the previous run's outputs: " + ", ".join(str(p) for p in stale))
 
     def setup_optimizer(self) -> int:
         self.engine = None  # each stage makes its own optimizer (stage_engine); Ada-K runs are short, no resume
@@ -533,7 +554,7 @@ class AdaKTrainer(Trainer):
             start = time.perf_counter()
             inputs, targets = self.data.train.next_batch()
             record = ppo_step(self.model, engine, self.params, inputs.to(ctx.device), targets.to(ctx.device), a,
-                              baseline, t.grad_clip, gen, ctx)
+                              baseline, t.grad_clip, gen, ctx, step)
             record = {"stage": "ppo", "step": step, **record, "seconds": time.perf_counter() - start}
             if a.val_every and step % a.val_every == 0 and step < a.ppo_steps:
                 record["validation"] = self.validate()

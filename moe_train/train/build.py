@@ -121,7 +121,8 @@ def fill_local_shards(model: MoETransformer, cfg: ModelConfig, seed: int, source
     LoRA adapters and router state that a config switches on, start at their initial values), else fresh."""
     std = cfg.init_std
     tensors = dict(model.named_parameters())
-    tensors.update((n, b) for n, b in model.named_buffers() if n in model.state_dict())
+    persistent = set(model.state_dict())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
     for name, t in tensors.items():
         module, leaf = _owner(model, name)
         shard = getattr(module, "ep_shard", None)  # a stacked expert tensor of an ep-sharded GroupedExperts

@@ -5,7 +5,13 @@ SIGUSR1 300 s ahead and has torchrun forward it to the workers); ``scancel``, a 
 and the launcher's death (parallel/launch.py die_with_launcher) send SIGTERM. Without a handler either signal ends
 the process at once and everything since the last periodic checkpoint is lost.
 
-``StopSignals`` handles SIGTERM and SIGUSR1 while ``fit`` runs (installed by ``handles_stop_signals`` in the main
+SIGINT (Ctrl-C) and SIGHUP (the SSH session that ran the command hung up; torchrun forwards it to its workers) are
+handled the same way: before, Ctrl-C gave a KeyboardInterrupt traceback and a hang-up killed the workers, both
+without a checkpoint. A SECOND Ctrl-C, at least INTERRUPT_GRACE_S after the first, aborts at once
+(KeyboardInterrupt): a user who does not want to wait for the checkpoint says so (the grace period ignores the copy
+of the same Ctrl-C that torchrun forwards to workers which already got it from the terminal).
+
+``StopSignals`` handles SIGTERM, SIGUSR1, SIGINT and SIGHUP while ``fit`` runs (installed by ``handles_stop_signals`` in the main
 thread, the previous handlers restored on the way out). The handler only sets a flag: it may interrupt anything,
 a collective or a checkpoint write included, and doing work there could tear the state it interrupted. The loop
 asks after each optimizer step whether ANY rank got a signal; every rank must stop at the same step, or the
@@ -31,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -41,7 +49,11 @@ import torch
 from moe_train.parallel.collectives import all_reduce_sum
 from moe_train.parallel.distributed import ParallelContext
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+INTERRUPT_GRACE_S = 2.0  # a second SIGINT this long after the first aborts at once (module docstring)
+# launch/torchrun.sh names a folder here; each worker that stopped cleanly after a signal writes its LOCAL_RANK into
+# it, and the script exits 0 when every local worker did (torchrun itself exits 1 after a signal)
+MARKER_DIR_ENV = "MOE_TRAIN_PREEMPTED_DIR"
 PREEMPTED_EXIT_CODE = 0  # the checkpoint is written, nothing is lost; a requeue or rerun resumes (launch/*.sbatch)
 
 # Every rank says when it stops (the training logger shows rank 0 only): the lines must agree on the step.
@@ -71,9 +83,18 @@ class StopSignals:
         self.received: Optional[signal.Signals] = None  # the first stop signal this rank got
         self.stop = False  # set by agree / agree_now: some rank got one, every rank stops at this step
         self._previous: dict[signal.Signals, object] = {}
+        self._first_interrupt: Optional[float] = None
 
     def _handle(self, signum: int, frame) -> None:
         # Only the flag (module docstring); a repeated signal keeps the first one's name.
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is not None and now - self._first_interrupt >= INTERRUPT_GRACE_S:
+                raise KeyboardInterrupt("second Ctrl-C: aborted without waiting for the checkpoint")
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+                rank_log.warning("Ctrl-C: stopping after the current step with a checkpoint (Ctrl-C again to abort "
+                                 "at once, losing it)")
         if self.received is None:
             self.received = signal.Signals(signum)
 
@@ -83,8 +104,8 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             # Python delivers signals to the main thread only; a run started from another thread keeps the default
             # actions (the signals end the process at once) and says so.
-            rank_log.warning("training runs outside the main thread: SIGTERM / SIGUSR1 are not handled, a "
-                             "preemption loses the steps since the last checkpoint")
+            rank_log.warning("training runs outside the main thread: SIGTERM / SIGUSR1 / SIGINT / SIGHUP are not "
+                             "handled, a preemption loses the steps since the last checkpoint")
             yield self
             return
         for s in self.signals:
@@ -115,12 +136,29 @@ class StopSignals:
         return self.received.name if self.received is not None else "a stop signal on another rank"
 
 
+def mark_preempted(env: Optional[dict] = None) -> None:
+    """Tells launch/torchrun.sh that this worker stopped cleanly after a signal (its checkpoint is written): a file
+    named after LOCAL_RANK in the folder MARKER_DIR_ENV names; nothing when it is unset (not that launcher)."""
+    env = os.environ if env is None else env
+    folder = env.get(MARKER_DIR_ENV)
+    if not folder:
+        return
+    try:
+        (Path(folder) / f"rank_{env.get('LOCAL_RANK', '0')}").write_text("preempted\n")
+    except OSError as e:  # the launcher then reports torchrun's own exit status: no reason to fail the exit here
+        rank_log.warning(f"could not write the preemption marker in {folder}: {e}")
+
+
 def handles_stop_signals(fit: Callable) -> Callable:
-    """Decorates a Trainer's ``fit``: SIGTERM / SIGUSR1 set ``self.preemption``'s flag while it runs."""
+    """Decorates a Trainer's ``fit``: SIGTERM / SIGUSR1 / SIGINT / SIGHUP set ``self.preemption``'s flag while it runs."""
 
     @functools.wraps(fit)
     def wrapper(self, *args, **kwargs):
         with self.preemption.installed():
-            return fit(self, *args, **kwargs)
+            try:
+                return fit(self, *args, **kwargs)
+            except Preempted:  # the checkpoint is written (Trainer.stop_if_preempted): tell the launcher
+                mark_preempted()
+                raise
 
     return wrapper

@@ -445,6 +445,17 @@ def mistakes(e: Env) -> list[Mistake]:
         M("H07", "HF DeepSeek config.json: num_attention_heads is a string",
           lambda e: e.train(f"train.init_from={_hf_edit(e, 'h07', model_type='deepseek_v3', num_attention_heads='4', num_key_value_heads=4)}"),
           ("h07", "num_attention_heads", "integer")),
+        # ---- faults and mistakes, second round: Ada-K and the Hugging Face export ----------------------------
+        M("R01", "Ada-K with 0 warm-start and 0 PPO steps (saved an untrained allocator, exit 0)",
+          lambda e: ["adak", "--config", str(e.cfg), "--set", f"train.init_from={e.model}", "--set",
+                     f"train.out_dir={e.out()}", "--set", "adak.warm_start_steps=0", "--set", "adak.ppo_steps=0"],
+          ("adak.warm_start_steps", "adak.ppo_steps", "nothing would train")),
+        M("R02", "train.export_hf on a Mixtral model with norm_topk_prob false (refused after the whole run)",
+          lambda e: e.train("train.export_hf=true", "model.moe.norm_topk_prob=false"),
+          ("train.export_hf", "norm_topk_prob")),
+        M("R03", "train.export_hf on a Qwen3-MoE model with a shared expert (refused after the whole run)",
+          lambda e: e.train("train.export_hf=true", "model.family=qwen3_moe",
+                            "model.shared_expert_intermediate_size=16"), ("train.export_hf", "shared expert")),
         # ---- the DeepSpeed JSON ----------------------------------------------------------------------------
         M("S01", "DeepSpeed JSON: zero_optimisation (typo)",
           lambda e: _ds(e, "s01.json", {"zero_optimisation": {"stage": 3}}), ("zero_optimisation", "zero_optimization")),

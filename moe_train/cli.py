@@ -100,11 +100,13 @@ def _plot(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from moe_train.io.atomic import check_writable
     from moe_train.io.convert import convert_to_adamoe
 
     if Path(args.dst).exists() and not args.overwrite and Path(args.dst).resolve() != Path(args.src).resolve():
         raise ValueError(f"--dst {args.dst!r} already exists; convert refuses to replace it: choose a new folder or "
                          f"pass --overwrite")
+    check_writable(args.dst, "--dst")  # a read-only or foreign folder fails now, not after reading the model
     dst = convert_to_adamoe(args.src, args.dst, num_null_experts=args.num_null_experts, top_k=args.top_k,
                             baseline_top_k=args.baseline_top_k, null_tie_break=args.null_tie_break,
                             null_kind=args.null_kind)

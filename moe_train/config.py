@@ -195,6 +195,10 @@ class MoEConfig:
     # the router distribution, weighted by entropy_loss_coef; top_k is then only the FLOPs baseline.
     top_p: float = 0.4
     entropy_loss_coef: float = 1e-4
+    # Top-p gates: False (default) = the kept experts' raw probabilities, as the paper and its released code do; True
+    # = renormalised over the kept experts (sum to one; set it to continue a norm_topk_prob top-k model as top-p with
+    # the same gates). norm_topk_prob is not read by top_p; routed_scaling_factor applies after either.
+    top_p_renormalize: bool = False
     # Top-k of the model that FLOPs are reported against (e.g. 2 for Mixtral converted to AdaMoE k=4).
     # Defaults to top_k.
     baseline_top_k: Optional[int] = None
@@ -752,6 +756,9 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
             _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
     if e.router == "top_p":
         _validate_top_p(e, p)
+    elif e.top_p_renormalize:  # read by the top-p router only: elsewhere it would silently do nothing
+        _fail(f"{p}.top_p_renormalize", e.top_p_renormalize, f"only router: top_p reads it (router is {e.router!r}); "
+              "other routers renormalise with norm_topk_prob")
     if e.target_true_experts is not None:
         if e.router != "null":
             _fail(f"{p}.target_true_experts", e.target_true_experts,
@@ -793,6 +800,9 @@ def _validate_top_p(e: MoEConfig, p: str) -> None:
         _fail(f"{p}.top_p", e.top_p, "must be in (0, 1]: the cumulative router probability a token's experts reach")
     if not (e.entropy_loss_coef >= 0 and math.isfinite(e.entropy_loss_coef)):
         _fail(f"{p}.entropy_loss_coef", e.entropy_loss_coef, "must be a finite number >= 0")
+    if not isinstance(e.top_p_renormalize, bool):
+        _fail(f"{p}.top_p_renormalize", e.top_p_renormalize, "must be true (renormalise the kept gates to sum to one) "
+              "or false (the kept experts' raw probabilities, the paper's gates)")
     if not 1 <= e.resolved_k_max <= e.num_experts:
         _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}] or null (no cap)")
     if getattr(e, "score_func", "softmax") != "softmax" or getattr(e, "topk_method", "greedy") != "greedy":

@@ -5,7 +5,10 @@ loading the config (moe_train/config.py validates it) and making process groups 
     model source train.init_from: a model.pt or a Hugging Face folder checked without reading weights
                  (moe_train/io/load.py check_any), the AdaMoE conversion on load against the source's config
     resume       train.resume_from is a complete checkpoint folder
-    out_dir      a folder that can be written; a finished run (final/) is not trained over by accident
+    out_dir      a folder that can be written; a finished run (final/) is not trained over by accident; free disk
+                 for one checkpoint (parameters + optimizer state, from the model's parameter count)
+    export       train.export_hf: the Hugging Face family can express the trained model (the exporter's own check
+                 on a meta-device model), else the refusal would only come after the whole run
     data         moe_train/data/preflight.py (files, UTF-8, fields, token range, enough tokens)
 Each failure is a ValueError naming the key, the value, what is allowed and the fix; the command line prints it as
 one line and exits 2. When everything passes, the MARKER line is logged (the mistakes campaign, bench/mistakes.py,
@@ -16,15 +19,21 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Mapping, Optional
+
+import torch
 
 from moe_train.config import Config, ModelConfig
 from moe_train.data.preflight import preflight_data
 from moe_train.io.convert import check_conversion
 from moe_train.io.dcp_checkpoint import MANIFEST, latest_checkpoint
+from moe_train.io.hf_config import config_to_hf
+from moe_train.io.hf_weights import export_state_dict
 from moe_train.io.load import check_any
+from moe_train.model import MoETransformer
 from moe_train.parallel.distributed import _env_int, validate_layout
 from moe_train.parallel.layout import validate_fsdp_config
 from moe_train.train.metrics import logger
@@ -162,6 +171,43 @@ def check_out_dir(cfg: Config, overwrite: bool = False) -> None:
                      f"replace it")
 
 
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk_space(cfg: Config, model: MoETransformer, adak: bool = False) -> None:
+    """train.out_dir's filesystem has room for one checkpoint, a lower bound from the parameter count: fp32
+    weights + AdamW's two fp32 moments for what trains, 2 bytes (bf16) for a frozen weight. A full disk would
+    otherwise be found at the first save, after the time the steps took."""
+    t = cfg.train
+    total = sum(p.numel() for p in model.parameters())
+    trains_all = not (adak or t.lora_rank or t.trainable)  # else a part trains: count none (a lower bound)
+    need = total * 12 if trains_all else total * 2
+    probe = _existing_parent(Path(t.out_dir))
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise ValueError(f"train.out_dir={t.out_dir!r}: {free / 2**30:.2f} GiB free on its filesystem ({str(probe)!r}) "
+                         f"but one checkpoint of this {total / 1e9:.2f} B-parameter model needs at least "
+                         f"{need / 2**30:.2f} GiB (weights + optimizer state): free space or choose another "
+                         f"train.out_dir")
+
+
+def check_export_hf(cfg: Config, model: MoETransformer) -> None:
+    """train.export_hf: the exporter's own expressibility check (config.json and the weight layout of the family,
+    moe_train/io/hf.py to_hf_stream) on the model to train, built on the meta device: a family that cannot
+    express it (Mixtral with norm_topk_prob false, a Qwen3 shared expert, ...) is refused before the run."""
+    if not cfg.train.export_hf:
+        return
+    try:
+        config_to_hf(model.config, torch.float32)
+        export_state_dict(model)
+    except ValueError as e:
+        raise ValueError(f"train.export_hf: true, but the trained model cannot be exported: {e} (or set "
+                         f"train.export_hf: false; final/model.pt is written either way)") from None
+
+
 def check_train_inputs(cfg: Config, env: Optional[Mapping[str, str]] = None, overwrite: bool = False,
                        adak: bool = False) -> ModelConfig:
     """Every check above, in the order a user fixes things; returns the architecture that will be trained.
@@ -173,6 +219,11 @@ def check_train_inputs(cfg: Config, env: Optional[Mapping[str, str]] = None, ove
         validate_fsdp_config(cfg, _env_int(env, "WORLD_SIZE", 1), model_cfg)
     check_resume_from(cfg)
     check_out_dir(cfg, overwrite)
+    with torch.device("meta"):  # shapes only, no memory: the parameter count and the export's layout
+        skeleton = MoETransformer(model_cfg)
+    if not adak:  # Ada-K writes no Hugging Face folder
+        check_export_hf(cfg, skeleton)
+    check_disk_space(cfg, skeleton, adak)
     preflight_data(cfg, model_cfg.vocab_size)
     logger.info(f"{MARKER}: config, launch, model source, out_dir and data; building the model")
     return model_cfg

@@ -6,6 +6,7 @@ step and checkpoints). In fp32 the loss trajectories must agree within 1e-4 for
   * AdaMoE null experts, ep = 2, ZeRO stage 2, gradient accumulation 2, clipping that binds (2 ranks) and
     ZeRO stage 1 at dp 2 x ep 2 (4 ranks);
   * top-k with LoRA and a frozen base (trainable: LoRA + routers), ep = 1, ZeRO stage 3 (2 ranks);
+  * ZeRO stage 3 at ep = 1 with null experts (null_kind zero and constant) and top-p (2 ranks; Ada-K is refused);
   * Ada-K warm start + PPO, ep = 2, ZeRO stage 1 (2 ranks);
 and the final model.pt files too. Resume: a run continued from its step-2 DeepSpeed checkpoint repeats the
 uninterrupted steps 3-4 bit for bit. bf16 (2 ranks, ZeRO 2): runs, finite, near the fp32 trajectory, exports fp32
@@ -106,6 +107,24 @@ def world4(tmp_path_factory):
     return {"out": out, "res": res}
 
 
+@pytest.fixture(scope="module")
+def world2_zero3(tmp_path_factory):
+    """ZeRO stage 3 at ep 1 for the routers that read parameters outside their module's forward (null and Ada-K
+    concatenate gate + null_gate into one GEMM; the combine reads null_values): each against FSDP, top-p too."""
+    out = tmp_path_factory.mktemp("ds3")
+    jobs = []
+    for kind in ("zero", "constant"):
+        cfg = base_config("null", ep=1, steps=2)
+        cfg.model.moe.null_kind = kind
+        jobs += [engine(cfg, out, f"null_{kind}_fsdp"), engine(cfg, out, f"null_{kind}_ds3", stage=3)]
+    top_p = base_config("topk", ep=1, steps=2)
+    top_p.model.moe = MoEConfig(router="top_p", num_experts=4, top_p=0.5, routed_scaling_factor=1.5)
+    jobs += [engine(top_p, out, "top_p_fsdp"), engine(top_p, out, "top_p_ds3", stage=3),
+             dict(engine(adak_config(out, ep=1), out, "adak_ds3", stage=3), job="adak")]
+    res = W.spawn(DW.train_jobs, 2, out, cfg_dicts=jobs, topk_model=str(out / "topk.pt"))
+    return {"out": out, "res": res}
+
+
 def assert_same_trajectory(out: Path, a: str, b: str, n: int, keys=KEYS, tol: float = TOL) -> None:
     ra, rb = rows(out, a), rows(out, b)
     assert len(ra) == len(rb) == n, (len(ra), len(rb))
@@ -143,6 +162,23 @@ def test_resume_from_deepspeed_checkpoint_is_exact(world2):
 def test_topk_lora_ep1_stage3_equals_fsdp(world2):
     assert_same_trajectory(world2["out"], "topk_ds3", "topk_fsdp", 3)
     assert_same_model(world2["out"], "topk_ds3", "topk_fsdp")
+
+
+@pytest.mark.parametrize("name", ["null_zero", "null_constant", "top_p"])
+def test_zero3_ep1_equals_fsdp(world2_zero3, name):
+    """Null experts crashed ZeRO-3's first backward (gate / null_gate partitioned to size 0 for their gradient):
+    the routers' parameters are now gathered with their MoE layer (deepspeed_engine.register_router_parameters)."""
+    out = world2_zero3["out"]
+    assert world2_zero3["res"][0]["errors"][:6] == [None] * 6, world2_zero3["res"][0]["errors"]
+    assert_same_trajectory(out, f"{name}_ds3", f"{name}_fsdp", 2)
+    assert_same_model(out, f"{name}_ds3", f"{name}_fsdp")
+
+
+def test_zero3_adak_is_refused_before_training(world2_zero3):
+    errors = [r["errors"][6] for r in world2_zero3["res"]]
+    assert errors[0] == errors[1] and "deepspeed.stage=3 cannot train Ada-K" in errors[0], errors
+    metrics = world2_zero3["out"] / "adak_ds3" / "metrics.jsonl"
+    assert not metrics.exists() or rows(world2_zero3["out"], "adak_ds3", "stage") == []  # no step was trained
 
 
 def test_adak_warm_start_and_ppo_equal_fsdp(world2):

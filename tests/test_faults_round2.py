@@ -103,3 +103,153 @@ def test_torchrun_script_exits_0_after_every_worker_saved_on_a_signal(tmp_path, 
 def test_torchrun_script_keeps_torchruns_failure_when_workers_did_not_save(tmp_path):
     rc, out = _launch(tmp_path, markers=False, sig=signal.SIGTERM)
     assert rc == 1, out
+
+
+# ---- 2. Ada-K ----------------------------------------------------------------------------------------------------
+
+
+def test_adak_with_no_step_of_either_stage_is_refused_by_the_config():
+    from moe_train.config import AdaKConfig, Config, ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"adak.warm_start_steps \+ adak.ppo_steps.*nothing would train"):
+        validate(Config(adak=AdaKConfig(warm_start_steps=0, ppo_steps=0)))
+
+
+def test_adak_start_removes_the_previous_runs_outputs_only(tmp_path):
+    from moe_train.train.adak import AdaKTrainer
+
+    for name in ("final/model.pt", "warm_start/model.pt", "validation.json", "final/notes.txt", "mine.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("old")
+    trainer = AdaKTrainer.__new__(AdaKTrainer)  # only out_dir is needed
+    trainer.out_dir = tmp_path
+    trainer.remove_crash_leftovers()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "final/notes.txt", "mine.json"]
+
+
+def test_adak_non_finite_loss_or_gradient_fails_naming_the_step():
+    import torch
+
+    from moe_train.parallel.distributed import ParallelContext
+    from moe_train.train.adak import _update
+    from moe_train.train.engine import TorchEngine
+    from moe_train.train.trainer import TrainingError
+
+    w = torch.nn.Parameter(torch.ones(3))
+    engine = TorchEngine(torch.nn.Identity(), torch.optim.AdamW([w]), ParallelContext(), params=[w])
+    with pytest.raises(TrainingError, match="ppo step 7: non-finite allocator loss nan"):
+        _update(engine, (w * float("nan")).sum(), 1.0, "ppo step 7")
+    with pytest.raises(TrainingError, match="warm start step 2: non-finite allocator gradient norm"):
+        handle = w.register_hook(lambda g: g * float("inf"))  # a finite loss with a non-finite gradient
+        _update(engine, w.sum(), 1.0, "warm start step 2")
+    handle.remove()
+    assert torch.equal(w.detach(), torch.ones(3))  # no optimizer step from either
+
+
+# ---- 3. an HF export the family cannot express ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"moe": {"norm_topk_prob": False}}, "Mixtral checkpoint cannot express norm_topk_prob=False"),
+    ({"family": "qwen3_moe", "shared_expert_intermediate_size": 16}, "Qwen3-MoE checkpoint cannot express a shared"),
+])
+def test_export_hf_the_family_cannot_express_is_refused_at_start(change, match):
+    import dataclasses
+
+    import torch
+
+    from moe_train.config import Config, ModelConfig, MoEConfig
+    from moe_train.model import MoETransformer
+    from moe_train.preflight import check_export_hf
+
+    moe = dataclasses.replace(MoEConfig(num_experts=4, top_k=2), **change.pop("moe", {}))
+    model_cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2,
+                            num_kv_heads=1, max_seq_len=64, moe=moe, **change)
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    cfg = Config(model=model_cfg)
+    check_export_hf(cfg, model)  # export_hf false: nothing checked
+    cfg.train.export_hf = True
+    with pytest.raises(ValueError, match=f"train.export_hf: true, but .*{match}"):
+        check_export_hf(cfg, model)
+
+
+# ---- 4. full and read-only disks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, words", [(28, "no space left on device"), (30, "read-only file system")])
+def test_atomic_writer_reports_a_disk_fault_in_one_line_and_leaves_nothing(tmp_path, code, words):
+    from moe_train.io.atomic import DiskWriteError, write_file_atomically
+
+    def write(f):
+        f.write(b"x" * 10)
+        raise OSError(code, os.strerror(code))
+
+    (tmp_path / "model.pt").write_bytes(b"old")
+    with pytest.raises(DiskWriteError, match=f"cannot write '.*model.pt': {words}") as e:
+        write_file_atomically(tmp_path / "model.pt", write)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and (tmp_path / "model.pt").read_bytes() == b"old"
+
+
+def test_library_errors_that_wrap_a_full_disk_are_recognised():
+    from moe_train.io.atomic import disk_errno
+
+    class SafetensorError(Exception):
+        pass
+
+    class CheckpointException(Exception):
+        def __init__(self, failures):
+            super().__init__("failed")
+            self.failures = failures
+
+    assert disk_errno(SafetensorError("Error while serializing: IoError(Os { code: 28, ... os error 28")) == 28
+    assert disk_errno(CheckpointException({0: (OSError(30, "Read-only file system"), "tb")})) == 30
+    assert disk_errno(ValueError("bad")) is None
+
+
+def test_dcp_save_on_a_full_disk_is_one_line_and_removes_its_staging(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from moe_train.io import dcp_checkpoint
+    from moe_train.io.atomic import DiskWriteError
+    from moe_train.parallel.distributed import ParallelContext
+
+    def full(*a, **k):
+        raise RuntimeError("CheckpointException ranks:dict_keys([0]) ... OSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(DiskWriteError, match="step_00000003.*no space left on device"):
+        dcp_checkpoint.save_checkpoint(tmp_path, 3, model, torch.optim.AdamW(model.parameters()), {},
+                                       ParallelContext())
+    assert not any(p.name.startswith(".") for p in dcp_checkpoint.checkpoint_root(tmp_path).iterdir())
+
+
+def test_preflight_refuses_an_out_dir_without_room_for_one_checkpoint(tmp_path, monkeypatch):
+    import shutil as sh
+
+    import torch
+
+    from moe_train import preflight
+    from moe_train.config import Config
+    from moe_train.model import MoETransformer
+
+    cfg = Config()
+    cfg.train.out_dir = str(tmp_path / "run")
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    preflight.check_disk_space(cfg, model)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(ValueError, match=r"train.out_dir=.*GiB free.*needs at least"):
+        preflight.check_disk_space(cfg, model)
+
+
+def test_convert_dst_on_a_read_only_filesystem_is_refused_before_reading(tmp_path, monkeypatch):
+    from moe_train.io import atomic
+
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: False)  # tests run as root: chmod would not stop it
+    with pytest.raises(ValueError, match=r"--dst '.*out' cannot be written: .* not writable \(a read-only"):
+        atomic.check_writable(tmp_path / "out", "--dst")

@@ -29,7 +29,7 @@ EXPECTED = {0.4: [[1], [0, 2], [3]], 0.7: [[1, 2], [0, 2, 3], [3]]}
 
 def _router_with_probs(p: float, norm: bool, k_max=None) -> tuple[TopPRouter, torch.Tensor]:
     """A router whose gate maps one-hot token t to logits log PROBS[t] (softmax gives PROBS back)."""
-    cfg = MoEConfig(router="top_p", num_experts=4, top_k=2, top_p=p, norm_topk_prob=norm, k_max=k_max)
+    cfg = MoEConfig(router="top_p", num_experts=4, top_k=2, top_p=p, top_p_renormalize=norm, k_max=k_max)
     r = build_router(3, cfg)
     with torch.no_grad():
         r.gate.weight.copy_(torch.tensor(PROBS, dtype=torch.float64).log().T.float())
@@ -65,6 +65,23 @@ def test_threshold_reached_exactly_and_cap():
     plan = r(x)
     assert plan.expert_idx_TK.tolist() == [[1, 2], [0, 2], [3, -1]]
     assert plan.weight_TK[1].tolist() == pytest.approx([0.30 / 0.55, 0.25 / 0.55], abs=1e-6)
+
+
+def test_default_gates_are_raw_and_routed_scaling_applies():
+    """The paper's gates (raw probabilities) by default, whatever norm_topk_prob says (its default True used to
+    renormalise them); routed_scaling_factor multiplies the gates after the renormalisation, as every router's."""
+    assert MoEConfig().top_p_renormalize is False
+    for norm in (False, True):
+        cfg = MoEConfig(router="top_p", num_experts=4, top_p=0.4, norm_topk_prob=True, top_p_renormalize=norm,
+                        routed_scaling_factor=2.5)
+        r = build_router(3, cfg)
+        with torch.no_grad():
+            r.gate.weight.copy_(torch.tensor(PROBS, dtype=torch.float64).log().T.float())
+        plan = r(torch.eye(3))
+        for t, want in enumerate(EXPECTED[0.4]):
+            raw = [PROBS[t][e] for e in want]
+            gates = [2.5 * w / (sum(raw) if norm else 1.0) for w in raw]
+            assert plan.weight_TK[t, :len(want)].tolist() == pytest.approx(gates, abs=1e-6), (norm, t)
 
 
 def test_entropy_loss_weighted_and_summed_over_layers():
@@ -103,7 +120,7 @@ def test_layer_output_equals_per_token_reference():
             if mass >= 0.6:
                 break
         ks.append(len(chosen))
-        w = probs[t, chosen] / probs[t, chosen].sum()
+        w = probs[t, chosen]  # the default (top_p_renormalize: false): the raw probabilities, as the paper's gates
         ref = sum(w[i] * (F.silu(x64[t] @ ex.w_gate[e].double()) * (x64[t] @ ex.w_up[e].double()))
                   @ ex.w_down[e].double() for i, e in enumerate(chosen))
         assert torch.allclose(y[0, t].double(), ref, atol=1e-5), t
@@ -114,12 +131,15 @@ def test_layer_output_equals_per_token_reference():
                                           ("model.moe.top_p=1.5", "model.moe.top_p"),
                                           ("model.moe.entropy_loss_coef=-1", "model.moe.entropy_loss_coef"),
                                           ("model.moe.k_max=9", "model.moe.k_max"),
-                                          ("model.moe.expert_bias_rate=0.01", "model.moe.expert_bias_rate")])
+                                          ("model.moe.expert_bias_rate=0.01", "model.moe.expert_bias_rate"),
+                                          ("model.moe.top_p_renormalize=1", "model.moe.top_p_renormalize")])
 def test_config_validation(override, key):
     cfg = load_config("configs/tiny_top2.yaml", ["model.moe.router=top_p"])
     assert cfg.model.moe.max_slots == 8
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         apply_overrides(cfg, [override])
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_p_renormalize=True .*only router: top_p"):
+        load_config("configs/tiny_top2.yaml", ["model.moe.top_p_renormalize=true"])  # elsewhere it does nothing
 
 
 def _tiny_cfg(tmp_path, *extra):
@@ -152,11 +172,23 @@ def test_trainer_metrics_flops_checkpoint_and_conversion_from_topk(tmp_path):
     # a top-k checkpoint continued as top-p: the same gate; with p = 1 capped at k_max = top_k it IS the top-k model
     top = build_model(dataclasses.replace(cfg.model, moe=MoEConfig(num_experts=8, top_k=2)))
     save_model(top, tmp_path / "top2.pt")
+    # (top_p_renormalize: true matches the source's norm_topk_prob: true; the default raw gates would not)
     conv = initial_model(apply_overrides(cfg, [f"train.init_from={tmp_path / 'top2.pt'}", "model.moe.top_p=1.0",
-                                               "model.moe.k_max=2"]))
+                                               "model.moe.k_max=2", "model.moe.top_p_renormalize=true"]))
     assert isinstance(conv.layers[0].moe.router, TopPRouter) and conv.config.moe.top_p == 1.0
     ids = torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(conv(ids), top(ids), rtol=0, atol=1e-6)
+
+    # DeepSeek's routed_scaling_factor is kept: scaled top-2 models, renormalised and raw, continued as top-p
+    for norm in (True, False):
+        moe = MoEConfig(num_experts=8, top_k=2, routed_scaling_factor=2.5, norm_topk_prob=norm)
+        top = build_model(dataclasses.replace(cfg.model, moe=moe))
+        save_model(top, tmp_path / f"top2_scaled_{norm}.pt")
+        conv = initial_model(apply_overrides(cfg, [f"train.init_from={tmp_path / f'top2_scaled_{norm}.pt'}",
+                                                   "model.moe.top_p=1.0", "model.moe.k_max=2",
+                                                   f"model.moe.top_p_renormalize={str(norm).lower()}"]))
+        assert conv.config.moe.routed_scaling_factor == 2.5 and conv.config.moe.top_p_renormalize is norm
+        torch.testing.assert_close(conv(ids), top(ids), rtol=0, atol=1e-6)
 
 
 def test_ep_layer_case_registered():

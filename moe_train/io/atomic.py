@@ -8,6 +8,9 @@ Every writer in moe_train goes through these primitives:
                                          the temp folder (resumable DCP checkpoints; staging_path names it)
     fsync_path(path)                     make a file's data or a directory's entries durable
     remove_leftovers(folder, names)      the hidden temp files / folders a crash or a full disk left in ``folder``
+    disk_errors(path)                    a full disk / read-only filesystem / denied permission met inside the block
+                                         (an OSError, or a library's error that wraps one: DCP's CheckpointException,
+                                         safetensors' "os error 28") as DiskWriteError: one line naming the path
 
 The temp names start with "." so listings of complete files / folders skip them; a crash leaves only such a
 hidden leftover, which the next write of the same target removes (staging_folder) or ignores (unique names), and
@@ -18,14 +21,89 @@ cluster's group can read checkpoints, models and exports unless the user's umask
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
+
+# errno -> (what happened, what to do); only what the user fixes on the machine, not a bug of ours
+DISK_ERRNOS = {
+    errno.ENOSPC: ("no space left on device", "free space on that filesystem or choose another output folder"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or choose another output folder"),
+    errno.EROFS: ("read-only file system", "choose an output folder on a writable filesystem"),
+    errno.EACCES: ("permission denied", "choose an output folder this user can write, or fix its permissions"),
+}
+# the same faults as Rust / C libraries word them inside their own exception types (safetensors: "os error 28")
+_DISK_TEXT = {errno.ENOSPC: ("os error 28", "no space left on device"), errno.EDQUOT: ("os error 122",),
+              errno.EROFS: ("os error 30", "read-only file system"), errno.EACCES: ("os error 13",)}
+
+
+class DiskWriteError(ValueError):
+    """A write failed on the machine's side (full disk, read-only filesystem, no permission): one line with the
+    path and the fix. A ValueError: the command line prints it without a traceback (exit 2)."""
+
+    def __init__(self, path: PathLike, code: int):
+        what, fix = DISK_ERRNOS[code]
+        self.path, self.errno = Path(path), code
+        super().__init__(f"cannot write {str(path)!r}: {what} ({errno.errorcode[code]}); nothing was half-written "
+                         f"(an earlier file or folder there is intact): {fix}")
+
+
+def disk_errno(exc: BaseException) -> Optional[int]:
+    """The DISK_ERRNOS errno behind ``exc``: an OSError in its cause / context chain, in DCP's per-rank failures
+    (CheckpointException.failures: rank -> (exception, traceback)), or named in a library's message."""
+    stack, seen = [exc], set()
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in DISK_ERRNOS:
+            return x.errno
+        text = str(x).lower()
+        for code, needles in _DISK_TEXT.items():
+            if any(n in text for n in needles):
+                return code
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                stack += list(f) if isinstance(f, tuple) else [f]
+    return None
+
+
+def check_writable(path: PathLike, what: str) -> None:
+    """A writer's output ``path`` can be made: its nearest existing folder is writable (os.access also reports a
+    read-only filesystem). ValueError naming ``what`` (the option or key) otherwise, before any work."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {str(probe)!r} is not writable (a read-only "
+                         f"filesystem or permissions); choose a writable output folder")
+
+
+@contextlib.contextmanager
+def disk_errors(path: PathLike) -> Iterator[None]:
+    """Turns a full disk / read-only filesystem / denied permission met in the block into DiskWriteError naming
+    ``path``; any other error passes unchanged (the writers' own cleanup has run by then)."""
+    try:
+        yield
+    except DiskWriteError:
+        raise
+    except Exception as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise DiskWriteError(path, code) from e
 
 
 def fsync_path(path: PathLike) -> None:
@@ -44,6 +122,11 @@ def write_file_atomically(path: PathLike, write: Callable[[BinaryIO], None], by_
     Readers see the old file or the new one; on any error the temp file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    with disk_errors(path):
+        return _write_file_atomically(path, write, by_name)
+
+
+def _write_file_atomically(path: Path, write: Callable, by_name: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp_file(path)
     try:
@@ -133,6 +216,11 @@ def write_folder_atomically(dst: PathLike, write: Callable[[Path], None]) -> Pat
     dst = Path(dst).absolute()
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"export path {str(dst)!r} exists and is not a directory")
+    with disk_errors(dst):
+        return _write_folder_atomically(dst, write)
+
+
+def _write_folder_atomically(dst: Path, write: Callable[[Path], None]) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     # mode 0o777 less the umask, as mkdir(1) makes it; mkdtemp's 0700 hid exports from the rest of the group
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moe_train.io.atomic import commit_folder, remove_leftovers, staging_folder, staging_path, write_bytes_atomically
+from moe_train.io.atomic import (
+    DiskWriteError,
+    commit_folder,
+    disk_errors,
+    remove_leftovers,
+    staging_folder,
+    staging_path,
+    write_bytes_atomically,
+)
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.state import checkpoint_view
 
@@ -96,7 +104,20 @@ def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder. A full disk or a read-only folder is
+    DiskWriteError naming the folder (DCP wraps the OSError in a CheckpointException), its staging folder removed."""
+    final = checkpoint_root(out_dir) / f"step_{step:08d}"
+    try:
+        with disk_errors(final):
+            return _save_checkpoint(out_dir, step, model, optimizer, trainer_state, ctx, keep_last)
+    except DiskWriteError:
+        if ctx.is_main:
+            shutil.rmtree(staging_path(final), ignore_errors=True)  # the space the half-written save took
+        raise
+
+
+def _save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int) -> Path:
     root = checkpoint_root(out_dir)
     name = f"step_{step:08d}"
     final = root / name

@@ -4,8 +4,10 @@ Models", arXiv 2403.07652): every token takes the SMALLEST set of experts whose 
     z = W_g x,  p = softmax(z) (fp32),  (p_(1) >= p_(2) >= ...) the probabilities sorted, best first
     k_t = min{ k : p_(1) + ... + p_(k) >= p }  capped at k_max (default: every expert)
         i.e. slot j is kept iff the probability mass BEFORE it is < p (the first slot always)
-    w = p of the kept slots; renormalised over them when norm_topk_prob (the base model's convention, as Ada-K
-        keeps it); raw p otherwise (the paper's and its released code's convention: norm_topk_prob: false)
+    w = p of the kept slots, raw (the default, top_p_renormalize: false: the paper's and its released code's
+        gates) or renormalised over them (top_p_renormalize: true, e.g. to continue a norm_topk_prob top-k model),
+        then times routed_scaling_factor (routing/scores.py scale_routed, as every router: a top-k model with
+        DeepSeek's factor continued as top-p keeps its gate scale)
     dynamic loss  L_d = mean_t ( - sum_i p_{t,i} log p_{t,i} )    (the router entropy, MINIMISED with weight
         entropy_loss_coef: without it the router can flatten p and buy more experts per token for free)
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from moe_train.config import MoEConfig
 from moe_train.routing.plan import RoutingPlan
+from moe_train.routing.scores import scale_routed
 from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
 
 
@@ -47,14 +50,23 @@ class TopPRouter(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_p = cfg.top_p
         self.k_max = cfg.resolved_k_max
-        self.norm_topk_prob = cfg.norm_topk_prob
+        # Not norm_topk_prob: its default (True, Mixtral's top-k convention) would have silently renormalised the
+        # top-p gates, which the method does not; top-p has its own switch (config.py top_p_renormalize).
+        self.renormalize = cfg.top_p_renormalize
+        self.routed_scaling_factor = cfg.routed_scaling_factor
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        """Whether the kept gates are renormalised (planner/activations.py sizes the renormalisation's memory)."""
+        return self.renormalize
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         logits_TE = self.gate(x_TD)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
         weight_TK, idx_TK = select_topk(probs_TE, self.k_max)
         keep_TK = top_p_keep(weight_TK.detach(), self.top_p)
-        weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
+        weight_TK = renormalize(weight_TK, keep_TK) if self.renormalize else weight_TK * keep_TK
+        weight_TK = scale_routed(weight_TK, self.routed_scaling_factor)
         return variable_k_plan(idx_TK, weight_TK, keep_TK, probs_TE, logits_TE, self.num_experts,
                                extras={"entropy_loss": router_entropy(probs_TE)})

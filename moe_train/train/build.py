@@ -74,7 +74,8 @@ def convert_for_training(loaded: MoETransformer, cfg: Config, src: str) -> Model
                          "model; only top-k -> null (AdaMoE conversion) and top-k -> top_p are done on load")
     knobs = {k: getattr(want, k) for k in MOE_TRAINING_KNOBS}
     if want.router == "top_p" and have.router == "topk":
-        knobs.update(router="top_p", k_max=want.k_max)
+        # the gate convention is the target's: top_p_renormalize: true keeps a norm_topk_prob top-k model's gates
+        knobs.update(router="top_p", k_max=want.k_max, top_p_renormalize=want.top_p_renormalize)
     return dataclasses.replace(loaded.config, moe=dataclasses.replace(loaded.config.moe, **knobs))
 
 

@@ -22,7 +22,7 @@ Expert parallelism (ep > 1), as deepspeed.moe does it:
 With ep = 1 the experts are ordinary data-parallel parameters (the expert-data-parallel group is the world).
 
 Not supported, refused before training (config.py validate_engine, or here): ZeRO stage 3 with ep > 1 (DeepSpeed
-refuses native MoE parameters under stage 3), a single process (DeepSpeed runs under a launcher; use fsdp, the same
+refuses native MoE parameters under stage 3), ZeRO stage 3 with Ada-K routers (refuse_stage3_routers), a single process (DeepSpeed runs under a launcher; use fsdp, the same
 math), a DeepSpeed JSON that sets what moe_train's own keys set. A non-finite loss ends the run (TrainingError from
 the Trainer): DeepSpeed has reduced the step's gradients by then and offers no way to drop them (fsdp skips it).
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config import Config, deepspeed_json, deepspeed_stage
-from moe_train.io.atomic import staging_folder, staging_path
+from moe_train.io.atomic import DiskWriteError, disk_errors, staging_folder, staging_path
 from moe_train.io.dcp_checkpoint import (
     FORMAT,
     CheckpointError,
@@ -172,6 +173,38 @@ def prepare_experts(model: nn.Module, ctx: ParallelContext) -> list[nn.Parameter
     return params
 
 
+def refuse_stage3_routers(model: nn.Module) -> None:
+    """Before deepspeed.initialize: ZeRO stage 3 cannot train Ada-K allocators. Their loss (warm start, PPO) reaches
+    ``allocator.weight`` through the routing plan only, never through the MoE layer's output, so ZeRO-3's backward
+    hooks (on module outputs) never gather the allocator for its gradient (register_router_parameters)."""
+    from moe_train.routing.adak import AdaKRouter
+
+    if any(isinstance(layer.router, AdaKRouter) for layer in moe_layers(model)):
+        raise ValueError("parallel.engine: deepspeed with deepspeed.stage=3 cannot train Ada-K routers (the "
+                         "allocators' loss bypasses the layer outputs ZeRO-3 gathers parameters on): use "
+                         "deepspeed.stage=1 or 2 (the allocators are small: stage 3 saves nothing on them), or "
+                         "parallel.engine: fsdp")
+
+
+def register_router_parameters(model: nn.Module) -> None:
+    """ZeRO-3 only, after deepspeed.initialize: every router parameter becomes an external parameter of its MoE layer.
+
+    ZeRO-3 gathers a module's own parameters around that module's forward and backward only (from its hooks). The
+    routers read some parameters outside their owning module's forward: the null / Ada-K routers concatenate
+    ``gate.weight`` and ``null_gate.weight`` into ONE GEMM (bit-identical null twins, routing/null_experts.py), Ada-K
+    reads ``allocator.weight`` in fp32, and the MoE layer's combine reads ``router.null_values`` (null_kind constant).
+    Such a parameter was left partitioned (size 0) for its gradient: the first backward failed with "The size of
+    tensor a (0) must match the size of tensor b (D)". As external parameters of the MoE layer they are gathered for
+    the layer's forward and its backward (the layer's output carries the combine, which every router gradient flows
+    through). Top-k and top-p call ``self.gate(x)``; registering their gate too is harmless (a gathered parameter
+    stays gathered while any module using it is active)."""
+    from deepspeed import zero
+
+    for layer in moe_layers(model):
+        for p in layer.router.parameters():
+            zero.register_external_parameter(layer, p)
+
+
 def split_moe_groups(opt: torch.optim.Optimizer) -> None:
     """In place, before any LR schedule wraps ``opt``: its parameter groups split into non-MoE and MoE groups
     (DeepSpeed's own splitter; MoE groups are named by their expert group and carry moe=True, as ZeRO requires).
@@ -194,8 +227,12 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed()
         self.model, self.opt, self.sched, self.ctx = model, opt, sched, ctx
         self.stage = ds_config["zero_optimization"]["stage"]
+        if self.stage == 3:
+            refuse_stage3_routers(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=ds_config, dist_init_required=False)
+        if self.stage == 3:
+            register_router_parameters(model)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -262,8 +299,18 @@ class DeepSpeedEngine:
             yield k, _gather_full([(k, v.detach().clone())], shards, self.ctx)[k]
 
     def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-        """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder."""
+        """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder; a
+        full disk or read-only folder is DiskWriteError naming it (io/atomic.py), the staging folder removed."""
         final = checkpoint_root(out_dir) / f"step_{step:08d}"
+        try:
+            with disk_errors(final):
+                return self._save_checkpoint(out_dir, final, step, trainer_state, keep_last)
+        except DiskWriteError:
+            if self.ctx.is_main:
+                shutil.rmtree(staging_path(final), ignore_errors=True)
+            raise
+
+    def _save_checkpoint(self, out_dir: Path, final: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
         tmp = staging_path(final)
         if self.ctx.is_main:
             staging_folder(final)

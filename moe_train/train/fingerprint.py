@@ -71,17 +71,61 @@ def _allowed_by(key: str, allow: list[str]) -> bool:
 def read_stored_record(path: Path) -> Optional[dict]:
     """The config record in a checkpoint's trainer.pt; None when it has none or cannot be read yet (load_checkpoint
     then reports a missing or corrupted checkpoint with its own clear message)."""
+    state = _read_trainer_state(path)
+    return state.get("config") if state is not None else None
+
+
+def _read_trainer_state(path: Path) -> Optional[dict]:
     try:
         state = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - verification in load_checkpoint names the problem properly
         return None
-    return state.get("config") if isinstance(state, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def checkpoint_engine(path: Path, state: Optional[dict] = None) -> str:
+    """The parallel.engine that wrote the checkpoint at ``path``: trainer.pt's ``engine`` (the DeepSpeed engine
+    records it), else its layout (DeepSpeed's state lives in a deepspeed/ sub-folder), else fsdp (a DCP checkpoint;
+    checkpoints from before the engine key were all FSDP's)."""
+    if state is not None and state.get("engine"):
+        return str(state["engine"])
+    return "deepspeed" if (Path(path) / "deepspeed").is_dir() else "fsdp"
+
+
+def check_engine(path: Path, cfg: Config, state: Optional[dict] = None) -> None:
+    """Refuses a resume under another engine than the one that wrote the checkpoint, naming that as the cause.
+
+    The two formats do not convert on load (FSDP: DCP shards with a .metadata file; DeepSpeed: ZeRO partitions in
+    deepspeed/), so the key-by-key comparison would blame a side key (deepspeed.stage) and, with that allowed, the
+    load would end in the other engine's traceback. Not overridable by train.resume_allow_changes: it cannot work."""
+    state = _read_trainer_state(path) if state is None else state
+    wrote, now = checkpoint_engine(path, state), cfg.parallel.engine
+    if wrote == now:
+        return
+    if wrote == "deepspeed":
+        stage = (state or {}).get("stage")
+        how = "--set parallel.engine=deepspeed" + (f" --set deepspeed.stage={stage}" if stage else "")
+        what = (f"DeepSpeed's ZeRO{f' stage {stage}' if stage else ''} partitions (its deepspeed/ folder), which "
+                f"parallel.engine: {now} cannot read")
+        other = ("or continue its weights in a new run with train.init_from=<run>/final/model.pt (a DeepSpeed run "
+                 "writes it at the end; the optimizer state and data position then start afresh)")
+    else:
+        how = f"--set parallel.engine={wrote}"
+        what = f"a DCP checkpoint (FSDP shards and .metadata), which parallel.engine: {now} cannot read"
+        other = ("or convert it with `moe-train export --checkpoint <this folder> --dst <hf folder>` and start a new run from the "
+                 "export with train.init_from (the optimizer state and data position then start afresh)")
+    raise ResumeConfigMismatch(
+        f"cannot resume from {str(path)!r}: it was written by parallel.engine: {wrote} and this launch uses "
+        f"parallel.engine: {now}. The checkpoint holds {what}. Resume with the engine that wrote it ({how}, at the "
+        f"same world size and ep for DeepSpeed), {other}")
 
 
 def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tuple[Any, Any]]:
     """Raises ResumeConfigMismatch listing every difference that matters (unless allowed); logs and returns the
     differences that take effect ({key: (checkpoint value, new value)})."""
-    stored = read_stored_record(path)
+    state = _read_trainer_state(path)
+    check_engine(path, cfg, state)  # first: another engine's checkpoint is the cause, whatever else differs
+    stored = state.get("config") if state is not None else None
     if stored is None:
         if (Path(path) / "trainer.pt").is_file():
             log.warning(f"{path} holds no config fingerprint (written by an older version): the resume cannot "

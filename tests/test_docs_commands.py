@@ -29,9 +29,6 @@ SKIP = {
     "deepspeed --num_gpus 8": "8 GPUs",
     "moe-train train --config configs/mixtral_8x7b_adamoe.yaml --miniature --set parallel.engine=deepspeed":
         "8 gloo ranks under DeepSpeed: tests/test_deepspeed.py",
-    "moe-train plan --config configs/mixtral_8x7b_adamoe.yaml --set parallel.world_size=null --nodes 2":
-        "KNOWN FAILURE of docs/planner.md (owned by the planner work): batch 64 is not divisible by 16 GPUs x accum 8; "
-        "fix the example (e.g. --set train.grad_accum_steps=4) and remove this entry",
     "python bench/fidelity.py": "a sweep of many trainings (minutes); tests/test_fidelity* cover bench/fidelity.py",
     "python bench/scaling.py": "a GPU-free but long sweep; tests/test_planner_bench.py covers it",
 }

@@ -608,6 +608,7 @@ class Trainer:
         record.update(final)
         if final:
             self.metrics.write({"step": t.steps, **final})
+            self.tb.write(final, t.steps)  # the final validation under val/ too
             logger.info(validation_line(final, "final"))
             if "val_true_experts_by_label" in final:
                 logger.info("true experts by difficulty: " + ", ".join(

@@ -260,7 +260,10 @@ class MoEBlock(nn.Module):
             probs = torch.softmax(self.gate(x_TD).float(), dim=-1)
             w, idx = select_topk(probs, self.k_max)
             keep = (w.cumsum(dim=-1) - w) < c["top_p"]  # the mass before a slot is below p
-            w = renormalize(w, keep) if c["norm_topk_prob"] else w * keep
+            # the published raw probabilities unless the run renormalised (top_p_renormalize), then the family's
+            # routed_scaling_factor, as moe_train's TopPRouter
+            w = renormalize(w, keep) if c.get("top_p_renormalize", False) else w * keep
+            w = w * c.get("routed_scaling_factor", 1.0)
             return torch.where(keep, idx, torch.full_like(idx, -1)), w, None, None
         weight = self.gate.weight if not Z else torch.cat([self.gate.weight, self.null_gate.weight])
         logits = F.linear(x_TD, weight)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_train.kernels.custom_ops import check_same_device, op_name
+
 # Whether the kernels below were defined for the CPU interpreter (decided by triton at decoration time).
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
@@ -255,23 +257,6 @@ def combine_rows(src_ND: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _op_name(base: str) -> str:
-    """``moe_train::<base>``, or ``<base>_<n>`` when a copy of this module registered it already (tests import a fresh
-    copy under TRITON_INTERPRET: each copy's op must launch that copy's kernels)."""
-    name, n = base, 0
-    while hasattr(torch.ops.moe_train, name):
-        n += 1
-        name = f"{base}_{n}"
-    return f"moe_train::{name}"
-
-
-def check_same_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    """A kernel reads raw pointers: every operand must live on the first one's device (a CPU tensor handed to a CUDA
-    launch is an illegal address at best). Raised by the real launch and by the fake (FakeTensorMode, torch.compile)."""
-    for name, t in others.items():
-        if t is not None and t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, the other operands on {first.device}; every operand of "
-                             "the Triton kernels must be on one device")
 
 
 def _check_rows(op: str, row_TK: torch.Tensor, src: torch.Tensor, weight_TK: Optional[torch.Tensor] = None) -> None:
@@ -284,7 +269,7 @@ def _check_rows(op: str, row_TK: torch.Tensor, src: torch.Tensor, weight_TK: Opt
         raise ValueError(f"{op}: weight_TK {tuple(weight_TK.shape)} must match row_TK {tuple(row_TK.shape)}")
 
 
-@torch.library.custom_op(_op_name("build_rows"), mutates_args=())
+@torch.library.custom_op(op_name("build_rows"), mutates_args=())
 def build_rows_op(expert_idx_TK: torch.Tensor, num_experts: int, num_rows: Optional[int] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(slot_N, token_N, counts_E, row_TK). Without num_rows, N is data-dependent: one host sync in the real op,
@@ -302,7 +287,7 @@ def _build_rows_fake(expert_idx_TK, num_experts, num_rows=None):
             expert_idx_TK.new_empty(num_experts, **i64), expert_idx_TK.new_empty(T, K, **i64))
 
 
-@torch.library.custom_op(_op_name("permute_rows"), mutates_args=())
+@torch.library.custom_op(op_name("permute_rows"), mutates_args=())
 def permute_rows_op(x_TD: torch.Tensor, row_TK: torch.Tensor, num_rows: int) -> torch.Tensor:
     """x_ND[row[t,k]] = x_TD[t] for the true slots (the scatter kernel, no weights)."""
     _check_rows("moe_train.permute_rows", row_TK, x_TD)
@@ -315,7 +300,7 @@ def _permute_rows_fake(x_TD, row_TK, num_rows):
     return x_TD.new_empty(num_rows, x_TD.shape[1])
 
 
-@torch.library.custom_op(_op_name("combine_rows"), mutates_args=())
+@torch.library.custom_op(op_name("combine_rows"), mutates_args=())
 def combine_rows_op(y_ND: torch.Tensor, row_TK: torch.Tensor, weight_TK: Optional[torch.Tensor] = None
                     ) -> torch.Tensor:
     """out_TD[t] = sum over t's true slots of (weight *) y_ND[row] (the combine kernel)."""
@@ -329,7 +314,7 @@ def _combine_rows_fake(y_ND, row_TK, weight_TK=None):
     return y_ND.new_empty(row_TK.shape[0], y_ND.shape[1])
 
 
-@torch.library.custom_op(_op_name("combine_rows_backward"), mutates_args=())
+@torch.library.custom_op(op_name("combine_rows_backward"), mutates_args=())
 def combine_backward_op(grad_TD: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, y_ND: torch.Tensor,
                         want_grad_y: bool, want_grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_y_ND, grad_weight_TK) of the weighted combine in one scatter pass; an unwanted one is an empty tensor."""

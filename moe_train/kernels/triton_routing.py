@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_train.kernels.custom_ops import check_same_device, op_name
+
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 BLOCK_T = 16  # tokens per program, at most (route_config: fewer for wide rows)
@@ -157,26 +159,9 @@ def routing_backward(grad_probs_TN, grad_w_TK, probs_TN, pick_TK, num_true: int,
     return probs_TN * (gp - (gp * probs_TN).sum(1, keepdim=True))
 
 
-def _op_name(base: str) -> str:
-    """``moe_train::<base>``, or ``<base>_<n>`` when a copy of this module registered it already (tests import a fresh
-    copy under TRITON_INTERPRET: each copy's op must launch that copy's kernels)."""
-    name, n = base, 0
-    while hasattr(torch.ops.moe_train, name):
-        n += 1
-        name = f"{base}_{n}"
-    return f"moe_train::{name}"
 
 
-def check_same_device(op: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    """A kernel reads raw pointers: every operand must live on the first one's device (a CPU tensor handed to a CUDA
-    launch is an illegal address at best). Raised by the real launch and by the fake (FakeTensorMode, torch.compile)."""
-    for name, t in others.items():
-        if t is not None and t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, the other operands on {first.device}; every operand of "
-                             "the Triton kernels must be on one device")
-
-
-@torch.library.custom_op(_op_name("route"), mutates_args=())
+@torch.library.custom_op(op_name("route"), mutates_args=())
 def route_op(logits_TN: torch.Tensor, bias_N: Optional[torch.Tensor], top_k: int, num_true: int,
              norm_topk_prob: bool, score_func: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                             torch.Tensor]:

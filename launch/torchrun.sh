@@ -36,8 +36,12 @@ MOE_TRAIN_PREEMPTED_DIR="$(mktemp -d "${TMPDIR:-/tmp}/moe_train_preempted.XXXXXX
 export MOE_TRAIN_PREEMPTED_DIR
 trap 'rm -rf "$MOE_TRAIN_PREEMPTED_DIR"' EXIT
 # torchrun runs in the background so that this shell can forward a signal sent to it (a foreground child would
-# delay the trap until torchrun ends; without a trap the shell would die and leave torchrun unsignalled)
-torchrun \
+# delay the trap until torchrun ends; without a trap the shell would die and leave torchrun unsignalled). A kill -9
+# of this shell cannot be trapped: setpriv's parent-death signal hands torchrun a SIGTERM then, which it forwards to
+# its workers (they checkpoint at the next step boundary and stop) instead of training on without a launcher.
+PDEATH=()
+if command -v setpriv >/dev/null 2>&1; then PDEATH=(setpriv --pdeathsig TERM --); fi
+"${PDEATH[@]}" torchrun \
   --nnodes "${NNODES:-1}" \
   --nproc_per_node "${NPROC:-2}" \
   --rdzv_backend c10d \

@@ -226,7 +226,7 @@ def test_cli_eval(model, tmp_path, capsys):
     out = tmp_path / "res.json"
     rc = main(["eval", "--checkpoint", str(ckpt), "--task", str(MC), "--difficulty", "--corpus-sequences", "4",
                "--corpus-seq-len", "32", "--generate", "0 18 19", "--max-new-tokens", "4", "--compare-topk",
-               "--out", str(out)])
+               "--out", str(out), "--json"])  # --json: one JSON line per result on stdout (a table by default)
     assert rc == 0
     res = json.loads(out.read_text())
     assert res[f"adak:{MC}"]["acc"] == evaluate_multiple_choice(model, load_task(MC)[1], TokenIdCodec(64))["acc"]

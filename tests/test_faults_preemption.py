@@ -245,9 +245,14 @@ def test_slurm_sigusr1_warning_stops_both_ranks_at_one_step_and_requeues(tmp_pat
     same_final_model(out, reference_2_ranks)
 
 
-def _worker_pids(launcher_pid: int) -> list[int]:
-    path = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _worker_pids(launcher_pid: int) -> list[int]:
+    """The workers of launch/torchrun.sh: the script runs torchrun, torchrun runs them."""
+    return [w for t in _children(launcher_pid) for w in _children(t)]
 
 
 def _gone(pid: int) -> bool:

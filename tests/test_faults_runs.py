@@ -153,7 +153,7 @@ def test_two_rank_run_on_a_locked_out_dir_fails_on_every_rank(tmp_path):
     text = result.stdout + result.stderr
     assert result.returncode != 0
     # rank 0 refused and rank 1 learnt it through the rendezvous store (not by waiting 120 s for a group)
-    assert text.count("is in use by another run") >= 2, text[-3000:]
+    assert text.count("is in use by another run") == 1, text[-3000:]  # every rank fails; rank 0 alone says why
     assert elapsed < 100, elapsed
     assert not (out / "metrics.jsonl").exists()
 
@@ -219,8 +219,9 @@ def test_kill_9_of_torchrun_stops_its_workers_and_the_checkpoint_resumes(tmp_pat
     workers = []
     try:
         wait_for(lambda: latest_checkpoint(out) is not None, 300, "the first checkpoint", launcher)
-        workers = children(launcher.pid)
-        assert len(workers) == 2, workers
+        # launch/torchrun.sh -> torchrun -> the workers (the script stays to forward signals and map the exit)
+        workers = [w for t in children(launcher.pid) for w in [t, *children(t)]]
+        assert len(workers) == 3, workers
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 60

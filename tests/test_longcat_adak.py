@@ -131,14 +131,16 @@ def test_cli_adak_on_a_longcat_folder_trains_the_allocators(folder, tmp_path):
     path, _ = folder
     out = tmp_path / "run"
     rc = main(["adak", "--config", "configs/tiny_adak.yaml", "--set", f"train.init_from={path}",
-               "--set", f"train.out_dir={out}", "--set", "adak.warm_start_steps=8", "--set", "adak.ppo_steps=2",
+               "--set", f"train.out_dir={out}", "--set", "adak.warm_start_steps=16", "--set", "adak.ppo_steps=2",
                "--set", "adak.k_max=5", "--set", "train.batch_size=2", "--set", "train.seq_len=16",
                "--set", "data.num_sequences=32", "--set", "data.val_sequences=2", "--set", "train.log_every=100"])
     assert rc == 0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     warm = [r for r in recs if r["stage"] == "warm_start"]
     ppo = [r for r in recs if r["stage"] == "ppo"]
-    assert len(warm) == 8 and len(ppo) == 2
+    # 16 warm-start steps (8 sufficed for the model transformers 5.24 drew with this seed; 5.25 builds LongCat's
+    # experts without the zero experts' rows, so the seed draws another model, whose batch-2 CE is noisier)
+    assert len(warm) == 16 and len(ppo) == 2
     assert abs(warm[0]["ce_loss"] - math.log(5)) < 1e-5  # zero allocator: uniform over k in [1, 5]
     assert max(r["ce_loss"] for r in warm[-3:]) < math.log(5) - 0.1  # the allocators learn the k* labels
     assert all(r["mean_k"] <= N for r in ppo)  # FFN experts per token, never identity picks

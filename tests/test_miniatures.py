@@ -35,7 +35,7 @@ WORLDS = {"configs/mixtral_8x22b_adamoe.yaml": 16, "configs/adak_mixtral_8x22b.y
           "configs/adak_deepseek_v2_lite.yaml": 8}
 ADAK = {c for c in WORLDS if "adak" in c}
 SINGLE_PROCESS = {"configs/tiny_top2.yaml", "configs/tiny_adamoe.yaml", "configs/tiny_adamoe_budget.yaml",
-                  "configs/tiny_adak.yaml", "configs/tiny_longcat.yaml"}
+                  "configs/tiny_adak.yaml", "configs/tiny_longcat.yaml", "configs/tiny_hf_finetune.yaml"}
 # The allocators are fp32 masters (the frozen base may be bf16): the ranks sum the same terms in another order.
 ADAK_TOL = 1e-5
 
@@ -127,7 +127,8 @@ def test_single_process_configs_run_as_miniatures_through_the_cli(config, tmp_pa
     out = tmp_path / "run"
     assert main([command, "--config", str(REPO / config), "--miniature", "--set", f"train.out_dir={out}"]) == 0
     assert (out / "final" / "model.pt").is_file()
-    assert (tmp_path / "run-miniature" / "base").is_dir() == (command == "adak")  # tiny_adak starts from a model
+    starts_from_a_model = command == "adak" or _load(config).train.init_from is not None  # tiny_adak, tiny_hf_*
+    assert (tmp_path / "run-miniature" / "base").is_dir() == starts_from_a_model
 
 
 def test_the_cli_spawns_the_ranks_of_a_miniature_itself(tmp_path):

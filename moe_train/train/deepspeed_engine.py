@@ -63,6 +63,7 @@ from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
 from moe_train.parallel.state import _gather_full, expert_shards
+from moe_train.routing.adak import AdaKRouter
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,6 @@ def refuse_stage3_routers(model: nn.Module) -> None:
     """Before deepspeed.initialize: ZeRO stage 3 cannot train Ada-K allocators. Their loss (warm start, PPO) reaches
     ``allocator.weight`` through the routing plan only, never through the MoE layer's output, so ZeRO-3's backward
     hooks (on module outputs) never gather the allocator for its gradient (register_router_parameters)."""
-    from moe_train.routing.adak import AdaKRouter
-
     if any(isinstance(layer.router, AdaKRouter) for layer in moe_layers(model)):
         raise ValueError("parallel.engine: deepspeed with deepspeed.stage=3 cannot train Ada-K routers (the "
                          "allocators' loss bypasses the layer outputs ZeRO-3 gathers parameters on): use "

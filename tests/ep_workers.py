@@ -49,6 +49,7 @@ def _entry(rank, world, port, fn_name, kwargs, out_dir):
         raise
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     if dist.is_initialized():
+        dist.barrier()  # every rank done with its last collective before any closes its connections
         dist.destroy_process_group()
 
 

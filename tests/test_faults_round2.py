@@ -253,3 +253,46 @@ def test_convert_dst_on_a_read_only_filesystem_is_refused_before_reading(tmp_pat
     monkeypatch.setattr(atomic.os, "access", lambda p, mode: False)  # tests run as root: chmod would not stop it
     with pytest.raises(ValueError, match=r"--dst '.*out' cannot be written: .* not writable \(a read-only"):
         atomic.check_writable(tmp_path / "out", "--dst")
+
+
+# ---- 5. a resume that cannot work is refused before the model is built --------------------------------------------
+
+
+def test_resume_of_another_model_shape_is_refused_by_the_preflight(tmp_path, monkeypatch):
+    """A checkpoint written by a 16-wide model, resumed with hidden_size 32: refused by check_train_inputs (before
+    any process group or model), naming the key, the checkpoint's value and the way to accept it; the same
+    checkpoint with the same shape passes the preflight."""
+    import torch
+
+    from moe_train import preflight
+    from moe_train.config import Config, ModelConfig, MoEConfig
+    from moe_train.io.dcp_checkpoint import MANIFEST
+    from moe_train.train.fingerprint import ResumeConfigMismatch, launch_record
+
+    def cfg(hidden: int) -> Config:
+        c = Config(model=ModelConfig(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_layers=1,
+                                     num_heads=2, num_kv_heads=1, max_seq_len=64,
+                                     moe=MoEConfig(num_experts=4, top_k=2)))
+        c.train.out_dir, c.train.steps, c.train.tensorboard = str(tmp_path / "run"), 4, False
+        return c
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / MANIFEST).write_text("{}")
+    torch.save({"step": 2, "config": launch_record(cfg(16), 1, 1)}, ckpt / "trainer.pt")
+    monkeypatch.setattr(preflight, "preflight_data", lambda *a, **k: None)  # generated data: nothing to check
+    built = []
+    monkeypatch.setattr(preflight, "MoETransformer", lambda *a, **k: built.append(1))
+
+    bad = cfg(32)
+    bad.train.resume_from = str(ckpt)
+    with pytest.raises(ResumeConfigMismatch, match=r"model.hidden_size: 16 in the checkpoint, 32 now.*"
+                                                   r"resume_allow_changes=\[model.hidden_size\]"):
+        preflight.check_train_inputs(bad, {"WORLD_SIZE": "1", "RANK": "0"})
+    assert not built  # refused before the meta skeleton, let alone the model
+
+    good = cfg(16)
+    good.train.resume_from = str(ckpt)
+    monkeypatch.setattr(preflight, "check_disk_space", lambda *a, **k: None)
+    preflight.check_train_inputs(good, {"WORLD_SIZE": "1", "RANK": "0"})
+    assert built

@@ -204,9 +204,13 @@ def init_distributed(cfg: ParallelConfig, num_experts: int, *, env: Optional[Map
         global_aux_loss=cfg.global_aux_loss, a2a_overlap_chunks=cfg.a2a_overlap_chunks)
 
 
-def destroy_distributed(ctx: ParallelContext) -> None:
-    """Tears the process groups down (call once at the end of a run, on every rank)."""
+def destroy_distributed(ctx: ParallelContext, drain: bool = False) -> None:
+    """Tears the process groups down (call once at the end of a run, on every rank). ``drain`` (a run that ended
+    well on every rank): a barrier first, so no rank closes its connections while a peer may still be finishing its
+    last collective over them (a gloo peer that loses its connection mid-operation aborts the process)."""
     if ctx.distributed and dist.is_initialized():
+        if drain:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -248,8 +252,10 @@ def distributed(cfg: ParallelConfig, num_experts: int, ctx: Optional[ParallelCon
         ctx = init_distributed(cfg, num_experts, on_main=on_main)
         try:
             yield ctx
-        finally:
-            destroy_distributed(ctx)
+        except BaseException:
+            destroy_distributed(ctx)  # no barrier: the other ranks may never reach one
+            raise
+        destroy_distributed(ctx, drain=True)
 
 
 def barrier(ctx: ParallelContext) -> None:

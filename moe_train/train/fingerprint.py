@@ -50,7 +50,11 @@ class ResumeConfigMismatch(ValueError):
 
 def config_record(cfg: Config, ctx: ParallelContext) -> dict:
     """What is stored with each checkpoint."""
-    return {**to_dict(cfg), "launch": {"world_size": ctx.world_size, "ep_size": ctx.ep_size}}
+    return launch_record(cfg, ctx.world_size, ctx.ep_size)
+
+
+def launch_record(cfg: Config, world_size: int, ep_size: int) -> dict:
+    return {**to_dict(cfg), "launch": {"world_size": world_size, "ep_size": ep_size}}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -123,6 +127,14 @@ def check_engine(path: Path, cfg: Config, state: Optional[dict] = None) -> None:
 def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tuple[Any, Any]]:
     """Raises ResumeConfigMismatch listing every difference that matters (unless allowed); logs and returns the
     differences that take effect ({key: (checkpoint value, new value)})."""
+    return check_resume_launch(path, cfg, ctx.world_size, ctx.ep_size)
+
+
+def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, log_changes: bool = True
+                        ) -> dict[str, tuple[Any, Any]]:
+    """check_resume for a launch of ``world_size`` ranks and ``ep_size`` before its process groups exist (the
+    preflight: a checkpoint of another shape is refused before the model is built); ``log_changes`` False: the
+    run's own check logs them later."""
     state = _read_trainer_state(path)
     check_engine(path, cfg, state)  # first: another engine's checkpoint is the cause, whatever else differs
     stored = state.get("config") if state is not None else None
@@ -131,7 +143,7 @@ def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tup
             log.warning(f"{path} holds no config fingerprint (written by an older version): the resume cannot "
                         "check that the config matches the checkpoint")
         return {}
-    old, new = flatten(stored), flatten(config_record(cfg, ctx))
+    old, new = flatten(stored), flatten(launch_record(cfg, world_size, ep_size))
     missing = object()
     # A key the checkpoint lacks was added to the config after it was written: the version that wrote it behaved as
     # the key's default (new keys default to the old behaviour), so only a non-default value now is a difference.
@@ -155,10 +167,10 @@ def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tup
             f"explicitly with --set 'train.resume_allow_changes=[{keys}]' (keys or whole sections; [\"*\"] for any)")
     taken = {k: d for k, d in diffs.items() if k not in refused}
     forced = [k for k in taken if not any(fnmatch.fnmatchcase(k, p) for p in MAY_CHANGE)]
-    if taken:
+    if taken and log_changes:
         log.info(f"resuming {path} with changed settings (they take effect now): "
                  + ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in taken.items()))
-    if forced:
+    if forced and log_changes:
         log.warning(f"train.resume_allow_changes let through changes the checkpoint was not trained with: "
                     f"{', '.join(forced)}")
     return {k: (None if a is missing else a, None if b is missing else b) for k, (a, b) in taken.items()}

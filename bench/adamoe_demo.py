@@ -52,11 +52,11 @@ def main() -> None:
     common = [f"train.steps={args.steps}", f"train.init_from={base}", "train.warmup_steps=10", "train.lr=1.5e-3",
               "train.resume=false", "data.seed=77"]  # a new slice of the corpus, the same for every run
     top2 = run("top2", common, out)
-    ada = run("adamoe", common + ['model.moe.router="null"', "model.moe.num_null_experts=16", "model.moe.top_k=4",
+    ada = run("adamoe", common + ["model.moe.router=null_experts", "model.moe.num_null_experts=16", "model.moe.top_k=4",
                                   "model.moe.baseline_top_k=2", "model.moe.aux_loss_coef=0.01"], out)
     # the paper's setting (m = 2n null experts, k = 4) and a compute-budget run (m = n, k = 4, target true experts)
     budget = run("adamoe_budget", common + [
-        'model.moe.router="null"', "model.moe.num_null_experts=8", "model.moe.top_k=4", "model.moe.baseline_top_k=2",
+        "model.moe.router=null_experts", "model.moe.num_null_experts=8", "model.moe.top_k=4", "model.moe.baseline_top_k=2",
         "model.moe.aux_loss_coef=0.001", f"model.moe.target_true_experts={args.budget}"], out)
     rows = [top2, ada, budget]
     for r in rows[1:]:

@@ -124,7 +124,7 @@ def sweep(args, out: Path, emit) -> None:
         for k in range(1, args.kmax + 1):
             emit(train_run(args, out, f"top{k}_s{seed}", "topk", k, seed, cont + [
                 f"train.init_from={out / 'derived' / f'top{k}.pt'}", f"model.moe.top_k={k}"], top2))
-        null = cont + [f"train.init_from={base}", 'model.moe.router="null"', "model.moe.top_k=4",
+        null = cont + [f"train.init_from={base}", "model.moe.router=null_experts", "model.moe.top_k=4",
                        "model.moe.baseline_top_k=2"]
         emit(train_run(args, out, f"adamoe_s{seed}", "adamoe", "paper m=16 k=4", seed, null + [
             "model.moe.num_null_experts=16"], top2))

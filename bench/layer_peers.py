@@ -45,7 +45,7 @@ def ours(args, router: str, null_frac: float, x_TD: torch.Tensor):
 
     layer = make_layer(args, router)
     frac = 0.0
-    if router == "null":
+    if router == "null_experts":
         frac = set_null_fraction(layer, x_TD, null_frac if null_frac else 1e-9)
     return layer, frac
 
@@ -105,7 +105,7 @@ def step_fn(module, x, layout: str):
 
 def build_variants(args, dtype, x_TD, pg) -> tuple[dict, dict]:
     mods, assign = {}, {}
-    for name, router, frac in (("ours_top2", "topk", 0.0), ("ours_null25", "null", 0.25), ("ours_null50", "null", 0.5)):
+    for name, router, frac in (("ours_top2", "topk", 0.0), ("ours_null25", "null_experts", 0.25), ("ours_null50", "null_experts", 0.5)):
         layer, got = ours(args, router, frac, x_TD)
         with torch.no_grad():
             assign[name] = int(layer.router(x_TD).counts_E.sum())

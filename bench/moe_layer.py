@@ -38,7 +38,7 @@ def timed(fn, reps: int) -> float:
 def make_layer(args, router: str, gemm_backend: str = "auto") -> MoELayer:
     torch.manual_seed(0)
     moe = MoEConfig(router=router, num_experts=args.experts, top_k=2, gemm_backend=gemm_backend,
-                    num_null_experts=args.experts if router == "null" else 0)
+                    num_null_experts=args.experts if router == "null_experts" else 0)
     layer = MoELayer(ModelConfig(hidden_size=args.hidden, intermediate_size=args.ffn, moe=moe))
     with torch.no_grad():
         for p in layer.parameters():
@@ -93,7 +93,7 @@ def main() -> None:
         print(json.dumps({**common, "variant": "top2", "gemm": backend, "null_fraction": 0.0,
                           "true_assignments": base_assign, "time_s": round(t_top2, 5)}), flush=True)
         for target in (0.0, 0.25, 0.5):
-            layer = make_layer(args, "null", backend)
+            layer = make_layer(args, "null_experts", backend)
             frac = set_null_fraction(layer, x.reshape(-1, args.hidden), target) if target else \
                 set_null_fraction(layer, x.reshape(-1, args.hidden), 1e-9)
             plan = layer.router(x.reshape(-1, args.hidden))

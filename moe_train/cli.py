@@ -169,14 +169,16 @@ def _load_dcp_model(ckpt):
     from moe_train.io.dcp_checkpoint import verify_checkpoint
     from moe_train.model.lora import merge_lora_stream
     from moe_train.train.build import build_job_model
+    from moe_train.train.engine_registry import engine_class
 
     run = ckpt.parent.parent
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{str(ckpt)!r}: a DCP checkpoint is rebuilt from its run's config, expected "
                          f"{str(run / 'config.yaml')!r} (checkpoints live in RUN/checkpoints/step_N)")
     cfg = load_config(run / "config.yaml")
-    if cfg.parallel.engine == "deepspeed":
-        raise ValueError(f"{str(ckpt)!r} is a DeepSpeed run's checkpoint; export its final/model.pt instead")
+    if not engine_class(cfg.parallel.engine).dcp_checkpoints:
+        raise ValueError(f"{str(ckpt)!r} is a parallel.engine: {cfg.parallel.engine} run's checkpoint, not a DCP one; "
+                         "export its final/model.pt instead")
     verify_checkpoint(ckpt)
     torch.manual_seed(cfg.train.seed)
     model = build_job_model(cfg)  # one process on the CPU: every expert here (DCP reshards any saved layout)
@@ -451,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
 def _user_error(line: str) -> None:
     """Prints a user mistake once per launch: before the process group exists every rank of a torchrun / mpirun /
     srun launch runs the same checks and fails the same way, so rank 0 alone prints and the others exit 2 silently.
-    Once the group exists a rank may fail alone: every rank prints, naming itself."""
+    Once the group exists a rank may fail alone: every rank prints, naming itself. A rank outside WORLD_SIZE
+    prints too: no rank 0 may exist to say it (RANK=5 with WORLD_SIZE=2)."""
     import os
 
     import torch.distributed as dist
@@ -461,9 +464,15 @@ def _user_error(line: str) -> None:
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             line = f"[rank {dist.get_rank()}] {line}"
-    elif launch_rank(os.environ) != 0:
+    elif 0 < launch_rank(os.environ) < _launch_world(os.environ):
         return
     print(line, file=sys.stderr)
+
+
+def _launch_world(env) -> int:
+    """WORLD_SIZE as launched (1 when absent or not a number: the checks report that themselves)."""
+    world = env.get("WORLD_SIZE", "")
+    return int(world) if world.isdigit() else 1
 
 
 def _one_line(e: BaseException) -> str:

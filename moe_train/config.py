@@ -1,8 +1,12 @@
-"""Configuration: dataclasses, YAML loading and the one place where a config is validated.
+"""Configuration: dataclasses, YAML loading and validation.
 
 A config file is YAML with up to four sections (``model``, ``train``, ``data``, ``parallel``). Unknown keys,
 wrong types and impossible values raise :class:`ConfigError` (a ``ValueError``) naming the key, the value and
 what is allowed, before any process group or model is built.
+
+Layering: config sits above moe_train.routing and moe_train.kernels (pyproject.toml's import-linter contract): the
+lists of valid names of routing and kernel settings are defined by the modules that implement them and imported
+here, and validate_moe asks the router's own class for its checks (routing/registry.py router_class).
 """
 
 from __future__ import annotations
@@ -14,60 +18,44 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config: the message names the key, the value and what is allowed."""
-
+from moe_train.errors import ConfigError, config_fail
+from moe_train.kernels.grouped_gemm import GEMM_BACKENDS
+from moe_train.kernels.permute import PERMUTE_BACKENDS
+from moe_train.kernels.routing import ROUTING_BACKENDS
+from moe_train.routing.base import ALIASES
+from moe_train.routing.capacity import DROP_POLICIES
+from moe_train.routing.null_experts import NULL_TIE_BREAKS
+from moe_train.routing.registry import canonical_router_name, router_class, router_names
+from moe_train.routing.scores import SCORE_FUNCS, TOPK_METHODS
+from moe_train.routing.zero_compute import NULL_KINDS
 
 # ----------------------------------------------------------------------------------------------------------
-# The one definition of every list of valid names a config can hold. validate() checks against these; the modules
-# that implement them import them from here (this module imports nothing torch-heavy):
-#   ROUTERS          moe_train.routing.ROUTER_CLASSES, parallel/megatron/router.py (VariableKRouting.method)
-#   NULL_KINDS       moe_train/routing/zero_compute.py
+# Every list of valid names a config can hold. Those of routing and kernel settings are defined beside their
+# implementation and imported above:
+#   ROUTERS          moe_train/routing/registry.py router_names() (each router class registers itself; old names
+#                    such as "null" -> "null_experts" are aliases, routing/base.py ALIASES)
+#   NULL_TIE_BREAKS  moe_train/routing/null_experts.py     NULL_KINDS       moe_train/routing/zero_compute.py
+#   SCORE_FUNCS      moe_train/kernels/routing.py (re-exported by routing/scores.py)
+#   TOPK_METHODS     moe_train/routing/scores.py           DROP_POLICIES    moe_train/routing/capacity.py
+#   GEMM_BACKENDS    moe_train/kernels/grouped_gemm.py     PERMUTE_BACKENDS moe_train/kernels/permute.py
+#   ROUTING_BACKENDS moe_train/kernels/routing.py
+# The rest are defined here; the modules that implement them (above config) import them from here:
 #   FAMILIES         moe_train/io/hf_config.py (the Hugging Face model_type of each family)
-#   DROP_POLICIES    moe_train/routing/capacity.py
-#   GEMM_BACKENDS    moe_train/kernels/grouped_gemm.py (BACKENDS)
-#   PERMUTE_BACKENDS moe_train/kernels/permute.py (BACKENDS)
-#   ROUTING_BACKENDS moe_train/kernels/routing.py (BACKENDS)
 #   LORA_TARGETS     moe_train/model/lora.py (TARGETS)
 #   DATA_FORMATS     moe_train/data/files.py ("auto" or a datasets builder name)
 #   CORPORA          moe_train/data/corpora.py (the generated corpora of data.corpus)
 #   SCHEDULES, PRECISIONS, ADAK_DTYPES, ADAK_BASELINES: moe_train/train/
 # (Ada-K router modes are not config-facing: moe_train.routing.adak.MODES.)
-ROUTERS = ("topk", "null", "adak", "top_p")
-# How the null router ranks experts of EXACTLY equal score (AdaMoE's twin-initialised null gates tie bit for bit
-# with their true expert after conversion). The one list of allowed values; routing/topk.py:select_topk applies it.
-#   true_first: a stable descending sort, so at equal score a true expert ranks before every null expert (and a
-#               lower index before a higher one): deterministic on every device and dtype, and a converted top-k
-#               model is function-preserving before training (moe_train/io/convert.py checks when it can be).
-#   topk:       torch.topk decides, as the authors' code does: with exact twins the number of true experts a token
-#               gets at step 0 depends on the device and dtype (e.g. ~1.25-1.45 instead of 2 for Mixtral, m=16, k=4).
-NULL_TIE_BREAKS = ("true_first", "topk")
-# What a picked null (zero-computation) expert returns, one kind per model (docs/zero_compute.md). The one list;
-# moe_train/routing/zero_compute.py implements it (computed on the token's own rank in the combine, never
-# dispatched):
-#   zero:     0 (AdaMoE); gates renormalised over the TRUE picks only (norm_topk_prob)
-#   identity: gate * x (LongCat-Flash zero-computation experts, MoE++ copy experts)
-#   constant: gate * v_j, a learned vector per null expert j (MoE++ constant experts)
-# identity / constant gates are real gate weights: with norm_topk_prob they normalise over ALL k picks.
-NULL_KINDS = ("zero", "identity", "constant")
+ROUTERS = router_names()
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "longcat_flash")
 # Families whose attention is DeepSeek's multi-head latent attention (moe_train/model/mla.py) instead of GQA.
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "longcat_flash")
-# Router conventions (moe_train/routing/scores.py implements them; docs/families.md says which family uses which):
-#   SCORE_FUNCS   softmax over the scored experts (Mixtral, Qwen, DeepSeek-V2) | sigmoid per expert (DeepSeek-V3)
-#   TOPK_METHODS  greedy: top-k over all experts | group_limited_greedy (DeepSeek-V2): keep the topk_group of n_group
-#                 expert groups with the largest max score, then top-k inside them | noaux_tc (DeepSeek-V3): the same
-#                 with a group scored by the sum of its two best (bias-corrected) scores
-SCORE_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # RoPE variants (model/decoder.py RotaryEmbedding): default | yarn (DeepSeek-V2-Lite / V3, as transformers computes it)
 ROPE_TYPES = ("default", "yarn")
-DROP_POLICIES = ("weight", "position")
 SCHEDULES = ("cosine", "constant")
 DATA_KINDS = ("synthetic", "files")
 # Generated corpora (data.corpus), each with its per-token difficulty labels; moe_train/data/corpora.py implements
@@ -75,20 +63,47 @@ DATA_KINDS = ("synthetic", "files")
 # sizes, arithmetic, brackets, trivial, unpredictable, copy: moe_train/data/difficulty.py).
 CORPORA = ("mixed", "difficulty")
 DATA_FORMATS = ("auto", "text", "json", "parquet")
-GEMM_BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
-PERMUTE_BACKENDS = ("auto", "torch", "triton")
-# The one-pass routing kernel (moe_train/kernels/routing.py): auto = Triton on CUDA where the router's math is the
-# plain softmax/sigmoid top-k (the torch path otherwise) | torch | triton.
-ROUTING_BACKENDS = ("auto", "torch", "triton")
 LORA_TARGETS = ("attention", "experts")
 PRECISIONS = ("auto", "fp32", "bf16")
 ADAK_DTYPES = ("float32", "bfloat16", "stored")
 ADAK_BASELINES = ("batch_mean", "running_mean", "greedy", "none")
 # Training engines (parallel.engine): fsdp = moe_train's own loop under FSDP2 (parallel/parallelize.py); deepspeed =
 # the same loop with DeepSpeed's engine doing backward / reduction / clipping / optimizer step / checkpoints
-# (train/deepspeed_engine.py, docs/deepspeed.md). ZeRO stages DeepSpeed runs here:
-ENGINES = ("fsdp", "deepspeed")
+# (train/deepspeed_engine.py, docs/deepspeed.md). Each engine's class is in train/engine_registry.py; the facts that
+# layers below train/ need (parallel/layout.py) live here, one row per engine, and the classes read the same row.
+@dataclass(frozen=True)
+class EngineFacts:
+    fsdp2: bool  # shards the model with FSDP2 (parallel/parallelize.py): its dim-1 widths must divide evenly
+
+
+ENGINE_FACTS = {"fsdp": EngineFacts(fsdp2=True), "deepspeed": EngineFacts(fsdp2=False)}
+ENGINES = tuple(ENGINE_FACTS)
+# ZeRO stages DeepSpeed runs here:
 DEEPSPEED_STAGES = (1, 2, 3)
+# The choice keys' types: each list above as a Literal, checked where YAML is read (from_dict: an unknown value is a
+# ConfigError naming the key and the allowed values). model.moe.router also takes the routers' old names (ALIASES),
+# which MoEConfig turns into the router they name.
+RouterName = Literal[(*ROUTERS, *ALIASES)]
+Family = Literal[FAMILIES]
+RopeType = Literal[ROPE_TYPES]
+NullTieBreak = Literal[NULL_TIE_BREAKS]
+NullKind = Literal[NULL_KINDS]
+ScoreFunc = Literal[SCORE_FUNCS]
+TopkMethod = Literal[TOPK_METHODS]
+DropPolicy = Literal[DROP_POLICIES]
+GemmBackend = Literal[GEMM_BACKENDS]
+PermuteBackend = Literal[PERMUTE_BACKENDS]
+RoutingBackend = Literal[ROUTING_BACKENDS]
+Schedule = Literal[SCHEDULES]
+Precision = Literal[PRECISIONS]
+LoraTarget = Literal[LORA_TARGETS]
+DataKind = Literal[DATA_KINDS]
+Corpus = Literal[CORPORA]
+DataFormat = Literal[DATA_FORMATS]
+Engine = Literal[ENGINES]
+DeepSpeedStage = Literal[DEEPSPEED_STAGES]
+AdakDtype = Literal[ADAK_DTYPES]
+AdakBaseline = Literal[ADAK_BASELINES]
 # Keys of a DeepSpeed JSON (deepspeed.config) that moe_train sets from its own config: refused in the JSON, with the
 # moe_train key to use instead (one source of truth for the batch, precision, optimizer and schedule).
 DEEPSPEED_OWNED_KEYS = {
@@ -160,27 +175,27 @@ CHOICES: dict[str, tuple] = {
 class MoEConfig:
     """Routing and experts of every MoE layer.
 
-    router: ``topk`` (baseline), ``null`` (AdaMoE null experts), ``adak`` (Ada-K allocator over a frozen top-k
+    router: ``topk`` (baseline), ``null_experts`` (AdaMoE null experts; old name ``null``), ``adak`` (Ada-K allocator over a frozen top-k
     router), ``top_p`` (the smallest expert set reaching probability top_p, Huang et al. 2024). ``top_k`` is the
     number of picks over the n true (+ m null) experts; for ``adak`` it is the base model's own k, used as the FLOPs
     baseline, while the allocator picks k in [k_min, k_max]; for ``top_p`` only the FLOPs baseline.
     """
 
-    router: str = "topk"
+    router: RouterName = "topk"
     num_experts: int = 8
     top_k: int = 2
     num_null_experts: int = 0
     # Null router: order of exactly tied scores, one of NULL_TIE_BREAKS (see there); "topk" is the authors' behaviour.
-    null_tie_break: str = "true_first"
+    null_tie_break: NullTieBreak = "true_first"
     # What a picked null expert contributes, one of NULL_KINDS (see there): zero (AdaMoE), identity, constant.
-    null_kind: str = "zero"
+    null_kind: NullKind = "zero"
     # Gate convention: renormalise the picked (true) weights to sum to one. Mixtral: True; Qwen1.5-MoE: False.
     norm_topk_prob: bool = True
     # DeepSeek router conventions (SCORE_FUNCS / TOPK_METHODS above; routing/scores.py): scores from the logits,
     # group-limited selection over n_group groups of num_experts / n_group experts keeping topk_group of them, and a
     # factor on the routed (true) gate weights, applied after any renormalisation.
-    score_func: str = "softmax"
-    topk_method: str = "greedy"
+    score_func: ScoreFunc = "softmax"
+    topk_method: TopkMethod = "greedy"
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -213,23 +228,31 @@ class MoEConfig:
     budget_ki: float = 0.002
     # Capacity per expert, ceil(cf * true assignments / E); None = dropless.
     capacity_factor: Optional[float] = None
-    drop_policy: str = "weight"
+    drop_policy: DropPolicy = "weight"
     # Expert GEMM backend: auto | grouped_mm | loop | te | te_fp8 | fp8_rowwise | fp8_tensorwise (docs/kernels.md).
-    gemm_backend: str = "auto"
+    gemm_backend: GemmBackend = "auto"
     # Permutation kernels: auto (Triton on CUDA, torch reference on CPU) | torch | triton.
-    permute_backend: str = "auto"
+    permute_backend: PermuteBackend = "auto"
     # Routing in one pass (ROUTING_BACKENDS above; kernels/routing.py): auto | torch | triton.
-    routing_backend: str = "auto"
+    routing_backend: RoutingBackend = "auto"
+
+    def __post_init__(self):
+        # an old router name (router: "null" before null_experts) loads as the router it names, so an old config,
+        # model file or checkpoint record is this router's (routing/registry.py logs the rename once)
+        if isinstance(self.router, str) and self.router not in router_names():
+            try:
+                self.router = canonical_router_name(self.router)
+            except ConfigError:
+                pass  # validate_moe names the key and the allowed routers
 
     @property
     def pickable_experts(self) -> int:
         """n true + m null experts (the null router, and Ada-K over a null router's ranking), else n."""
-        return self.num_experts + (self.num_null_experts if self.router in ("null", "adak") else 0)
+        return router_class(self.router).pickable_experts(self)
 
     @property
     def resolved_k_max(self) -> int:
-        return (self.pickable_experts if self.router == "adak" else self.num_experts) if self.k_max is None \
-            else self.k_max
+        return router_class(self.router).resolved_k_max(self)
 
     @property
     def resolved_baseline_top_k(self) -> int:
@@ -238,7 +261,11 @@ class MoEConfig:
     @property
     def max_slots(self) -> int:
         """Kmax: slots per token in a routing plan."""
-        return self.resolved_k_max if self.router in ("adak", "top_p") else self.top_k
+        return router_class(self.router).max_slots(self)
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        """This section's checks (validate_moe), each router's own from its class (routing/base.py)."""
+        validate_moe(self, prefix)
 
 
 @dataclass
@@ -248,7 +275,7 @@ class RopeScalingConfig:
     scaled by attention_factor (default: mscale(factor, mscale) / mscale(factor, mscale_all_dim), or
     mscale(factor) without both), and under MLA the softmax scale times mscale(factor, mscale_all_dim)^2."""
 
-    type: str = "default"
+    type: RopeType = "default"
     factor: float = 1.0
     original_max_position_embeddings: Optional[int] = None
     beta_fast: float = 32.0
@@ -261,7 +288,7 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "mixtral"
+    family: Family = "mixtral"
     vocab_size: int = 64
     hidden_size: int = 64
     intermediate_size: int = 128  # per-expert FFN width
@@ -321,6 +348,10 @@ class ModelConfig:
         """Layers with a router (every layer but DeepSeek's dense-first ones): one routing plan each."""
         return self.num_layers - self.first_k_dense_replace
 
+    def validate(self, prefix: str = "model") -> None:
+        """This section's checks (validate_model), model.moe's among them."""
+        validate_model(self, prefix)
+
 
 @dataclass
 class TrainConfig:
@@ -332,7 +363,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 10
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -348,7 +379,7 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)
     lora_rank: int = 0  # 0 = no LoRA
     lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    lora_targets: list[LoraTarget] = field(default_factory=lambda: ["attention", "experts"])
     max_bad_steps: int = 10  # NaN/inf losses: the step is skipped and counted; stop after this many
     eval_every: int = 0  # 0 = only at the end
     peak_tflops: float = 0.0  # per device, for model FLOPs utilisation (0 = not reported)
@@ -363,17 +394,67 @@ class TrainConfig:
     # [data], ["*"] for any) are let through. LR, steps, schedule, cadences may always change.
     resume_allow_changes: list[str] = field(default_factory=list)
     export_hf: bool = False  # also write a Hugging Face folder (out_dir/hf) at the end
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    precision: Precision = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
     activation_checkpointing: bool = False
+    # torch.compile each decoder block (parallel/compile.py; docs/compile.md); parallel.engine: fsdp only
+    compile: bool = False
+
+    def validate(self) -> None:
+        """The train section's own checks (validate(cfg): those across sections)."""
+        t = self
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(t, key) < 1:
+                _fail(f"train.{key}", getattr(t, key), "must be in [0, 1)")
+        for key in ("steps", "batch_size", "seq_len", "log_every"):
+            if getattr(t, key) < 1:
+                _fail(f"train.{key}", getattr(t, key), "must be >= 1")
+        if not t.lr > 0:
+            _fail("train.lr", t.lr, "must be > 0")
+        if t.weight_decay < 0:
+            _fail("train.weight_decay", t.weight_decay, "must be >= 0")
+        if t.warmup_steps < 0:
+            _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
+        if t.schedule not in SCHEDULES:
+            _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        if t.grad_clip < 0:
+            _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+        if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+            _fail("train.grad_accum_steps", t.grad_accum_steps, f"must be >= 1 and divide train.batch_size={t.batch_size}")
+        for i, pattern in enumerate(t.trainable):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                _fail(f"train.trainable[{i}]", pattern, f"a valid regular expression ({err})")
+        if t.lora_rank < 0:
+            _fail("train.lora_rank", t.lora_rank, "must be >= 0 (0 = no LoRA)")
+        bad = sorted(set(t.lora_targets) - set(LORA_TARGETS))
+        if bad:
+            _fail("train.lora_targets", t.lora_targets, f"a list drawn from {list(LORA_TARGETS)}")
+        if t.max_bad_steps < 0:
+            _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
+        for i, key in enumerate(t.resume_allow_changes):
+            if key != "*" and not _is_config_key(key):
+                _fail(f"train.resume_allow_changes[{i}]", key, "a config key or section such as model.hidden_size, "
+                      "model.moe, data, or \"*\" for any")
+        if t.precision not in PRECISIONS:
+            _fail("train.precision", t.precision, f"one of {PRECISIONS}")
+        if t.checkpoint_every < 0 or t.keep_last < 0:
+            _fail("train.checkpoint_every" if t.checkpoint_every < 0 else "train.keep_last",
+                  t.checkpoint_every if t.checkpoint_every < 0 else t.keep_last, "must be >= 0")
+        if t.eval_every < 0 or t.peak_tflops < 0:
+            _fail("train.eval_every" if t.eval_every < 0 else "train.peak_tflops",
+                  t.eval_every if t.eval_every < 0 else t.peak_tflops, "must be >= 0")
 
 
 @dataclass
 class DataConfig:
     """``kind: synthetic`` generates the difficulty-labelled corpus in memory; ``kind: files`` reads local files."""
 
-    kind: str = "synthetic"
+    kind: DataKind = "synthetic"
     # which generated corpus (CORPORA): synthetic generates it; files with label_field name their labels by it
-    corpus: str = "mixed"
+    corpus: Corpus = "mixed"
     # synthetic: sequences to generate; files: ignored
     num_sequences: int = 2048
     # held-out sequences: synthetic generates them; files take them from val_path, else from the end of the corpus
@@ -381,13 +462,33 @@ class DataConfig:
     seed: int = 1234
     path: Optional[str] = None  # files: a file, a folder or a glob of .txt / .jsonl / .parquet
     val_path: Optional[str] = None
-    format: str = "auto"  # auto (from suffixes) | text | json | parquet
+    format: DataFormat = "auto"  # auto (from suffixes) | text | json | parquet
     text_field: str = "text"
     token_field: Optional[str] = None  # pre-tokenised ids instead of text (e.g. `moe-train generate-data` output)
     label_field: Optional[str] = None  # per-token difficulty labels beside token_field (validation reports experts by label)
     tokenizer: str = "byte"  # "byte" or a local folder holding a Hugging Face tokenizer
     streaming: bool = False
     shuffle: bool = True
+
+    def validate(self) -> None:
+        """The data section's own checks."""
+        d = self
+        if d.kind not in DATA_KINDS:
+            _fail("data.kind", d.kind, f"one of {DATA_KINDS}")
+        if d.corpus not in CORPORA:
+            _fail("data.corpus", d.corpus, f"one of {CORPORA} (moe_train/data/corpora.py)")
+        if d.kind == "files" and not d.path:
+            _fail("data.path", d.path, "data.kind: files needs data.path (a file, a folder or a glob)")
+        if d.format not in DATA_FORMATS:
+            _fail("data.format", d.format, f"one of {DATA_FORMATS}")
+        if d.label_field and not d.token_field:
+            _fail("data.label_field", d.label_field, "labels align with pre-tokenised ids: set data.token_field too")
+        if d.streaming and d.kind != "files":
+            _fail("data.streaming", d.streaming, "streaming reads files: set data.kind: files")
+        if d.num_sequences < 1:
+            _fail("data.num_sequences", d.num_sequences, "must be >= 1")
+        if d.val_sequences < 0:
+            _fail("data.val_sequences", d.val_sequences, "must be >= 0")
 
 
 @dataclass
@@ -405,7 +506,23 @@ class ParallelConfig:
     # that the dispatch of chunk i+1 and the combine of chunk i-1 run while chunk i's experts compute. 1 = off.
     a2a_overlap_chunks: int = 1
     # Training engine, one of ENGINES: fsdp (FSDP2) | deepspeed (the deepspeed: section; docs/deepspeed.md).
-    engine: str = "fsdp"
+    engine: Engine = "fsdp"
+
+    def validate(self) -> None:
+        """The parallel section's own checks (validate(cfg): ep against model.moe.num_experts)."""
+        for key in ("rendezvous_timeout_s", "collective_timeout_s"):
+            if not getattr(self, key) > 0:
+                _fail(f"parallel.{key}", getattr(self, key), "must be > 0 seconds")
+        e = self.ep
+        if e < 1:
+            _fail("parallel.ep", e, "must be >= 1")
+        w = self.world_size
+        if w is not None and (w < 1 or w % e):
+            _fail("parallel.world_size", w, f"must be a positive multiple of parallel.ep={e} (or null: any size)")
+        c = self.a2a_overlap_chunks
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            _fail("parallel.a2a_overlap_chunks", c, "an integer >= 1 (1 = no overlap; >= 2 chunks the all-to-all of "
+                  "every MoE layer so it runs while the experts compute, parallel/overlap.py)")
 
 
 @dataclass
@@ -414,7 +531,7 @@ class DeepSpeedConfig:
     JSON file for DeepSpeed's other settings. Batch, accumulation, clipping, precision, optimizer and schedule
     always come from moe_train's own keys (DEEPSPEED_OWNED_KEYS): a JSON that sets them is refused."""
 
-    stage: Optional[int] = None  # ZeRO stage, one of DEEPSPEED_STAGES; None = the JSON's, else 1
+    stage: Optional[DeepSpeedStage] = None  # ZeRO stage, one of DEEPSPEED_STAGES; None = the JSON's, else 1
     config: Optional[str] = None  # path to a DeepSpeed JSON (zero_optimization buckets, overlap_comm, ...)
 
 
@@ -434,7 +551,7 @@ class AdaKConfig:
     k_max: Optional[int] = None  # None = num_experts
     # dtype of the frozen base: float32 (CPU: bf16 matmul is ~100x slower there) | bfloat16 (the paper's precision,
     # GPU) | stored (a Hugging Face folder's own dtype). The allocators are always fp32 master weights computed in fp32.
-    dtype: str = "float32"
+    dtype: AdakDtype = "float32"
     lr: float = 1e-3  # AdamW, constant (paper Table 11), both stages
     weight_decay: float = 0.1
     # Warm start: cross-entropy on k* = smallest k whose cumulative sorted router probability reaches the threshold.
@@ -448,11 +565,41 @@ class AdaKConfig:
     clip_eps: float = 0.2
     # batch_mean | running_mean | greedy | none (moe_train/train/adak.py). greedy (self-critical, one extra forward)
     # is the default: on the tiny demo batch_mean's variance raised mean k where greedy lowered it (docs/adak.md).
-    baseline: str = "greedy"
+    baseline: AdakBaseline = "greedy"
     running_mean_decay: float = 0.9
     normalize_advantages: bool = True
     entropy_coef: float = 0.0
     val_every: int = 0  # validation loss / mean k every n PPO steps (0 = only at the end)
+
+    def validate(self) -> None:
+        """The adak section's own checks (validate_adak: its k range against model.moe)."""
+        a = self
+        if a.k_min < 0:
+            _fail("adak.k_min", a.k_min, "must be >= 0 (0 lets a token skip the layer's experts)")
+        for key in ("lr", "clip_eps"):
+            if not (getattr(a, key) > 0 and math.isfinite(getattr(a, key))):
+                _fail(f"adak.{key}", getattr(a, key), "must be a finite number > 0")
+        for key in ("weight_decay", "penalty", "entropy_coef"):
+            if not (getattr(a, key) >= 0 and math.isfinite(getattr(a, key))):
+                _fail(f"adak.{key}", getattr(a, key), "must be a finite number >= 0")
+        for key in ("warm_start_steps", "ppo_steps", "val_every"):
+            if getattr(a, key) < 0:
+                _fail(f"adak.{key}", getattr(a, key), "must be >= 0")
+        if a.warm_start_steps + a.ppo_steps == 0:
+            # a run of neither stage would save the untrained allocator as final/model.pt and exit 0
+            _fail("adak.warm_start_steps + adak.ppo_steps", 0, "nothing would train: set adak.warm_start_steps and/or "
+                  "adak.ppo_steps > 0")
+        for key in ("ppo_epochs", "ppo_minibatches"):
+            if getattr(a, key) < 1:
+                _fail(f"adak.{key}", getattr(a, key), "must be >= 1")
+        if not 0 < a.warm_start_threshold <= 1:
+            _fail("adak.warm_start_threshold", a.warm_start_threshold, "must be in (0, 1]")
+        if a.dtype not in ADAK_DTYPES:
+            _fail("adak.dtype", a.dtype, f"one of {ADAK_DTYPES}")
+        if a.baseline not in ADAK_BASELINES:
+            _fail("adak.baseline", a.baseline, f"one of {ADAK_BASELINES}")
+        if not 0 <= a.running_mean_decay < 1:
+            _fail("adak.running_mean_decay", a.running_mean_decay, "must be in [0, 1)")
 
 
 @dataclass
@@ -472,6 +619,16 @@ class Config:
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` (int, float, str, bool, Optional, dataclass)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a choice key: one of its list's values, of the values' own type (true is not 1)
+        allowed = typing.get_args(tp)
+        if value is None and path.endswith(".router"):  # the null-expert router's old name "null" is the usual victim
+            raise ConfigError(f"{path}: expected a string, got nothing: YAML reads an unquoted null as no value; "
+                              f"quote it, or for the null-expert router write its name (router: null_experts, or "
+                              f"--set '{path}=null_experts')")
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            shown = tuple(a for a in allowed if a not in ALIASES)  # old names load, but are not offered
+            raise ConfigError(f"{path}={value!r} is not allowed: one of {shown}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -504,9 +661,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if value is None:  # the router named "null" is the usual victim
+        if value is None:  # the null-expert router's old name "null" is the usual victim
             raise ConfigError(f"{path}: expected a string, got nothing: YAML reads an unquoted null as no value; "
-                              f"quote it (router: \"null\", or --set '{path}=\"null\"')")
+                              f"quote it, or for the null-expert router write its name (router: null_experts, or "
+                              f"--set '{path}=null_experts')")
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
@@ -598,8 +756,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 # validation: the one place
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+_fail = config_fail  # ConfigError("{key}={value!r} is not allowed: {allowed}")
 
 
 def _check_finite(obj: Any, prefix: str) -> None:
@@ -708,68 +865,22 @@ def _validate_layers(m: ModelConfig, p: str) -> None:
                   "must be >= 1 for yarn (the pre-training context length)")
 
 
-def routing_kernel_excluded(e: MoEConfig) -> str:
-    """Why the one-pass routing kernel (kernels/routing.py) cannot compute this router's math ('' when it can):
-    the kernel is softmax/sigmoid scores, a per-expert selection bias, top-k with the lower index first on exact ties,
-    null picks masked to -1 with weight 0 (null_kind zero), renormalisation over the true picks. Every other case
-    runs the router's torch path (routing_backend auto) or is refused (routing_backend triton)."""
-    if e.router not in ("topk", "null"):
-        return f"router {e.router!r} (its own selection)"
-    if e.topk_method != "greedy" and e.topk_group < e.n_group:
-        return f"topk_method {e.topk_method!r} (group-limited selection)"
-    if e.router == "null" and e.null_kind != "zero":
-        return f"null_kind {e.null_kind!r} (null picks that return a value)"
-    if e.router == "null" and e.null_tie_break != "true_first":
-        return f"null_tie_break {e.null_tie_break!r} (torch.topk's tie order)"
-    return ""
-
-
 def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
-    if e.router not in ROUTERS:
-        _fail(f"{p}.router", e.router, f"one of {ROUTERS}")
+    if e.router not in router_names():  # the registry as it is now (a router registered after import too)
+        _fail(f"{p}.router", e.router, f"one of {router_names()}")
+    router = router_class(e.router)
     if e.num_experts < 1:
         _fail(f"{p}.num_experts", e.num_experts, "must be >= 1")
     if e.num_null_experts < 0:
         _fail(f"{p}.num_null_experts", e.num_null_experts, "must be >= 0")
-    if e.num_null_experts > 0 and e.router not in ("null", "adak"):  # adak: over a frozen null router's ranking
-        _fail(f"{p}.num_null_experts", e.num_null_experts,
-              f"null experts need router: null (router is {e.router!r}); set num_null_experts: 0 or router: null")
     if e.null_tie_break not in NULL_TIE_BREAKS:
-        _fail(f"{p}.null_tie_break", e.null_tie_break, f"one of {NULL_TIE_BREAKS} (see NULL_TIE_BREAKS in config.py)")
+        _fail(f"{p}.null_tie_break", e.null_tie_break, f"one of {NULL_TIE_BREAKS} (see routing/null_experts.py)")
     if e.null_kind not in NULL_KINDS:
-        _fail(f"{p}.null_kind", e.null_kind, f"one of {NULL_KINDS} (see NULL_KINDS in config.py)")
-    if e.null_kind != "zero" and (e.router not in ("null", "adak") or e.num_null_experts < 1):
-        _fail(f"{p}.null_kind", e.null_kind, f"a {e.null_kind!r} kind describes null experts: needs router: null "
-              f"and num_null_experts >= 1 (router is {e.router!r}, num_null_experts={e.num_null_experts}); "
-              f"or null_kind: zero")
+        _fail(f"{p}.null_kind", e.null_kind, f"one of {NULL_KINDS} (see routing/zero_compute.py)")
     _validate_router_conventions(e, p)
-    pickable = e.pickable_experts
-    if not 1 <= e.top_k <= pickable:
-        what = "true + null experts" if e.router == "null" else "experts"
-        _fail(f"{p}.top_k", e.top_k, f"must be in [1, {pickable}] (k cannot exceed the {pickable} {what})")
-    if e.router == "adak":
-        if e.k_min < 0:
-            _fail(f"{p}.k_min", e.k_min, "must be >= 0")
-        if not 1 <= e.resolved_k_max <= pickable:
-            _fail(f"{p}.k_max", e.k_max, f"must be in [1, {pickable}] (num_experts + num_null_experts)")
-        if e.k_min > e.resolved_k_max:
-            _fail(f"{p}.k_min", e.k_min, f"must be <= k_max={e.resolved_k_max}")
-    if e.router == "top_p":
-        _validate_top_p(e, p)
-    elif e.top_p_renormalize:  # read by the top-p router only: elsewhere it would silently do nothing
-        _fail(f"{p}.top_p_renormalize", e.top_p_renormalize, f"only router: top_p reads it (router is {e.router!r}); "
-              "other routers renormalise with norm_topk_prob")
-    if e.target_true_experts is not None:
-        if e.router != "null":
-            _fail(f"{p}.target_true_experts", e.target_true_experts,
-                  f"a compute budget steers null experts: needs router: null (router is {e.router!r})")
-        # k picks over n true + m null experts: a token uses between max(0, k - m) and min(k, n) true experts;
-        # a target outside that range can never be met and the controller would only saturate.
-        lo, hi = max(0, e.top_k - e.num_null_experts), min(e.top_k, e.num_experts)
-        if not (math.isfinite(e.target_true_experts) and lo <= e.target_true_experts <= hi):
-            _fail(f"{p}.target_true_experts", e.target_true_experts,
-                  f"must be in [{lo}, {hi}] = [max(0, top_k - num_null_experts), min(top_k, num_experts)] (top_k="
-                  f"{e.top_k} picks over {e.num_experts} true + {e.num_null_experts} null experts)")
+    router.validate_top_k(e, p)
+    router.validate_config(e, p)  # the router's own rules, beside it (routing/base.py)
+    router.validate_unread(e, p)
     for key in ("budget_kp", "budget_ki"):
         if getattr(e, key) < 0:
             _fail(f"{p}.{key}", getattr(e, key), "must be >= 0")
@@ -788,29 +899,10 @@ def validate_moe(e: MoEConfig, p: str = "model.moe") -> None:
         _fail(f"{p}.permute_backend", e.permute_backend, f"one of {PERMUTE_BACKENDS}")
     if e.routing_backend not in ROUTING_BACKENDS:
         _fail(f"{p}.routing_backend", e.routing_backend, f"one of {ROUTING_BACKENDS}")
-    why = routing_kernel_excluded(e)
+    why = router.kernel_excluded(e)
     if e.routing_backend == "triton" and why:
         _fail(f"{p}.routing_backend", e.routing_backend, f"auto or torch: the one-pass routing kernel computes the "
               f"plain softmax/sigmoid top-k only, and this router uses {why} (kernels/routing.py)")
-
-
-def _validate_top_p(e: MoEConfig, p: str) -> None:
-    """The top-p router's keys: a threshold over softmax probabilities (they sum to one), an optional cap k_max."""
-    if not 0 < e.top_p <= 1:
-        _fail(f"{p}.top_p", e.top_p, "must be in (0, 1]: the cumulative router probability a token's experts reach")
-    if not (e.entropy_loss_coef >= 0 and math.isfinite(e.entropy_loss_coef)):
-        _fail(f"{p}.entropy_loss_coef", e.entropy_loss_coef, "must be a finite number >= 0")
-    if not isinstance(e.top_p_renormalize, bool):
-        _fail(f"{p}.top_p_renormalize", e.top_p_renormalize, "must be true (renormalise the kept gates to sum to one) "
-              "or false (the kept experts' raw probabilities, the paper's gates)")
-    if not 1 <= e.resolved_k_max <= e.num_experts:
-        _fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}] or null (no cap)")
-    if getattr(e, "score_func", "softmax") != "softmax" or getattr(e, "topk_method", "greedy") != "greedy":
-        _fail(f"{p}.router", e.router, "top_p thresholds cumulative softmax probabilities: needs score_func: softmax "
-              "and topk_method: greedy")
-    if e.expert_bias_rate > 0 or getattr(e, "use_expert_bias", False):
-        _fail(f"{p}.expert_bias_rate", e.expert_bias_rate, "top_p selects by probability mass only: no selection "
-              "bias (expert_bias_rate: 0, use_expert_bias: false)")
 
 
 def _validate_router_conventions(e: MoEConfig, p: str) -> None:
@@ -830,7 +922,7 @@ def _validate_router_conventions(e: MoEConfig, p: str) -> None:
               f"experts (num_experts={e.num_experts})")
     if e.topk_method != "greedy":  # at most topk_group groups' experts are eligible (null experts aside)
         eligible = e.topk_group * (e.num_experts // e.n_group)
-        k = (e.resolved_k_max if e.router == "adak" else e.top_k) - (e.pickable_experts - e.num_experts)
+        k = router_class(e.router).max_slots(e) - (e.pickable_experts - e.num_experts)
         if k > eligible:
             _fail(f"{p}.topk_group", e.topk_group, f"leaves {eligible} eligible experts ({e.topk_group} of {e.n_group} "
                   f"groups of {e.num_experts // e.n_group}), fewer than the {k} true experts a token may need (top_k, or "
@@ -855,127 +947,38 @@ def _is_config_key(key: str) -> bool:
 
 
 def validate(cfg: Config) -> None:
+    """Every section's own checks (each dataclass's validate), then the checks across sections."""
     _check_finite(cfg, "")
-    validate_model(cfg.model)
+    cfg.model.validate()
+    cfg.train.validate()
+    cfg.data.validate()
+    cfg.parallel.validate()
+    cfg.adak.validate()
     t = cfg.train
     if t.export_hf and cfg.model.moe.null_kind == "constant":
         _fail("train.export_hf", t.export_hf, "false with model.moe.null_kind: constant (no Hugging Face family has "
               "constant null experts; the run's final/model.pt carries them)")
-    for key in ("beta1", "beta2"):
-        if not 0 <= getattr(t, key) < 1:
-            _fail(f"train.{key}", getattr(t, key), "must be in [0, 1)")
-    for key in ("steps", "batch_size", "seq_len", "log_every"):
-        if getattr(t, key) < 1:
-            _fail(f"train.{key}", getattr(t, key), "must be >= 1")
     if t.seq_len > cfg.model.max_seq_len:
         _fail("train.seq_len", t.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
-    if not t.lr > 0:
-        _fail("train.lr", t.lr, "must be > 0")
-    if t.weight_decay < 0:
-        _fail("train.weight_decay", t.weight_decay, "must be >= 0")
-    if t.warmup_steps < 0:
-        _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
-    if t.schedule not in SCHEDULES:
-        _fail("train.schedule", t.schedule, f"one of {SCHEDULES}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    if t.grad_clip < 0:
-        _fail("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
-    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
-        _fail("train.grad_accum_steps", t.grad_accum_steps, f"must be >= 1 and divide train.batch_size={t.batch_size}")
-    for i, pattern in enumerate(t.trainable):
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            _fail(f"train.trainable[{i}]", pattern, f"a valid regular expression ({err})")
-    if t.lora_rank < 0:
-        _fail("train.lora_rank", t.lora_rank, "must be >= 0 (0 = no LoRA)")
-    bad = sorted(set(t.lora_targets) - set(LORA_TARGETS))
-    if bad:
-        _fail("train.lora_targets", t.lora_targets, f"a list drawn from {list(LORA_TARGETS)}")
-    if t.max_bad_steps < 0:
-        _fail("train.max_bad_steps", t.max_bad_steps, "must be >= 0")
-    for i, key in enumerate(t.resume_allow_changes):
-        if key != "*" and not _is_config_key(key):
-            _fail(f"train.resume_allow_changes[{i}]", key, "a config key or section such as model.hidden_size, "
-                  "model.moe, data, or \"*\" for any")
-    if t.precision not in PRECISIONS:
-        _fail("train.precision", t.precision, f"one of {PRECISIONS}")
-    if t.checkpoint_every < 0 or t.keep_last < 0:
-        _fail("train.checkpoint_every" if t.checkpoint_every < 0 else "train.keep_last",
-              t.checkpoint_every if t.checkpoint_every < 0 else t.keep_last, "must be >= 0")
-    if t.eval_every < 0 or t.peak_tflops < 0:
-        _fail("train.eval_every" if t.eval_every < 0 else "train.peak_tflops",
-              t.eval_every if t.eval_every < 0 else t.peak_tflops, "must be >= 0")
-    d = cfg.data
-    if d.kind not in DATA_KINDS:
-        _fail("data.kind", d.kind, f"one of {DATA_KINDS}")
-    if d.corpus not in CORPORA:
-        _fail("data.corpus", d.corpus, f"one of {CORPORA} (moe_train/data/corpora.py)")
-    if d.kind == "files" and not d.path:
-        _fail("data.path", d.path, "data.kind: files needs data.path (a file, a folder or a glob)")
-    if d.format not in DATA_FORMATS:
-        _fail("data.format", d.format, f"one of {DATA_FORMATS}")
-    if d.label_field and not d.token_field:
-        _fail("data.label_field", d.label_field, "labels align with pre-tokenised ids: set data.token_field too")
-    if d.streaming and d.kind != "files":
-        _fail("data.streaming", d.streaming, "streaming reads files: set data.kind: files")
-    if cfg.data.num_sequences < 1:
-        _fail("data.num_sequences", cfg.data.num_sequences, "must be >= 1")
-    if cfg.data.val_sequences < 0:
-        _fail("data.val_sequences", cfg.data.val_sequences, "must be >= 0")
-    for key in ("rendezvous_timeout_s", "collective_timeout_s"):
-        if not getattr(cfg.parallel, key) > 0:
-            _fail(f"parallel.{key}", getattr(cfg.parallel, key), "must be > 0 seconds")
+    if t.compile and cfg.parallel.engine == "deepspeed":
+        _fail("train.compile", t.compile, "compiles the blocks of moe_train's own loop (parallel.engine: fsdp); the "
+              "DeepSpeed engine wraps the module in its own hooks, which are not traced here: set parallel.engine: "
+              "fsdp, or train.compile: false")
     e = cfg.parallel.ep
-    if e < 1:
-        _fail("parallel.ep", e, "must be >= 1")
-    w = cfg.parallel.world_size
-    if w is not None and (w < 1 or w % e):
-        _fail("parallel.world_size", w, f"must be a positive multiple of parallel.ep={e} (or null: any size)")
     if e > cfg.model.moe.num_experts or cfg.model.moe.num_experts % e:
         _fail("parallel.ep", e, f"must divide model.moe.num_experts={cfg.model.moe.num_experts}")
-    c = cfg.parallel.a2a_overlap_chunks
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-        _fail("parallel.a2a_overlap_chunks", c, "an integer >= 1 (1 = no overlap; >= 2 chunks the all-to-all of "
-              "every MoE layer so it runs while the experts compute, parallel/overlap.py)")
     validate_adak(cfg.adak, cfg.model.moe)
     validate_engine(cfg)
 
 
 def validate_adak(a: AdaKConfig, moe: MoEConfig, p: str = "adak") -> None:
-    if a.k_min < 0:
-        _fail(f"{p}.k_min", a.k_min, "must be >= 0 (0 lets a token skip the layer's experts)")
+    """The adak section against model.moe: its k range over the model's pickable experts."""
     n = moe.pickable_experts  # k counts picks over the true (+ null) experts
     if a.k_max is not None and not 1 <= a.k_max <= n:
         _fail(f"{p}.k_max", a.k_max, f"must be in [1, {n}] (model.moe's num_experts + num_null_experts) or null")
     k_max = n if a.k_max is None else a.k_max
     if a.k_min > k_max:
         _fail(f"{p}.k_min", a.k_min, f"must be <= k_max={k_max}")
-    for key in ("lr", "clip_eps"):
-        if not (getattr(a, key) > 0 and math.isfinite(getattr(a, key))):
-            _fail(f"{p}.{key}", getattr(a, key), "must be a finite number > 0")
-    for key in ("weight_decay", "penalty", "entropy_coef"):
-        if not (getattr(a, key) >= 0 and math.isfinite(getattr(a, key))):
-            _fail(f"{p}.{key}", getattr(a, key), "must be a finite number >= 0")
-    for key in ("warm_start_steps", "ppo_steps", "val_every"):
-        if getattr(a, key) < 0:
-            _fail(f"{p}.{key}", getattr(a, key), "must be >= 0")
-    if a.warm_start_steps + a.ppo_steps == 0:
-        # a run of neither stage would save the untrained allocator as final/model.pt and exit 0
-        _fail(f"{p}.warm_start_steps + {p}.ppo_steps", 0, f"nothing would train: set {p}.warm_start_steps and/or "
-              f"{p}.ppo_steps > 0")
-    for key in ("ppo_epochs", "ppo_minibatches"):
-        if getattr(a, key) < 1:
-            _fail(f"{p}.{key}", getattr(a, key), "must be >= 1")
-    if not 0 < a.warm_start_threshold <= 1:
-        _fail(f"{p}.warm_start_threshold", a.warm_start_threshold, "must be in (0, 1]")
-    if a.dtype not in ADAK_DTYPES:
-        _fail(f"{p}.dtype", a.dtype, f"one of {ADAK_DTYPES}")
-    if a.baseline not in ADAK_BASELINES:
-        _fail(f"{p}.baseline", a.baseline, f"one of {ADAK_BASELINES}")
-    if not 0 <= a.running_mean_decay < 1:
-        _fail(f"{p}.running_mean_decay", a.running_mean_decay, "must be in [0, 1)")
 
 
 def deepspeed_json(d: DeepSpeedConfig) -> dict:

@@ -123,6 +123,8 @@ def _type_name(tp: Any) -> str:
         return f"{_type_name(args[0])} or null"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is typing.Literal:  # a choice key (config.py): the type of its values; the values are listed apart
+        return type(typing.get_args(tp)[0]).__name__
     return getattr(tp, "__name__", str(tp))
 
 

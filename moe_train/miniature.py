@@ -44,6 +44,7 @@ from moe_train.io.hf_config import config_from_hf
 from moe_train.io.model_file import save_model
 from moe_train.model import build_model
 from moe_train.parallel.layout import validate_fsdp_config
+from moe_train.routing import NullExpertRouter, router_class
 from moe_train.train.adak import train_adak
 from moe_train.train.metrics import configure_logging
 from moe_train.train.trainer import train
@@ -205,12 +206,13 @@ def miniature_summary(cfg: Config, mini: Config, command: str, config_path: str 
     world = mini.parallel.world_size or mini.parallel.ep
     ep = mini.parallel.ep
     rows = []
-    null = f" + {moe.num_null_experts} null ({moe.null_kind})" if moe.router == "null" else ""
+    null_router = router_class(moe.router) is NullExpertRouter
+    null = f" + {moe.num_null_experts} null ({moe.null_kind})" if null_router else ""
     rows.append(("layout", f"world {world} = dp {world // ep} x ep {ep} (gloo, CPU); {moe.num_experts} experts"
                            f"{null}, router {moe.router}, k={moe.top_k}"))
     if t.init_from:
         base = "model.pt" if str(mt.init_from).endswith(".pt") else "Hugging Face folder"
-        conv = "top-k -> null experts (AdaMoE conversion)" if moe.router == "null" else \
+        conv = "top-k -> null experts (AdaMoE conversion)" if null_router else \
             "top-k -> Ada-K allocators" if command == "adak" else f"loaded as {moe.router}"
         rows.append(("conversion on load", f"random base {base}: {conv}"))
     if t.lora_rank:
@@ -221,8 +223,7 @@ def miniature_summary(cfg: Config, mini: Config, command: str, config_path: str 
     rows.append(("accumulation", f"{mt.grad_accum_steps} micro-batch(es) per step, global batch {mt.batch_size}"))
     if t.activation_checkpointing:
         rows.append(("activation checkpointing", "on"))
-    if mini.parallel.engine != "fsdp":
-        rows.append(("engine", mini.parallel.engine))
+    rows.append(("engine", mini.parallel.engine))
     if command == "adak":
         rows.append(("Ada-K", f"warm start {mini.adak.warm_start_steps} + PPO {mini.adak.ppo_steps} steps"))
     proved = []

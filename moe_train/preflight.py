@@ -37,6 +37,7 @@ from moe_train.io.load import check_any
 from moe_train.model import MoETransformer
 from moe_train.parallel.distributed import _env_int, validate_layout
 from moe_train.parallel.layout import validate_fsdp_config
+from moe_train.routing.registry import conversions_on_load, router_class
 from moe_train.train.fingerprint import check_resume_launch
 from moe_train.train.metrics import logger
 
@@ -106,17 +107,18 @@ def check_model_source(cfg: Config, adak: bool = False) -> ModelConfig:
 
     src = check_any(t.init_from, "train.init_from")
     have = src.moe
-    if not adak:
-        if want.router == "null" and have.router == "topk":
+    if not adak and want.router != have.router:
+        target = router_class(want.router)
+        if have.router not in target.converts_from:
+            raise ValueError(f"model.moe.router={want.router!r} but train.init_from={t.init_from!r} holds a "
+                             f"{have.router!r} model; only {conversions_on_load()} are done on load")
+        if target.ranks_null_experts:  # the AdaMoE conversion adds null experts: its arguments, before any work
             try:
                 check_conversion(have, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
                                  want.null_kind)
             except ValueError as e:
                 raise ValueError(f"train.init_from={t.init_from!r} is a top-k model converted to null experts on "
                                  f"load with model.moe: {e}") from None
-        elif want.router != have.router:
-            raise ValueError(f"model.moe.router={want.router!r} but train.init_from={t.init_from!r} holds a "
-                             f"{have.router!r} model; only top-k -> null (AdaMoE conversion) is done on load")
     if t.seq_len > src.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the max_seq_len={src.max_seq_len} of "
                          f"train.init_from={t.init_from!r}: lower train.seq_len")

@@ -78,7 +78,7 @@ def _relerr(a, b) -> float:
 LAYER_CASES = {
     "topk": dict(router="topk", top_k=2),
     "topk_zero_rank": dict(router="topk", top_k=2),  # the last ep rank's experts are never picked
-    "null_all_null_tokens": dict(router="null", num_null_experts=4, top_k=3),  # some tokens pick only nulls
+    "null_all_null_tokens": dict(router="null_experts", num_null_experts=4, top_k=3),  # some tokens pick only nulls
     "adak_k0": dict(router="adak", k_min=0, k_max=3),  # greedy k in 0..3: some tokens use no expert
     "top_p": dict(router="top_p", top_p=0.5),  # the smallest set reaching p: k varies per token (tests/test_top_p.py)
 }
@@ -232,9 +232,9 @@ def layer_checks(ctx, ep: int, num_experts: int, cases: list[str]) -> dict:
 # whole model: FSDP2 gradient reduction vs single process on the global batch
 
 
-def tiny_model_config(router: str = "null") -> ModelConfig:
-    moe = MoEConfig(router=router, num_experts=4, top_k=3 if router == "null" else 2,
-                    num_null_experts=4 if router == "null" else 0, aux_loss_coef=0.01)
+def tiny_model_config(router: str = "null_experts") -> ModelConfig:
+    moe = MoEConfig(router=router, num_experts=4, top_k=3 if router == "null_experts" else 2,
+                    num_null_experts=4 if router == "null_experts" else 0, aux_loss_coef=0.01)
     return ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_layers=2, num_heads=2,
                        num_kv_heads=1, max_seq_len=16, moe=moe)
 

@@ -111,9 +111,9 @@ def relerr(a, b) -> float:
 EP_CASES = {
     # name: (routing kwargs, tokens per rank, tweak)
     "topk_zero_rank": (dict(method="topk"), [12, 12]),  # rank 1's experts are never picked: it receives 0 rows
-    "null_all_null": (dict(method="null", num_null_experts=4, top_k=3), [12, 12]),  # some tokens pick only nulls
+    "null_all_null": (dict(method="null_experts", num_null_experts=4, top_k=3), [12, 12]),  # some tokens pick only nulls
     "adak_k0": (dict(method="adak", k_min=0, k_max=3), [12, 12]),  # greedy k in 0..3: some tokens use no expert
-    "null_empty_rank": (dict(method="null", num_null_experts=4, top_k=3), [12, 0]),  # rank 1 has no tokens at all
+    "null_empty_rank": (dict(method="null_experts", num_null_experts=4, top_k=3), [12, 0]),  # rank 1 has no tokens at all
 }
 
 

@@ -18,8 +18,8 @@ from moe_train.config import Config, DataConfig, ModelConfig, MoEConfig, Paralle
 def small_config(router: str, precision: str, ac: bool, ep: int, world: int, out_dir: str, *, lora: bool = False,
                  accum: int = 1, capacity=None) -> Config:
     """A model where every memory term matters: experts, attention, vocabulary and activations of similar size."""
-    moe = MoEConfig(router=router, num_experts=8, top_k=2 if router != "null" else 4,
-                    num_null_experts=8 if router == "null" else 0, baseline_top_k=2 if router == "null" else None,
+    moe = MoEConfig(router=router, num_experts=8, top_k=2 if router != "null_experts" else 4,
+                    num_null_experts=8 if router == "null_experts" else 0, baseline_top_k=2 if router == "null_experts" else None,
                     capacity_factor=capacity)
     model = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_seq_len=128, moe=moe)
@@ -48,7 +48,7 @@ def family_config(family: str, ac: bool, out_dir: str, precision: str = "fp32") 
                             moe=moe, **mla)
     else:
         assert family == "longcat_flash", family
-        moe = MoEConfig(router="null", num_experts=8, num_null_experts=4, null_kind="identity", top_k=3,
+        moe = MoEConfig(router="null_experts", num_experts=8, num_null_experts=4, null_kind="identity", top_k=3,
                         norm_topk_prob=False, routed_scaling_factor=2.0, use_expert_bias=True, expert_bias_rate=1e-3,
                         target_true_experts=2.0)
         model = ModelConfig(family=family, vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,

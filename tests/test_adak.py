@@ -78,7 +78,7 @@ def test_conversion_rejects_bad_ranges(kwargs, match):
 
 def test_conversion_rejects_null_and_biased_routers():
     with pytest.raises(ValueError, match="top-k model"):
-        add_allocators(tiny_base(router="null", num_null_experts=4))
+        add_allocators(tiny_base(router="null_experts", num_null_experts=4))
     with pytest.raises(ValueError, match="expert bias"):
         add_allocators(tiny_base(expert_bias_rate=1e-3))
 

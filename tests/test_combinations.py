@@ -32,7 +32,7 @@ import miniature_workers as W
 
 FACTORS = {
     "ep": (1, 2, 4),
-    "router": ("topk", "null", "adak"),
+    "router": ("topk", "null_experts", "adak"),
     "lora": (False, True),
     "bf16": (False, True),
     "ckpt": (False, True),
@@ -57,7 +57,7 @@ def valid(case: dict) -> bool:
         return False
     if case["router"] == "adak" and case["accum"] != 1:
         return False
-    return not (case["budget"] and case["router"] != "null")
+    return not (case["budget"] and case["router"] != "null_experts")
 
 
 def covering_cases() -> list[dict]:
@@ -99,9 +99,9 @@ def world_of(case: dict) -> int:
 
 def base_config(case: dict, out: Path, base_model: Path) -> Config:
     router = case["router"]
-    moe = {"router": "null" if router == "null" else "topk", "num_experts": 4, "top_k": 2,
+    moe = {"router": "null_experts" if router == "null_experts" else "topk", "num_experts": 4, "top_k": 2,
            "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
-    if router == "null":
+    if router == "null_experts":
         moe.update(num_null_experts=4, top_k=3)
     if case["capacity"]:
         moe.update(capacity_factor=1.0)

@@ -35,7 +35,7 @@ def test_overrides(tmp_path):
     ("model: {hidden_size: 60, num_heads: 7}", ["model.hidden_size", "60", "num_heads=7"]),
     ("model: {num_heads: 4, num_kv_heads: 3}", ["model.num_kv_heads", "3"]),
     ("model: {moe: {top_k: 9}}", ["model.moe.top_k", "9", "[1, 8]"]),
-    ("model: {moe: {router: 'null', num_null_experts: 4, top_k: 13}}", ["model.moe.top_k", "13", "[1, 12]"]),
+    ("model: {moe: {router: null_experts, num_null_experts: 4, top_k: 13}}", ["model.moe.top_k", "13", "[1, 12]"]),
     ("model: {moe: {router: topk, num_null_experts: 4}}", ["model.moe.num_null_experts", "router: null"]),
     ("model: {moe: {capacity_factor: -1.0}}", ["model.moe.capacity_factor", "-1.0", "> 0"]),
     ("model: {moe: {router: adak, k_min: 3, k_max: 2}}", ["model.moe.k_min", "k_max=2"]),

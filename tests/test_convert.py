@@ -73,7 +73,7 @@ def test_convert_to_adamoe(tmp_path, family, m, k, baseline):
         assert torch.equal(dst[name], t), name
     hf = json.loads((tmp_path / "dst" / "config.json").read_text())
     want_baseline = 2 if baseline is None else baseline
-    assert hf["moe_train"]["router"] == "null"
+    assert hf["moe_train"]["router"] == "null_experts"
     assert (hf["moe_train"]["num_null_experts"], hf["moe_train"]["top_k"]) == (m, k)
     assert hf["moe_train"]["baseline_top_k"] == want_baseline
     assert hf["moe_train"]["null_tie_break"] == tie_break
@@ -81,7 +81,7 @@ def test_convert_to_adamoe(tmp_path, family, m, k, baseline):
     assert (tmp_path / "dst" / "tokenizer.json").read_text() == '{"toy": true}'
 
     model = from_hf(tmp_path / "dst")
-    assert model.config.moe.router == "null" and model.config.moe.top_k == k
+    assert model.config.moe.router == "null_experts" and model.config.moe.top_k == k
     assert model.config.moe.num_null_experts == m and model.config.moe.resolved_baseline_top_k == want_baseline
     assert all(isinstance(r, NullExpertRouter) for r in model.routers())
     logits, plans = model.eval()(IDS, return_plans=True)
@@ -122,7 +122,7 @@ def test_add_null_experts_in_memory_keeps_true_weights():
     gates = [r.gate.weight.detach().clone() for r in model.routers()]
     biases = [r.expert_bias.clone() for r in model.routers()]
     assert add_null_experts(model, 8, 5) is model
-    assert model.config.moe.router == "null" and model.config.moe.top_k == 5
+    assert model.config.moe.router == "null_experts" and model.config.moe.top_k == 5
     assert model.config.moe.num_null_experts == 8 and model.config.moe.baseline_top_k == 2
     assert cfg.moe.router == "topk"  # the caller's config object is not mutated
     for r, g, b in zip(model.routers(), gates, biases):
@@ -154,7 +154,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, kwargs, match):
 def test_only_top_k_models_convert(tmp_path):
     save_hf(tmp_path / "src", "mixtral")
     convert_to_adamoe(tmp_path / "src", tmp_path / "once", num_null_experts=4, top_k=3)
-    with pytest.raises(ValueError, match="router is 'null' with 4 null experts already"):
+    with pytest.raises(ValueError, match="router is 'null_experts' with 4 null experts already"):
         convert_to_adamoe(tmp_path / "once", tmp_path / "twice", num_null_experts=4, top_k=3)
     adak = build_model(ModelConfig(moe=MoEConfig(router="adak", num_experts=4, top_k=2)))
     with pytest.raises(ValueError, match="router is 'adak'"):

@@ -247,9 +247,10 @@ def test_deepspeed_json_conflicts_are_refused(tmp_path):
 
 def test_single_process_is_refused_before_training():
     from moe_train.parallel.distributed import ParallelContext
-    from moe_train.train.deepspeed_engine import check_launch
+    from moe_train.train.engine_registry import engine_class
 
     cfg = base_config("topk", ep=1)
     cfg.parallel.engine = "deepspeed"
+    engine = engine_class(cfg.parallel.engine)  # the Trainer prepares its model with the class, before any engine
     with pytest.raises(ValueError, match=r"parallel.engine: deepspeed needs a distributed launch"):
-        check_launch(cfg, ParallelContext())  # Trainer.prepare_model calls it before the engine exists
+        engine.prepare_model(torch.nn.Linear(1, 1), ParallelContext(), built=False)

@@ -48,7 +48,7 @@ def make_plan(router="topk", seed=0, T=64, **moe):
                                         ("null", dict(num_null_experts=4, top_k=3))])
 def test_dropped_set_equals_reference(policy, cf, router, moe):
     plan, cfg = make_plan(router, **moe)
-    out = apply_capacity(plan, cf, policy, null_experts=router == "null")
+    out = apply_capacity(plan, cf, policy, null_experts=router == "null_experts")
     kept_ref, C = reference_kept(plan.expert_idx_TK, plan.weight_TK, 4, cf, policy)
     kept = {(t, k) for t, k in (out.expert_idx_TK >= 0).nonzero().tolist()}
     assert kept == kept_ref

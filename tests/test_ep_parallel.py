@@ -127,7 +127,7 @@ def test_parallel_model_gradients_scale_and_state_dict(request, world):
 def test_training_on_two_ranks_follows_single_process_trajectory(tmp_path):
     from moe_train.train.trainer import train
 
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=3, aux_loss_coef=0.01,
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, aux_loss_coef=0.01,
                     z_loss_coef=1e-3, expert_bias_rate=1e-3)
     cfg = Config(model=ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_layers=2, num_heads=2,
                                    num_kv_heads=1, max_seq_len=16, moe=moe),

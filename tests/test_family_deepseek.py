@@ -134,7 +134,7 @@ def test_group_limited_routing_with_null_experts_by_hand():
     """E = 4 true experts in 2 groups {0,1} {2,3}, Z = 4 null experts (null j is the twin of true j mod 4), top-3 of
     the 8, topk_group 1, sigmoid scores with the gate = identity so logits are the input; noaux_tc scores a group
     by the sum of its two best bias-corrected TRUE scores (nulls never vote)."""
-    cfg = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=3, score_func="sigmoid",
+    cfg = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, score_func="sigmoid",
                     topk_method="noaux_tc", n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0)
     r = NullExpertRouter(8, cfg)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_adamoe_conversion_of_deepseek_v3_preserves_the_function(tmp_path):
     want = logits(ref)
     convert_to_adamoe(tmp_path / "hf", tmp_path / "ada", num_null_experts=16, top_k=6)
     ada = from_hf(tmp_path / "ada")
-    assert ada.config.moe.router == "null" and ada.config.moe.use_expert_bias
+    assert ada.config.moe.router == "null_experts" and ada.config.moe.use_expert_bias
     with torch.no_grad():
         got, plans = ada.eval()(IDS, return_plans=True)
     assert (got - want).abs().max().item() <= 1e-5
@@ -184,7 +184,7 @@ def test_adamoe_conversion_of_deepseek_v2_is_refused_clearly(tmp_path):
         convert_to_adamoe(tmp_path / "hf", tmp_path / "ada", num_null_experts=8, top_k=4)
     assert not (tmp_path / "ada").exists()
     model = add_null_experts(from_hf(tmp_path / "hf"), 8, 4, null_tie_break="topk")  # the authors' recipe
-    assert model.config.moe.router == "null"
+    assert model.config.moe.router == "null_experts"
 
 
 @pytest.mark.parametrize("family,kw", [("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2,
@@ -313,7 +313,7 @@ def test_expert_parallel_deepseek_v3_equals_single_process(tmp_path):
                        num_heads=2, num_kv_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
                        qk_rope_head_dim=4, v_head_dim=4, first_k_dense_replace=1, dense_intermediate_size=16,
                        n_shared_experts=1, max_seq_len=16, moe=moe)
-    null = dataclasses.replace(base, moe=dataclasses.replace(moe, router="null", num_null_experts=8, top_k=4))
+    null = dataclasses.replace(base, moe=dataclasses.replace(moe, router="null_experts", num_null_experts=8, top_k=4))
     for rank, results in enumerate(W.spawn(_ep2_model_checks, 2, tmp_path, cfg_dicts=[to_dict(base), to_dict(null)])):
         for m in results:
             assert m["loss_err"] <= 1e-5, rank

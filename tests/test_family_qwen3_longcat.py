@@ -182,7 +182,7 @@ def test_qwen3_adamoe_and_adak_conversions_preserve_the_function(tmp_path):
     assert main(["convert", "--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"), "--num-null-experts",
                  "4", "--top-k", "4"]) == 0
     ada = from_hf(tmp_path / "dst")
-    assert (ada.config.family, ada.config.moe.router, ada.config.moe.baseline_top_k) == ("qwen3_moe", "null", 2)
+    assert (ada.config.family, ada.config.moe.router, ada.config.moe.baseline_top_k) == ("qwen3_moe", "null_experts", 2)
     assert (ours(ada) - want).abs().max().item() <= TOL
     adak = add_allocators(from_hf(tmp_path / "src"), k_min=0, k_max=4)
     routers = adak.routers()
@@ -272,7 +272,7 @@ def test_longcat_import_matches_transformers(tmp_path, name):
 
 
 def longcat_model(seed=0, **kw):
-    moe = kw.pop("moe", MoEConfig(router="null", num_experts=4, num_null_experts=2, null_kind="identity", top_k=3,
+    moe = kw.pop("moe", MoEConfig(router="null_experts", num_experts=4, num_null_experts=2, null_kind="identity", top_k=3,
                                   norm_topk_prob=False, routed_scaling_factor=2.0, use_expert_bias=True))
     base = dict(q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6, num_heads=3,
                 num_kv_heads=3, dense_intermediate_size=20, moe=moe)
@@ -303,7 +303,7 @@ def test_longcat_export_loads_in_transformers_with_same_logits(tmp_path):
 def test_longcat_export_with_a_compute_budget_routes_the_same_in_transformers(tmp_path):
     """Odd shape; the budget's shared null bias is part of what the zero experts are selected with: transformers gets
     it inside e_score_correction_bias, from_hf gets every buffer back bit for bit."""
-    moe = MoEConfig(router="null", num_experts=6, num_null_experts=3, null_kind="identity", top_k=4,
+    moe = MoEConfig(router="null_experts", num_experts=6, num_null_experts=3, null_kind="identity", top_k=4,
                     norm_topk_prob=False, routed_scaling_factor=6.0, use_expert_bias=True, expert_bias_rate=1e-3,
                     target_true_experts=2.5)
     model = longcat_model(seed=5, hidden_size=36, num_heads=5, num_kv_heads=5, qk_nope_head_dim=3,
@@ -399,7 +399,7 @@ def test_longcat_flash_flops_per_token_hand_computed():
     cfg = ModelConfig(family="longcat_flash", vocab_size=131072, hidden_size=6144, intermediate_size=2048,
                       dense_intermediate_size=12288, num_layers=28, num_heads=64, num_kv_heads=64, q_lora_rank=1536,
                       kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_seq_len=131072,
-                      moe=MoEConfig(router="null", num_experts=512, num_null_experts=256, null_kind="identity",
+                      moe=MoEConfig(router="null_experts", num_experts=512, num_null_experts=256, null_kind="identity",
                                     top_k=12, norm_topk_prob=False, routed_scaling_factor=6.0, use_expert_bias=True))
     # one MLA sublayer: q 2*6144*1536 + 2*1536*64*192 = 56,623,104; kv 2*6144*576 + 2*512*64*256 = 23,855,104;
     # o 2*64*128*6144 = 100,663,296; scores 2*2048.5*64*192 + 2*2048.5*64*128 = 83,906,560  -> 265,048,064
@@ -441,7 +441,7 @@ def test_longcat_conversions_are_refused_by_name():
     identity experts does: tests/test_longcat_adak.py.)"""
     from moe_train.io.convert import add_null_experts
 
-    with pytest.raises(ValueError, match="router is 'null'.*'identity'.*target_true_experts"):
+    with pytest.raises(ValueError, match="router is 'null_experts'.*'identity'.*target_true_experts"):
         add_null_experts(longcat_model(), 4, 4)
     no_zero = longcat_model(moe=MoEConfig(num_experts=4, top_k=2, norm_topk_prob=False, use_expert_bias=True))
     with pytest.raises(ValueError, match="null_kind.*identity for longcat_flash"):

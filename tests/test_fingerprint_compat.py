@@ -25,7 +25,7 @@ def test_a_key_added_after_the_checkpoint_counts_as_its_default(tmp_path):
     cfg = Config()
     path = _checkpoint_without(tmp_path, cfg, "model.moe", "null_kind")
     assert check_resume(path, cfg, CTX) == {}  # the default now: nothing changed
-    changed = apply_overrides(cfg, ['model.moe.router="null"', "model.moe.num_null_experts=8",
+    changed = apply_overrides(cfg, ['model.moe.router="null_experts"', "model.moe.num_null_experts=8",
                                     "model.moe.null_kind=identity"])
     with pytest.raises(ResumeConfigMismatch, match=r"model\.moe\.null_kind: 'zero' in the checkpoint, 'identity' now"):
         check_resume(_checkpoint_without(tmp_path, changed, "model.moe", "null_kind"), changed, CTX)

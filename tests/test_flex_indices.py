@@ -177,7 +177,7 @@ def _route_and_preprocess(layer, x):
 
 
 @pytest.mark.parametrize("routing_kw", [
-    dict(method="null", num_null_experts=4, top_k=3),  # 3 slots > moe_router_topk 2; all-null tokens
+    dict(method="null_experts", num_null_experts=4, top_k=3),  # 3 slots > moe_router_topk 2; all-null tokens
     dict(method="adak", k_min=0, k_max=3),  # Ada-K: k = 0 tokens, k = 3 > moe_router_topk
 ])
 def test_flex_layer_hands_deepep_the_plans_true_experts(megatron_world, deepep_standins, routing_kw):

@@ -192,16 +192,16 @@ def assert_same_tensors(a, b):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-@pytest.mark.parametrize("router", ["null", "adak"])
+@pytest.mark.parametrize("router", ["null_experts", "adak"])
 def test_null_and_adak_models_round_trip_exactly(tmp_path, family, router):
-    if router == "null":
-        moe = MoEConfig(router="null", num_experts=4, num_null_experts=8, top_k=3, baseline_top_k=2,
+    if router == "null_experts":
+        moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=8, top_k=3, baseline_top_k=2,
                         norm_topk_prob=family == "mixtral", expert_bias_rate=1e-3, aux_loss_coef=1e-2,
                         target_true_experts=1.5)
     else:
         moe = MoEConfig(router="adak", num_experts=4, top_k=2, k_min=0, k_max=3, norm_topk_prob=family == "mixtral")
     model = our_model(family, seed=4, moe=moe)
-    if router == "null":
+    if router == "null_experts":
         with torch.no_grad():
             for r in model.routers():  # selection biases that change the routing: must survive the trip
                 r.expert_bias.copy_(torch.randn(4))
@@ -210,11 +210,11 @@ def test_null_and_adak_models_round_trip_exactly(tmp_path, family, router):
     to_hf(model, tmp_path / "x")  # the shipped modeling code routes with the expert bias: no warning that it is lost
     hf = json.loads((tmp_path / "x" / "config.json").read_text())
     assert hf["moe_train"]["router"] == router and hf["model_type"] == "moe_train"
-    extra = "null_gate.weight" if router == "null" else "allocator.weight"
+    extra = "null_gate.weight" if router == "null_experts" else "allocator.weight"
     prefix = "block_sparse_moe." if family == "mixtral" else "mlp."
     with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as f:
         w = f.get_tensor(f"model.layers.1.{prefix}{extra}")
-    src = model.layers[1].moe.router.null_gate if router == "null" else model.layers[1].moe.router.allocator
+    src = model.layers[1].moe.router.null_gate if router == "null_experts" else model.layers[1].moe.router.allocator
     assert torch.equal(w, src.weight)
     back = from_hf(tmp_path / "x")
     assert back.config == model.config
@@ -313,7 +313,7 @@ _DELETE = object()
      "partial_rotary_factor=0.5"),
     ("mixtral", dict(router_jitter_noise=0.1), "router_jitter_noise=0.1"),
     ("mixtral", dict(num_attention_heads=5), "num_heads"),
-    ("mixtral", dict(moe_train={"router": "null", "num_experts": 4, "num_null_experts": 3, "top_k": 9}), "top_k"),
+    ("mixtral", dict(moe_train={"router": "null_experts", "num_experts": 4, "num_null_experts": 3, "top_k": 9}), "top_k"),
     ("mixtral", dict(moe_train={"router": "topk", "num_experts": 4, "top_k": 3}), "num_experts_per_tok=2"),
     ("mixtral", dict(moe_train={"router": "topk", "num_experts": 4, "top_k": 2, "bogus": 1}), "bogus"),
 ])
@@ -365,7 +365,7 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(saved):
 
 
 def test_null_model_without_its_null_gate_is_rejected(tmp_path):
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=2)
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=2)
     to_hf(our_model("mixtral", moe=moe), tmp_path / "x")
     sd = load_file(str(tmp_path / "x" / "model.safetensors"))
     sd.pop("model.layers.0.block_sparse_moe.null_gate.weight")

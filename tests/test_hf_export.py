@@ -59,7 +59,7 @@ LONGCAT = dict(q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_
 
 
 def null(**kw):
-    return MoEConfig(**{**dict(router="null", num_experts=4, num_null_experts=4, top_k=3, baseline_top_k=2), **kw})
+    return MoEConfig(**{**dict(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, baseline_top_k=2), **kw})
 
 
 def adak(**kw):
@@ -223,7 +223,7 @@ def test_cli_exports_a_dcp_checkpoint_of_a_run(tmp_path):
     from moe_train.io.model_file import load_model
     from moe_train.train.trainer import train
 
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=2, expert_bias_rate=0.01)
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=2, expert_bias_rate=0.01)
     run = tmp_path / "run"
     train(Config(model=ModelConfig(hidden_size=32, intermediate_size=32, max_seq_len=64, moe=moe),
                  train=TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=1, log_every=100, out_dir=str(run),

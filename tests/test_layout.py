@@ -72,14 +72,19 @@ def test_running_from_the_checkout_root_does_not_shadow_a_dependency():
 
 
 def _internal_imports(path: Path) -> tuple[set[str], list[tuple[int, list[str]]]]:
-    """(every moe_train module ``path`` imports, anywhere; the ones imported inside functions, with line)."""
+    """(every moe_train module ``path`` imports, anywhere but under ``if TYPE_CHECKING:`` (annotations only, never
+    run: import-linter's exclude_type_checking_imports too); the ones imported inside functions, with line)."""
     tree = ast.parse(path.read_text())
     everything, lazy = set(), []
-    in_function = set()
+    in_function, type_only = set(), set()
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             in_function.update(id(n) for n in ast.walk(fn))
+        if isinstance(fn, ast.If) and isinstance(fn.test, ast.Name) and fn.test.id == "TYPE_CHECKING":
+            type_only.update(id(n) for stmt in fn.body for n in ast.walk(stmt))
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from moe_train.x import y` may import the submodule moe_train.x.y

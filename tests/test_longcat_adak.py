@@ -184,7 +184,7 @@ def test_adak_over_a_renormalising_null_router_at_the_base_k_is_the_base(kind):
     from moe_train.model import build_model
 
     torch.manual_seed(1)
-    moe = MoEConfig(router="null", num_experts=N, num_null_experts=Z, null_kind=kind, top_k=K, norm_topk_prob=True,
+    moe = MoEConfig(router="null_experts", num_experts=N, num_null_experts=Z, null_kind=kind, top_k=K, norm_topk_prob=True,
                     target_true_experts=2.0)
     base = build_model(ModelConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=8, num_layers=2, num_heads=2,
                                    num_kv_heads=1, moe=moe)).eval()

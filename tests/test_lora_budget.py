@@ -34,9 +34,9 @@ def merge_lora(model):
     return model
 
 
-def tiny(router="null"):
+def tiny(router="null_experts"):
     torch.manual_seed(0)
-    moe = MoEConfig(router=router, num_experts=4, num_null_experts=4 if router == "null" else 0, top_k=2)
+    moe = MoEConfig(router=router, num_experts=4, num_null_experts=4 if router == "null_experts" else 0, top_k=2)
     return build_model(ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, moe=moe))
 
 
@@ -96,7 +96,7 @@ def test_lora_gradients_only_where_trainable():
 @pytest.mark.parametrize("target", [0.75, 1.5])
 def test_budget_controller_holds_target_true_experts(target, twin_init):
     torch.manual_seed(0)
-    r = NullExpertRouter(32, MoEConfig(router="null", num_experts=8, num_null_experts=16, top_k=4,
+    r = NullExpertRouter(32, MoEConfig(router="null_experts", num_experts=8, num_null_experts=16, top_k=4,
                                        target_true_experts=target))  # default gains
     if twin_init:
         # null twins tie exactly with their true expert, so the response to the bias is a step: the controller

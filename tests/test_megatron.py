@@ -165,8 +165,8 @@ def _megatron_from_moe_train(cfg, pg, mt, routing, ours):
 
 
 VARIABLE_K_CASES = {
-    "adamoe": (dict(router="null", num_null_experts=4, top_k=3), adamoe(4, top_k=3), {}),
-    "adamoe_qwen": (dict(router="null", num_null_experts=8, top_k=4, norm_topk_prob=False), adamoe(8, top_k=4),
+    "adamoe": (dict(router="null_experts", num_null_experts=4, top_k=3), adamoe(4, top_k=3), {}),
+    "adamoe_qwen": (dict(router="null_experts", num_null_experts=8, top_k=4, norm_topk_prob=False), adamoe(8, top_k=4),
                     dict(moe_router_pre_softmax=True)),
     "adak_k0": (dict(router="adak", k_min=0, k_max=3), adak(k_min=0, k_max=3), {}),
 }
@@ -220,7 +220,7 @@ def test_variable_k_equals_moe_train_layer(pg, case, ours):
 
 
 def test_padding_is_excluded_from_balancing_terms(pg):
-    mt = _moe_train_layer(router="null", num_null_experts=4, top_k=3)
+    mt = _moe_train_layer(router="null_experts", num_null_experts=4, top_k=3)
     cfg = W.make_config(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3)
     layer = _megatron_from_moe_train(cfg, pg, mt, adamoe(4, top_k=3), ours=True)
     x = torch.randn(6, 2, D, generator=torch.Generator().manual_seed(5))
@@ -419,7 +419,7 @@ def test_compat_version_branches(pg, monkeypatch):
 
 @pytest.mark.parametrize("routing, cfg_kw, match", [
     (VariableKRouting(method="bogus"), {}, "method"),
-    (VariableKRouting(method="null", num_null_experts=0), {}, "num_null_experts"),
+    (VariableKRouting(method="null_experts", num_null_experts=0), {}, "num_null_experts"),
     (adamoe(4, top_k=9), {}, "top_k"),
     (adak(k_min=3, k_max=2), {}, "k_min"),
     (adamoe(4, dispatcher="deepep"), {}, "dispatcher"),
@@ -466,7 +466,7 @@ def test_triton_permutation_backend_in_our_dispatcher(pg):
     sys.modules.pop(name, None)
     try:
         assert importlib.import_module(name).INTERPRETED
-        mt = _moe_train_layer(router="null", num_null_experts=4, top_k=3)
+        mt = _moe_train_layer(router="null_experts", num_null_experts=4, top_k=3)
         cfg = W.make_config()
         ref = _megatron_from_moe_train(cfg, pg, mt, adamoe(4, top_k=3, dispatcher="megatron"), ours=False)
         layer = _megatron_from_moe_train(cfg, pg, mt, adamoe(4, top_k=3, permute_backend="triton"), ours=True)

@@ -85,7 +85,7 @@ def _expert_grads(experts) -> dict:
 
 def _moe_train_layer(kind: str, norm: bool, scale: float) -> OurMoELayer:
     torch.manual_seed(0)
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=3, null_kind=kind, norm_topk_prob=norm,
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, null_kind=kind, norm_topk_prob=norm,
                     routed_scaling_factor=scale)
     layer = OurMoELayer(ModelConfig(hidden_size=D, intermediate_size=FF, n_shared_experts=1, moe=moe))
     with torch.no_grad():

@@ -52,8 +52,8 @@ def reference_forward(layer, x_TD, idx_TK, norm):
 CASES = [
     dict(router="topk", num_experts=4, top_k=2),
     dict(router="topk", num_experts=4, top_k=2, norm_topk_prob=False, shared=20),
-    dict(router="null", num_experts=4, num_null_experts=4, top_k=3),
-    dict(router="null", num_experts=4, num_null_experts=8, top_k=2, norm_topk_prob=False),
+    dict(router="null_experts", num_experts=4, num_null_experts=4, top_k=3),
+    dict(router="null_experts", num_experts=4, num_null_experts=8, top_k=2, norm_topk_prob=False),
 ]
 
 
@@ -103,7 +103,7 @@ def test_expert_gemms_see_exactly_the_true_assignments(case):
 
 
 def test_all_null_tokens_output_zero():
-    layer = make_layer(router="null", num_experts=4, num_null_experts=4, top_k=2)
+    layer = make_layer(router="null_experts", num_experts=4, num_null_experts=4, top_k=2)
     with torch.no_grad():
         layer.router.gate.weight.zero_()
         layer.router.null_gate.weight.zero_()
@@ -117,7 +117,7 @@ def test_all_null_tokens_output_zero():
 
 
 def test_zero_rows_and_empty_experts():
-    layer = make_layer(router="null", num_experts=4, num_null_experts=4, top_k=2)
+    layer = make_layer(router="null_experts", num_experts=4, num_null_experts=4, top_k=2)
     with torch.no_grad():
         layer.router.null_gate.weight.fill_(0.0)
         layer.router.gate.weight.fill_(0.0)

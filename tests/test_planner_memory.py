@@ -25,11 +25,11 @@ TOLERANCE = 0.10
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SINGLE = [dict(router="topk", precision="fp32", ac=False), dict(router="null", precision="fp32", ac=True),
-          dict(router="null", precision="bf16", ac=False), dict(router="topk", precision="bf16", ac=True)]
-DISTRIBUTED = [dict(router="null", precision="fp32", ac=False, ep=2),
-               dict(router="null", precision="bf16", ac=True, ep=2),
-               dict(router="null", precision="fp32", ac=True, ep=4),
+SINGLE = [dict(router="topk", precision="fp32", ac=False), dict(router="null_experts", precision="fp32", ac=True),
+          dict(router="null_experts", precision="bf16", ac=False), dict(router="topk", precision="bf16", ac=True)]
+DISTRIBUTED = [dict(router="null_experts", precision="fp32", ac=False, ep=2),
+               dict(router="null_experts", precision="bf16", ac=True, ep=2),
+               dict(router="null_experts", precision="fp32", ac=True, ep=4),
                dict(router="topk", precision="bf16", ac=False, ep=4)]
 
 

@@ -170,7 +170,7 @@ LOSS_TOL = 3.5 * SPREAD_MEASURED  # 4.9e-3
 
 
 def _precision_config(tmp_path, precision: str, seed: int = 0) -> Config:
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=3, aux_loss_coef=0.01,
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, aux_loss_coef=0.01,
                     z_loss_coef=1e-3)
     return Config(model=ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_layers=2, num_heads=2,
                                     num_kv_heads=1, max_seq_len=16, moe=moe),

@@ -18,7 +18,7 @@ def make_cfg(out, **train_kw):
     kw = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, log_every=100, out_dir=str(out),
               checkpoint_every=4, tensorboard=False)
     kw.update(train_kw)
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=2, aux_loss_coef=0.01,
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=2, aux_loss_coef=0.01,
                     expert_bias_rate=0.01, target_true_experts=1.0)
     return Config(model=ModelConfig(hidden_size=32, intermediate_size=64, max_seq_len=64, moe=moe),
                   train=TrainConfig(**kw), data=DataConfig(num_sequences=40, val_sequences=8))

@@ -45,7 +45,7 @@ def test_topk_qwen_convention_keeps_raw_probabilities():
 def two_by_two_null_router():
     """2 true + 2 null experts, k=2, null logits = -true logits. Token 0 prefers true experts 0 and 1, token 1
     the nulls, token 2 one true + one null."""
-    r = NullExpertRouter(2, MoEConfig(router="null", num_experts=2, num_null_experts=2, top_k=2))
+    r = NullExpertRouter(2, MoEConfig(router="null_experts", num_experts=2, num_null_experts=2, top_k=2))
     with torch.no_grad():
         r.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         r.null_gate.weight.copy_(torch.tensor([[-1.0, 0.0], [0.0, -1.0]]))
@@ -94,7 +94,7 @@ def test_null_router_with_zero_null_experts_equals_topk_exactly():
     torch.manual_seed(1)
     for norm in (True, False):
         top = TopKRouter(D, MoEConfig(num_experts=8, top_k=3, norm_topk_prob=norm))
-        null = NullExpertRouter(D, MoEConfig(router="null", num_experts=8, num_null_experts=0, top_k=3,
+        null = NullExpertRouter(D, MoEConfig(router="null_experts", num_experts=8, num_null_experts=0, top_k=3,
                                              norm_topk_prob=norm))
         set_gate(null, top.gate.weight)
         x = torch.randn(64, D)
@@ -106,10 +106,10 @@ def test_null_router_with_zero_null_experts_equals_topk_exactly():
 
 
 def test_null_gate_initialised_from_true_gate():
-    r = NullExpertRouter(D, MoEConfig(router="null", num_experts=4, num_null_experts=8, top_k=4))
+    r = NullExpertRouter(D, MoEConfig(router="null_experts", num_experts=4, num_null_experts=8, top_k=4))
     r.init_null_gate_from_true()
     assert torch.equal(r.null_gate.weight, torch.cat([r.gate.weight, r.gate.weight]))
-    bad = NullExpertRouter(D, MoEConfig(router="null", num_experts=4, num_null_experts=6, top_k=4))
+    bad = NullExpertRouter(D, MoEConfig(router="null_experts", num_experts=4, num_null_experts=6, top_k=4))
     with pytest.raises(ValueError, match="multiple of num_experts"):
         bad.init_null_gate_from_true()
 

@@ -90,7 +90,7 @@ def test_authors_option_keeps_exact_twins_and_conversion_refuses_what_cannot_be_
     with pytest.raises(ValueError, match="norm_topk_prob"):
         add_null_experts(qwen, 8, 6)
     with pytest.raises(ConfigError, match="null_tie_break"):
-        validate_moe(MoEConfig(router="null", num_experts=8, num_null_experts=16, top_k=4, null_tie_break="random"))
+        validate_moe(MoEConfig(router="null_experts", num_experts=8, num_null_experts=16, top_k=4, null_tie_break="random"))
 
 
 def test_expert_bias_follows_pre_drop_load():
@@ -116,7 +116,7 @@ def test_expert_bias_follows_pre_drop_load():
 
 def test_budget_controller_anti_windup_bounds_integral_and_recovers():
     torch.manual_seed(0)
-    cfg = MoEConfig(router="null", num_experts=8, num_null_experts=16, top_k=4, target_true_experts=1.5)
+    cfg = MoEConfig(router="null_experts", num_experts=8, num_null_experts=16, top_k=4, target_true_experts=1.5)
     r = NullExpertRouter(32, cfg)
     x_TD = torch.randn(512, 32)
     lo, hi = null_bias_limits(r.expert_bias)
@@ -149,6 +149,6 @@ def test_target_true_experts_must_be_reachable(n, m, k, bad, good):
     lo, hi = max(0, k - m), min(k, n)
     for t in bad:
         with pytest.raises(ConfigError, match=rf"must be in \[{lo}, {hi}\]"):
-            validate_moe(MoEConfig(router="null", num_experts=n, num_null_experts=m, top_k=k, target_true_experts=t))
+            validate_moe(MoEConfig(router="null_experts", num_experts=n, num_null_experts=m, top_k=k, target_true_experts=t))
     for t in good:
-        validate_moe(MoEConfig(router="null", num_experts=n, num_null_experts=m, top_k=k, target_true_experts=t))
+        validate_moe(MoEConfig(router="null_experts", num_experts=n, num_null_experts=m, top_k=k, target_true_experts=t))

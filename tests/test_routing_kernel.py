@@ -206,8 +206,8 @@ def test_backend_rules(monkeypatch):
 
 @pytest.mark.parametrize("extra,why", [(dict(router="adak"), "router 'adak'"),
                                        (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2), "group"),
-                                       (dict(router="null", num_null_experts=4, null_kind="identity"), "identity"),
-                                       (dict(router="null", num_null_experts=4, null_tie_break="topk"), "tie")])
+                                       (dict(router="null_experts", num_null_experts=4, null_kind="identity"), "identity"),
+                                       (dict(router="null_experts", num_null_experts=4, null_tie_break="topk"), "tie")])
 def test_config_refuses_triton_routing_outside_the_kernel_math(extra, why):
     validate_moe(MoEConfig(routing_backend="auto", **extra))  # auto: the torch path, accepted
     with pytest.raises(ConfigError, match=f"routing_backend.*{why}"):

@@ -87,8 +87,8 @@ def test_count_exchange_on_one_rank():
 
 
 def test_router_and_dispatcher_protocols():
-    for router in ("topk", "null", "adak"):
-        cfg = MoEConfig(router=router, num_experts=4, top_k=2, num_null_experts=4 if router == "null" else 0)
+    for router in ("topk", "null_experts", "adak"):
+        cfg = MoEConfig(router=router, num_experts=4, top_k=2, num_null_experts=4 if router == "null_experts" else 0)
         assert isinstance(build_router(8, cfg), Router)
     assert isinstance(LocalDispatcher(), Dispatcher)
     assert isinstance(GroupedExperts(4, 8, 16), Experts)

@@ -89,7 +89,7 @@ def test_flops_mixtral_8x7b_expert_share_and_adamoe_reduction():
     two = forward_flops_per_token(mixtral, 2.0, 512)
     one = forward_flops_per_token(mixtral, 1.0, 512)
     assert two - one == pytest.approx(32 * 3 * 2 * 4096 * 14336)
-    adamoe = ModelConfig(**{**mixtral.__dict__, "moe": MoEConfig(router="null", num_experts=8, num_null_experts=16,
+    adamoe = ModelConfig(**{**mixtral.__dict__, "moe": MoEConfig(router="null_experts", num_experts=8, num_null_experts=16,
                                                                 top_k=4, baseline_top_k=2)})
     # published: 1.66 true experts per token -> ~15% fewer FLOPs ((1 - 1.66/2) * 0.876 = 14.9%)
     reduction = 1 - flops_vs_topk(adamoe, 1.66, 512)
@@ -120,7 +120,7 @@ def test_frozen_parameters_get_no_optimizer_state_and_do_not_change(tmp_path):
     from moe_train.train import trainer as trainer_mod
 
     cfg = Config(model=ModelConfig(hidden_size=32, intermediate_size=64, max_seq_len=64,
-                                   moe=MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=2)),
+                                   moe=MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=2)),
                  train=TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), tensorboard=False,
                                    trainable=[r"router\.", "lora_"], lora_rank=2, lora_targets=["attention"]),
                  data=DataConfig(num_sequences=16, val_sequences=0))

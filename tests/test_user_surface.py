@@ -60,6 +60,13 @@ def test_only_rank_0_prints_a_user_error():
         "moe-train: config error: train.stepz: unknown key; allowed keys here: " + rank0.stderr.split("here: ")[1].strip()]
 
 
+def test_a_rank_outside_world_size_says_so_itself():
+    """No rank 0 exists to print it: the rank outside WORLD_SIZE prints the launch error (it printed nothing)."""
+    out = _cli("train", "--config", TINY, RANK="5", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    assert out.returncode == 2
+    assert "RANK=5 / WORLD_SIZE=2" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_torchrun_launcher_checks_the_config_before_spawning_ranks():
     out = subprocess.run(["bash", "launch/torchrun.sh", "--config", TINY, "--set", "train.stepz=3"], cwd=REPO,
                          env=_env(NPROC="2", MASTER_PORT="29533"), capture_output=True, text=True, timeout=120)
@@ -113,7 +120,7 @@ def test_miniature_reports_phases_and_a_summary(tmp_path, capsys, caplog, monkey
 def test_config_explain_lists_every_key_and_explains_one(capsys):
     assert main(["config", "--explain"]) == 0
     listing = capsys.readouterr().out
-    assert "model.moe.router" in listing and "one of topk, null, adak, top_p" in listing
+    assert "model.moe.router" in listing and "one of topk, adak, null_experts, top_p" in listing
     assert "train.batch_size" in listing and "sequences per optimizer step (global)" in listing
     assert main(["config", "--explain", "model.moe.null_kind"]) == 0
     one = capsys.readouterr().out
@@ -128,14 +135,14 @@ def test_config_explain_lists_every_key_and_explains_one(capsys):
 
 
 def _tiny(path: Path, router: str) -> str:
-    moe = MoEConfig(router="null", num_null_experts=8, top_k=4, baseline_top_k=2) if router == "null" else MoEConfig()
+    moe = MoEConfig(router="null_experts", num_null_experts=8, top_k=4, baseline_top_k=2) if router == "null_experts" else MoEConfig()
     torch.manual_seed(0)
     save_model(build_model(ModelConfig(hidden_size=32, intermediate_size=32, num_layers=1, moe=moe)), path)
     return str(path)
 
 
 def test_eval_table_baseline_and_compare_topk_on_an_adamoe_model(tmp_path, capsys):
-    adamoe, top2 = _tiny(tmp_path / "adamoe.pt", "null"), _tiny(tmp_path / "top2.pt", "topk")
+    adamoe, top2 = _tiny(tmp_path / "adamoe.pt", "null_experts"), _tiny(tmp_path / "top2.pt", "topk")
     task = str(REPO / "tests" / "data" / "synthetic_mc.jsonl")
     assert main(["eval", "--checkpoint", adamoe, "--compare-topk", "--baseline", top2, "--task", task]) == 0
     table = capsys.readouterr().out

@@ -37,7 +37,7 @@ def relerr(a, b) -> float:
 def _layer(kind, norm=True, seed=0, E=4, Z=4, K=3, dtype=torch.float64, **moe):
     torch.manual_seed(seed)
     cfg = ModelConfig(hidden_size=8, intermediate_size=12, moe=MoEConfig(
-        router="null", num_experts=E, num_null_experts=Z, top_k=K, norm_topk_prob=norm, null_kind=kind,
+        router="null_experts", num_experts=E, num_null_experts=Z, top_k=K, norm_topk_prob=norm, null_kind=kind,
         gemm_backend="loop", **moe))
     layer = MoELayer(cfg).to(dtype)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_balancing_budget_and_statistics_count_nulls_as_non_ffn():
         assert layer.router.null_bias.item() == pytest.approx(0.01 * (measured - 1.5) + 0.002 * (measured - 1.5))
     from moe_train.model.flops import forward_flops_per_token
 
-    cfgs = {k: ModelConfig(moe=MoEConfig(router="null", num_null_experts=4, top_k=3, null_kind=k))
+    cfgs = {k: ModelConfig(moe=MoEConfig(router="null_experts", num_null_experts=4, top_k=3, null_kind=k))
             for k in ("zero", "identity", "constant")}
     flops = {k: forward_flops_per_token(c, 1.5, 64) for k, c in cfgs.items()}
     assert flops["identity"] == flops["constant"] == flops["zero"]  # null picks: zero expert FLOPs
@@ -200,17 +200,17 @@ def test_capacity_drops_keep_null_weights():
 
 
 def test_config_validation_and_refusals(tmp_path):
-    validate_moe(MoEConfig(router="null", num_null_experts=2, top_k=2, null_kind="constant"))
+    validate_moe(MoEConfig(router="null_experts", num_null_experts=2, top_k=2, null_kind="constant"))
     with pytest.raises(ConfigError, match="null_kind.*one of"):
-        validate_moe(MoEConfig(router="null", num_null_experts=2, null_kind="copy"))
-    with pytest.raises(ConfigError, match="needs router: null"):
+        validate_moe(MoEConfig(router="null_experts", num_null_experts=2, null_kind="copy"))
+    with pytest.raises(ConfigError, match="needs router: null_experts"):
         validate_moe(MoEConfig(router="topk", null_kind="identity"))
     with pytest.raises(ConfigError, match="num_null_experts >= 1"):
-        validate_moe(MoEConfig(router="null", num_null_experts=0, null_kind="identity"))
+        validate_moe(MoEConfig(router="null_experts", num_null_experts=0, null_kind="identity"))
     from moe_train.config import Config, validate
 
     cfg = Config()
-    cfg.model.moe = MoEConfig(router="null", num_null_experts=4, top_k=3, null_kind="constant")
+    cfg.model.moe = MoEConfig(router="null_experts", num_null_experts=4, top_k=3, null_kind="constant")
     cfg.train.export_hf = True
     with pytest.raises(ConfigError, match="export_hf.*constant"):
         validate(cfg)
@@ -237,7 +237,7 @@ def test_constant_kind_checkpoint_roundtrip(tmp_path):
     from moe_train.model import build_model
 
     mcfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
-                       moe=MoEConfig(router="null", num_null_experts=4, top_k=3, null_kind="constant"))
+                       moe=MoEConfig(router="null_experts", num_null_experts=4, top_k=3, null_kind="constant"))
     model = build_model(mcfg)
     with torch.no_grad():
         model.layers[0].moe.router.null_values.normal_()
@@ -252,7 +252,7 @@ def test_constant_kind_checkpoint_roundtrip(tmp_path):
 def _train_cfg(out, steps: int):
     from moe_train.config import Config, DataConfig, TrainConfig
 
-    moe = MoEConfig(router="null", num_experts=4, num_null_experts=4, top_k=3, null_kind="constant",
+    moe = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=3, null_kind="constant",
                     aux_loss_coef=0.01, target_true_experts=1.5, capacity_factor=2.0)
     return Config(model=ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_layers=2, num_heads=2,
                                     num_kv_heads=1, max_seq_len=16, moe=moe),
@@ -307,7 +307,7 @@ def test_identity_kind_round_trips_through_our_hf_folder(tmp_path):
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
-                                    num_kv_heads=1, moe=MoEConfig(router="null", num_null_experts=4, top_k=3,
+                                    num_kv_heads=1, moe=MoEConfig(router="null_experts", num_null_experts=4, top_k=3,
                                                                   null_kind="identity")))
     back = from_hf(to_hf(model, tmp_path / "hf"))
     assert back.config.moe.null_kind == "identity"

@@ -61,7 +61,7 @@ def forced_forward(router, idx_TK: torch.Tensor, x_TD: torch.Tensor) -> RoutingP
 def _layer(kind: str) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(ModelConfig(hidden_size=D, intermediate_size=FF, moe=MoEConfig(
-        router="null", num_experts=E, num_null_experts=Z, top_k=K, null_kind=kind)))
+        router="null_experts", num_experts=E, num_null_experts=Z, top_k=K, null_kind=kind)))
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(std=0.3)

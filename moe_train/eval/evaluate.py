@@ -26,6 +26,7 @@ from moe_train.eval.report import corpus_report
 from moe_train.eval.tasks import check_task_fits, evaluate_docs, load_task
 from moe_train.io import load_any
 from moe_train.model import MoETransformer
+from moe_train.routing.registry import router_class
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,11 @@ def _variants(model: MoETransformer, cfg: EvalConfig) -> list[tuple[str, Optiona
     Ada-K with k forced to the base model's k; a null-expert (AdaMoE) model over its true experts only with its
     baseline_top_k (moe_train/eval/scoring.py)."""
     moe = model.config.moe
-    variants = [("adak" if moe.router == "adak" and cfg.force_k is None else "model", cfg.force_k)]
+    router = router_class(moe.router)
+    variants = [(moe.router if router.learns_k and cfg.force_k is None else "model", cfg.force_k)]
     if cfg.compare_topk:
-        if moe.router == "adak":
-            variants.append((f"top{moe.top_k}", moe.top_k))
-        elif moe.router == "null":
-            k = moe.resolved_baseline_top_k
+        k = router.baseline_k(moe)  # Ada-K: its base model's k; null experts: baseline_top_k (routing/base.py)
+        if k is not None:
             variants.append((f"top{k}", k))
         else:
             raise ValueError(f"--compare-topk compares an Ada-K or null-expert (AdaMoE) model with its base top-k "

@@ -20,7 +20,6 @@ import torch
 
 from moe_train.model import MoETransformer
 from moe_train.model.flops import flops_vs_topk
-from moe_train.routing.adak import AdaKRouter
 from moe_train.routing.null_experts import NullExpertRouter
 
 # ----------------------------------------------------------------------------------------------------------
@@ -32,10 +31,10 @@ def eval_routing(model: MoETransformer, force_k: Optional[int] = None):
     """Eval mode; Ada-K routers greedy (argmax k), or every token forced to ``force_k`` experts; restored after."""
     was_training = model.training
     model.eval()
-    routers = [r for r in model.routers() if isinstance(r, AdaKRouter)]
+    routers = [r for r in model.routers() if r.learns_k]  # Ada-K: set_mode / forced actions
     saved = [(r.mode, r.forced_action_T) for r in routers]
     handles = []
-    nulls = [r for r in model.routers() if isinstance(r, NullExpertRouter)]
+    nulls = [r for r in model.routers() if isinstance(r, NullExpertRouter)]  # _true_experts_only sets its fields
     if force_k is not None and nulls and force_k != model.config.moe.top_k:
         with _true_experts_only(nulls, force_k):
             with eval_routing(model):

@@ -31,16 +31,17 @@ from moe_train.config import ConfigError, MoEConfig, validate_moe
 from moe_train.io.convert import swap_routers
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.adak import AdaKRouter
+from moe_train.routing.registry import router_class
 
 
 def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> MoEConfig:
     """The converted MoEConfig, or ValueError naming the argument and what is allowed (no work done)."""
-    if moe.router != "topk" and not (moe.router == "null" and moe.null_kind != "zero"):
+    base = router_class(moe.router)
+    reason = base.adak_base_reason(moe)  # '' for a base Ada-K converts (routing/base.py)
+    if reason:
         raise ValueError(f"Ada-K conversion starts from a top-k model, or from one whose null experts return "
                          f"something (identity / constant kinds, as LongCat-Flash's zero-computation experts: its "
-                         f"ranking over true + null experts is kept); this model's router is {moe.router!r}"
-                         + (f" with {moe.num_null_experts} {moe.null_kind!r} null experts (AdaMoE's, not converted)"
-                            if moe.router == "null" else ""))
+                         f"ranking over true + null experts is kept); this model: {reason}")
     if moe.expert_bias_rate > 0:
         raise ValueError(f"this model still trains its aux-loss-free expert bias (expert_bias_rate="
                          f"{moe.expert_bias_rate}); Ada-K freezes the base router, so set model.moe.expert_bias_rate "
@@ -54,10 +55,10 @@ def check_adak_conversion(moe: MoEConfig, k_min: int, k_max: Optional[int]) -> M
     if not 0 <= k_min <= k_max_ <= n or k_max_ < 1:
         raise ValueError(f"Ada-K action range k_min={k_min}, k_max={k_max}: need 0 <= k_min <= k_max <= {n} "
                          f"(the model's {moe.num_experts} experts"
-                         + (f" + {moe.num_null_experts} {moe.null_kind!r} null experts" if moe.router == "null" else "")
+                         + (f" + {moe.num_null_experts} {moe.null_kind!r} null experts" if base.ranks_null_experts else "")
                          + ") and k_max >= 1")
     budget = moe.target_true_experts is not None  # frozen: its bias joins the fixed null selection bias
-    new = dataclasses.replace(moe, router="adak", k_min=k_min, k_max=k_max_,
+    new = dataclasses.replace(moe, router=AdaKRouter.name, k_min=k_min, k_max=k_max_,
                               baseline_top_k=moe.resolved_baseline_top_k, target_true_experts=None,
                               use_expert_bias=moe.use_expert_bias or budget)
     try:

@@ -49,6 +49,7 @@ from moe_train.io.safetensors_folder import stored_dtype
 from moe_train.io.sources import HFSource, meta_model_with_routers
 from moe_train.model.decoder import MoETransformer
 from moe_train.routing.null_experts import NullExpertRouter
+from moe_train.routing.registry import router_class
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline
                          f"{'x' if null_kind == 'identity' else 'a learned vector'}, and the gates then normalise "
                          "over every pick, so twin-initialised null experts would change each token's output); "
                          "convert with null_kind: zero, or train a model with this kind from the start")
-    if moe.router != "topk":
+    has_nulls = router_class(moe.router) is NullExpertRouter
+    if moe.router not in NullExpertRouter.converts_from:
         raise ValueError(f"AdaMoE conversion starts from a top-k model; this model's router is {moe.router!r}"
-                         + (f" with {moe.num_null_experts} null experts already" if moe.router == "null" else "")
+                         + (f" with {moe.num_null_experts} null experts already" if has_nulls else "")
                          + (f" (of kind {moe.null_kind!r}, as LongCat-Flash's zero-computation experts: steer their "
                             "share with model.moe.target_true_experts instead)" if moe.null_kind != "zero" else ""))
     if not _is_int(num_null_experts) or num_null_experts < 1:
@@ -108,7 +110,7 @@ def check_conversion(moe: MoEConfig, num_null_experts: int, top_k: int, baseline
                 f"model's top_k={moe.top_k}; use top_k in [{(moe.top_k - 1) * (r + 1) + 1}, {moe.top_k * (r + 1)}] "
                 f"for {num_null_experts} null experts, or pass {authors}")
     # a source with an expert bias keeps one, and its null twins get the same bias (NullExpertRouter.null_expert_bias)
-    new = dataclasses.replace(moe, router="null", num_null_experts=num_null_experts, top_k=top_k,
+    new = dataclasses.replace(moe, router=NullExpertRouter.name, num_null_experts=num_null_experts, top_k=top_k,
                               baseline_top_k=baseline, null_tie_break=null_tie_break,
                               use_expert_bias=moe.use_expert_bias or moe.expert_bias_rate > 0)
     try:
@@ -170,7 +172,7 @@ def check_existing_nulls(moe: MoEConfig, num_null_experts: int, top_k: int, null
                          baseline_top_k: Optional[int] = None) -> MoEConfig:
     """A model that has null experts already (router null): its MoEConfig (with ``baseline_top_k`` when given) if
     the request is what it has, else ValueError naming the model's count, k and kind (module docstring)."""
-    assert moe.router == "null", moe.router
+    assert router_class(moe.router) is NullExpertRouter, moe.router
     have = (moe.num_null_experts, moe.top_k, moe.null_kind)
     want = (num_null_experts, top_k, moe.null_kind if null_kind is None else null_kind)
     if want != have:
@@ -199,7 +201,8 @@ def convert_to_adamoe(src: Union[str, Path], dst: Union[str, Path], num_null_exp
     src, dst = Path(src), Path(dst)
     hf = read_hf_config(src)
     moe = config_from_hf(hf, str(src / "config.json")).moe
-    existing = moe.router == "null" and moe.null_kind != "zero"  # the family's own null experts (AdaMoE: refused)
+    # the family's own null experts (LongCat-Flash's identity ones; AdaMoE's zero ones are refused)
+    existing = router_class(moe.router) is NullExpertRouter and moe.null_kind != "zero"
     if existing:
         new_moe = check_existing_nulls(moe, num_null_experts, top_k, null_kind, baseline_top_k)
     else:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from moe_train.io.atomic import (
     DiskWriteError,
@@ -103,13 +103,16 @@ def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int = 3) -> Path:
+                    trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int = 3,
+                    trainable_only: bool = False) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder. A full disk or a read-only folder is
-    DiskWriteError naming the folder (DCP wraps the OSError in a CheckpointException), its staging folder removed."""
+    DiskWriteError naming the folder (DCP wraps the OSError in a CheckpointException), its staging folder removed.
+    ``trainable_only``: the model's frozen parameters are left out (Ada-K: the allocators, not the frozen base, which
+    the resumed run rebuilds from train.init_from); load it with the same flag."""
     final = checkpoint_root(out_dir) / f"step_{step:08d}"
     try:
         with disk_errors(final):
-            return _save_checkpoint(out_dir, step, model, optimizer, trainer_state, ctx, keep_last)
+            return _save_checkpoint(out_dir, step, model, optimizer, trainer_state, ctx, keep_last, trainable_only)
     except DiskWriteError:
         if ctx.is_main:
             shutil.rmtree(staging_path(final), ignore_errors=True)  # the space the half-written save took
@@ -117,7 +120,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 
 def _save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int) -> Path:
+                     trainer_state: dict[str, Any], ctx: ParallelContext, keep_last: int,
+                     trainable_only: bool = False) -> Path:
     root = checkpoint_root(out_dir)
     name = f"step_{step:08d}"
     final = root / name
@@ -125,7 +129,7 @@ def _save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opt
     if ctx.is_main:
         staging_folder(final)  # created empty: a previous crash's leftovers are removed
     _barrier(ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # experts with their global shape
     with _quiet_single_process():
         dcp.save({"model": model_view, "optim": optim_view}, checkpoint_id=str(tmp))
@@ -206,19 +210,25 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
+def _options(trainable_only: bool) -> StateDictOptions:
+    # frozen parameters left out of a trainable_only checkpoint; DCP's load still fails on a missing trainable key
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    ctx: ParallelContext) -> dict:
+                    ctx: ParallelContext, trainable_only: bool = False) -> dict:
     """Collective. Loads model + optimizer shards (any world size), RNG state (same world size only); returns the
-    trainer state (step, scheduler, data position, counters)."""
+    trainer state (step, scheduler, data position, counters). ``trainable_only``: as save_checkpoint's."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     manifest = verify_checkpoint(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     model_view, optim_view = checkpoint_view(model_sd, optim_sd, model, ctx)  # aliases: loads in place
     with _quiet_single_process():
         dcp.load({"model": model_view, "optim": optim_view}, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=_options(trainable_only))
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if manifest["world_size"] == ctx.world_size:
         restore_rng_state(path, ctx)

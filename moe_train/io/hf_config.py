@@ -35,6 +35,7 @@ from moe_train.io.hf_deepseek import (
     deepseek_config_from_hf,
     deepseek_config_to_hf,
 )
+from moe_train.routing.registry import router_class
 
 MODEL_TYPES = FAMILIES  # a family is named by its Hugging Face model_type (config.FAMILIES is the one list)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -174,7 +175,7 @@ def _finish_config(cfg: ModelConfig, hf: dict, where: str) -> ModelConfig:
 
 def _hf_top_k(moe: MoEConfig) -> int:
     """The k transformers routes with (see the module docstring)."""
-    return moe.resolved_baseline_top_k if moe.router == "null" else moe.top_k
+    return router_class(moe.router).hf_top_k(moe)
 
 
 def _moe_from_extra(extra: Any, from_hf_fields: MoEConfig, hf: dict, where: str) -> MoEConfig:

@@ -27,6 +27,7 @@ import torch
 
 from moe_train.config import ConfigError, ModelConfig, MoEConfig, validate_model
 from moe_train.io.hf_common import MOE_TRAIN_KEY, parse_moe_extra, rope_theta
+from moe_train.routing.registry import router_class
 
 FAMILY = "longcat_flash"
 ARCHITECTURE = "LongcatFlashForCausalLM"
@@ -74,7 +75,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     # transformers derives num_hidden_layers = 2 x num_layers (two attention sublayers each) and accepts either key
     layers = hf["num_hidden_layers"] // 2 if "num_layers" not in hf and "num_hidden_layers" in hf \
         else _get(hf, "num_layers")
-    moe = MoEConfig(router="null" if z else "topk", num_experts=n, num_null_experts=z,
+    moe = MoEConfig(router="null_experts" if z else "topk", num_experts=n, num_null_experts=z,
                     null_kind="identity" if z else "zero", top_k=_get(hf, "moe_topk"), norm_topk_prob=False,
                     routed_scaling_factor=float(_get(hf, "routed_scaling_factor")), use_expert_bias=True)
     cfg = ModelConfig(
@@ -115,9 +116,9 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
     if cfg.rope_scaling.type != "default":
         raise ValueError(f"model.rope_scaling.type={cfg.rope_scaling.type!r}: the LongCat-Flash export writes plain "
                          f"RoPE only")
-    if moe.router not in ("topk", "null"):
-        raise ValueError(f"model.moe.router={moe.router!r} cannot be exported as LongCat-Flash (topk or null with "
-                         f"identity zero experts)")
+    if router_class(moe.router).variable_k:  # a per-token k (Ada-K, top-p): not LongCat-Flash's fixed-k router
+        raise ValueError(f"model.moe.router={moe.router!r} cannot be exported as LongCat-Flash (topk or null_experts "
+                         f"with identity zero experts)")
     return {
         "architectures": [ARCHITECTURE], "model_type": FAMILY, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,

@@ -30,9 +30,12 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import GEMM_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
 from moe_train.kernels.cuda_rules import check_grouped_mm
 from moe_train.kernels.fp8 import ALIGN_ROWS, check_fp8_shapes, grouped_mm_fp8, pad_groups
+
+# Expert GEMM backends (model.moe.gemm_backend; docs/kernels.md): the one list, config.py types its key with it.
+GEMM_BACKENDS = ("auto", "grouped_mm", "loop", "te", "te_fp8", "fp8_rowwise", "fp8_tensorwise")
+BACKENDS = GEMM_BACKENDS
 
 _LOW = (torch.bfloat16, torch.float16)
 logger = logging.getLogger(__name__)

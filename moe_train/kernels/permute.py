@@ -24,8 +24,12 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import PERMUTE_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
 from moe_train.kernels import gather_combine as GC
+
+# Permutation backends (model.moe.permute_backend): auto (Triton on CUDA, the torch reference on CPU) | torch |
+# triton. The one list; config.py types its key with it.
+PERMUTE_BACKENDS = ("auto", "torch", "triton")
+BACKENDS = PERMUTE_BACKENDS
 
 _TRITON_MODULE = "moe_train.kernels.triton_permute"
 

@@ -8,7 +8,8 @@
 select_topk and renormalize below are the one selection of every router (top-k, null experts, Ada-K, top-p; they
 live here, below moe_train.routing, so that the reference and the routers share them without an import cycle).
 The one-pass path serves TopKRouter (Z = 0) and NullExpertRouter (routing/topk.py, routing/null_experts.py) when
-their math is exactly this. Backends (``backend=``; config ``model.moe.routing_backend``, the one list config.ROUTING_BACKENDS):
+their math is exactly this (each router class says when: kernel_excluded, routing/base.py). Backends
+(``backend=``; config ``model.moe.routing_backend``, the one list ROUTING_BACKENDS below):
   auto    the Triton kernel (moe_train.kernels.triton_routing) on CUDA tensors when triton is installed, the torch
           reference otherwise. The kernel implements tie_break "true_first" only: "topk" (torch.topk's order)
           always takes the torch path, on every backend but "triton", which refuses it.
@@ -32,11 +33,14 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import ROUTING_BACKENDS as BACKENDS  # the one list (config.py validates against it too)
-from moe_train.config import routing_kernel_excluded
-
 _TRITON_MODULE = "moe_train.kernels.triton_routing"
+# The one lists of these settings (config.py types model.moe.routing_backend / score_func / null_tie_break with them):
+# the one-pass routing backends (module docstring); the score functions (routing/scores.py: softmax over the scored
+# experts | sigmoid per expert, DeepSeek-V3); the orders of exactly tied scores select_topk applies (see there).
+ROUTING_BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ROUTING_BACKENDS
 SCORE_FUNCS = ("softmax", "sigmoid")
+TIE_BREAKS = ("true_first", "topk")
 
 
 @dataclass
@@ -56,7 +60,7 @@ def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] =
     probabilities. ``bias_N`` may be [T, N] (routing/scores.py selection_bias: -inf rules out group-limited experts). The one selection of every router (top-k, null experts, Ada-K; Megatron's VariableKRouter runs
     these routers).
 
-    tie_break (config.NULL_TIE_BREAKS) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
+    tie_break (TIE_BREAKS; the null router's null_tie_break) orders EXACTLY equal scores: ``true_first`` (default) ranks the lower index
     first through a stable descending sort, deterministic on every device and dtype; with the null router's layout
     (true experts before null experts) a true expert ranks before its null twins. bf16 logits tie between distinct
     experts often enough (a few tokens per thousand) that a converted model could only reproduce its top-k source
@@ -67,7 +71,7 @@ def select_topk(probs_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] =
     if tie_break == "true_first":
         idx_TK = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     else:
-        assert tie_break == "topk", tie_break  # validated in config.validate_moe
+        assert tie_break == "topk", tie_break  # one of TIE_BREAKS (config.py types null_tie_break with it)
         _, idx_TK = torch.topk(scores, k, dim=-1)
     return probs_TN.gather(-1, idx_TK), idx_TK
 
@@ -134,15 +138,15 @@ def route_topk(logits_TN: torch.Tensor, top_k: int, num_true: int, bias_N: Optio
 
 
 def route_fused(logits_TN: torch.Tensor, cfg, top_k: int, num_true: int, bias_N: Optional[torch.Tensor] = None,
-                norm_topk_prob: bool = True) -> Optional[Routed]:
-    """The routers' entry (TopKRouter, NullExpertRouter): the one-pass kernel when ``cfg.routing_backend`` selects
-    it for this tensor and the router's math is the kernel's (config.routing_kernel_excluded is ''); None otherwise,
-    and the router runs its own torch path (the same math). probs_TN holds the raw scores (softmax or sigmoid);
-    the router derives its balancing distribution from them as on the torch path."""
-    if cfg.routing_backend == "torch" or routing_kernel_excluded(cfg):  # validate_moe refuses 'triton' + excluded
+                norm_topk_prob: bool = True, tie_break: str = "true_first") -> Optional[Routed]:
+    """The routers' entry (BaseRouter.route_fused, for a router whose math is the kernel's: its kernel_excluded is
+    ''): the one-pass kernel when ``cfg.routing_backend`` selects it for this tensor; None otherwise, and the router
+    runs its own torch path (the same math). probs_TN holds the raw scores (softmax or sigmoid); the router derives
+    its balancing distribution from them as on the torch path."""
+    if cfg.routing_backend == "torch":
         return None
     if bias_N is not None and bias_N.dim() != 1:
         return None  # a per-token bias (group-limited selection) is not the kernel's math
-    if not use_triton(cfg.routing_backend, logits_TN, cfg.null_tie_break if cfg.router == "null" else "true_first"):
+    if not use_triton(cfg.routing_backend, logits_TN, tie_break):
         return None
     return route_topk(logits_TN, top_k, num_true, bias_N, norm_topk_prob, cfg.score_func, backend="triton")

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from moe_train.config import ModelConfig
+from moe_train.routing.registry import router_class
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -49,12 +50,8 @@ def forward_flops_per_token(cfg: ModelConfig, true_experts_per_layer: Union[floa
         raise ValueError(f"true_experts_per_layer has {len(ks)} entries, the model has {L} MoE layers")
     D, F, moe = cfg.hidden_size, cfg.intermediate_size, cfg.moe
     attn = attention_flops_per_token(cfg, seq_len)
-    router = 2 * D * moe.num_experts
-    if include_routing_extras:
-        if moe.router == "null":
-            router += 2 * D * moe.num_null_experts
-        elif moe.router == "adak":  # its allocator, and the null gate of a frozen null router (LongCat-Flash)
-            router += 2 * D * (moe.resolved_k_max - moe.k_min + 1) + 2 * D * moe.num_null_experts
+    # the gate, and with include_routing_extras the router's own extras (null gates, an Ada-K allocator)
+    router = router_class(moe.router).gate_flops_per_token(moe, D, include_routing_extras)
     shared = (3 * 2 * D * cfg.shared_expert_intermediate_size + 2 * D) if cfg.shared_expert_intermediate_size else 0
     shared += 3 * 2 * D * F * cfg.n_shared_experts  # DeepSeek's ungated shared experts
     # LongCat-Flash (model/longcat.py): a second attention sublayer and two dense MLPs beside every MoE block

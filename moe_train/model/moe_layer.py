@@ -1,12 +1,18 @@
-"""One MoE layer: router -> routing plan -> dispatcher (permute, experts, combine) [+ Qwen2 shared expert].
+"""One MoE layer: router -> routing plan -> dispatcher (permute, experts, combine) [+ shared expert, null term].
 
 The dispatcher is swappable: LocalDispatcher computes every expert in this process; the expert-parallel
 dispatcher (moe_train.parallel) sends rows to the ranks that hold their experts. Both take the same plan and
 never touch a null slot. The router and the dispatcher are typed by the protocols of routing/protocols.py.
+A dispatcher that communicates is a PhasedDispatcher (as Megatron-Core's route -> dispatch -> experts -> combine):
+the layer runs the shared expert(s) while the dispatch exchange is in flight and the identity / constant null term
+while the combine exchange is, so neither waits for the all-to-all (parallel/dispatcher.py). The terms are added
+in one fixed order whatever the dispatcher: routed + null + gated shared + DeepSeek shared.
 Shape legend: B batch, S sequence, T = B*S tokens, D hidden.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -16,7 +22,7 @@ from moe_train.kernels.permute import build_permutation, permute, unpermute_comb
 from moe_train.model.experts import GroupedExperts, SwiGLU
 from moe_train.routing import Dispatcher, Router, RoutingPlan, build_router
 from moe_train.routing.capacity import apply_capacity_from_config
-from moe_train.routing.zero_compute import add_null_output
+from moe_train.routing.zero_compute import null_expert_output
 
 
 class LocalDispatcher:
@@ -30,6 +36,17 @@ class LocalDispatcher:
         perm = build_permutation(plan.expert_idx_TK, experts.num_experts, backend=b)
         y_ND = experts(permute(x_TD, perm, backend=b), perm.counts_E)
         return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0], backend=b)
+
+
+class PhasedDispatcher(Protocol):
+    """A Dispatcher split at its exchanges: dispatch issues the rows' exchange (not waited), run_experts waits,
+    computes and issues the way back, combine waits and returns y_TD (parallel/dispatcher.py)."""
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Any: ...
+
+    def run_experts(self, state: Any, experts: GroupedExperts) -> None: ...
+
+    def combine(self, state: Any) -> torch.Tensor: ...
 
 
 class MoELayer(nn.Module):
@@ -51,11 +68,35 @@ class MoELayer(nn.Module):
         plan = self.router(x_TD)
         if self.moe_cfg.capacity_factor is not None:  # per-expert capacity on this (rank-local) batch
             plan = apply_capacity_from_config(plan, self.moe_cfg)
-        y_TD = self.dispatcher(x_TD, plan, self.experts)
-        # identity / constant null picks: on this rank, never dispatched (routing/zero_compute.py)
-        y_TD = add_null_output(y_TD, x_TD, plan, getattr(self.router, "null_values", None))
-        if self.shared_expert is not None:
-            y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        d = self.dispatcher
+        if hasattr(d, "run_experts"):  # a PhasedDispatcher (hasattr: plain for torch.compile to trace)
+            state = d.dispatch(x_TD, plan)  # the rows are in flight ...
+            shared_TD = self._shared_output(x_TD)  # ... while the shared experts compute
+            d.run_experts(state, self.experts)  # the expert outputs travel back ...
+            null_TD = self._null_output(x_TD, plan)  # ... while the null term computes
+            y_TD = d.combine(state)
+        else:  # one process: nothing travels
+            y_TD = d(x_TD, plan, self.experts)
+            null_TD = self._null_output(x_TD, plan)
+            shared_TD = self._shared_output(x_TD)
+        if null_TD is not None:
+            y_TD = y_TD + null_TD.to(y_TD.dtype)
+        for s_TD in shared_TD:
+            y_TD = y_TD + s_TD
         return y_TD.reshape(B, S, D), plan
+
+    def _null_output(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Optional[torch.Tensor]:
+        """The identity / constant null picks' term, on this rank (routing/zero_compute.py); None for none."""
+        if plan.null_weight_TK is None:
+            return None
+        return null_expert_output(x_TD, plan.null_idx_TK, plan.null_weight_TK, plan.null_kind,
+                                  self.router.null_values)  # Router protocol: None but for constant null experts
+
+    def _shared_output(self, x_TD: torch.Tensor) -> list[torch.Tensor]:
+        """The Qwen2 gated shared expert's and the DeepSeek shared experts' outputs, in the order they are added."""
+        out = []
+        if self.shared_expert is not None:
+            out.append(torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD))
+        if self.shared_experts is not None:
+            out.append(self.shared_experts(x_TD))
+        return out

@@ -29,7 +29,7 @@ def apply_trainable(model: torch.nn.Module, cfg: Config) -> None:
 
 def adak_routers(model: MoETransformer) -> list[AdaKRouter]:
     routers = model.routers()
-    if not all(isinstance(r, AdaKRouter) for r in routers):
+    if not all(r.learns_k for r in routers):  # Ada-K's allocators (routing/base.py class facts)
         raise ValueError(f"the model's router is {model.config.moe.router!r}, not an Ada-K router: convert a top-k "
                          "model with moe_train.io.adak_convert.add_allocators (moe-train adak does it)")
     return routers

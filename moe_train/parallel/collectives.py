@@ -7,20 +7,30 @@ moe_train.parallel.parallelize_model sharded, where every element of every param
 takes one all-reduce.
 
 Every collective of the package on tensors goes through this module (all_reduce, all_gather, broadcast,
-all_to_all_single below), which checks that the tensors live where the process group's backend reads them: NCCL
+all_to_all_single, all_to_all_start below), which checks that the tensors live where the process group's backend reads them: NCCL
 takes CUDA tensors only, gloo (as this project runs it) CPU tensors. A CPU tensor handed to NCCL fails only at the
 first distributed step on a GPU machine, while gloo, which every CPU test runs, accepts it; checking here makes
 the CPU tests see such a tensor too (a gloo group expecting CUDA, tests/test_collectives.py) and names the
 mistake on the GPU. Object collectives (broadcast_object_list, all_gather_object) and barriers move no tensor of
 ours and call torch.distributed directly.
+
+The expert-parallel exchanges use ``all_to_all_start`` / ``wait_tensor``: torch's functional collectives
+(torch.distributed._functional_collectives, the ``_c10d_functional`` ops), which torch.compile traces into its
+graph, unlike dist.all_to_all_single (an in-place call on a ProcessGroup object that Dynamo cannot trace). In eager
+the start issues the exchange asynchronously (gloo runs it on its own threads, NCCL on its stream) and the output
+tensor is valid only after ``wait_tensor``; between the two the caller computes something else (the shared expert,
+another chunk's experts). CommTimer (when active) adds the host time spent issuing and waiting, in eager only.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 from torch.distributed.tensor import DTensor
 
 from moe_train.parallel.distributed import ParallelContext
@@ -82,6 +92,57 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits: Optional
     device check."""
     check_device("all_to_all_single", group, out, inp)
     return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
+
+
+class CommTimer:
+    """Host seconds spent issuing and waiting on the all-to-all exchanges (all_to_all_start / wait_tensor) while
+    active, forward and backward: on gloo the communication the computation did not hide (on NCCL the wait only
+    orders streams: use a profiler there). Eager only (a compiled graph has no host hooks)."""
+
+    active: Optional["CommTimer"] = None
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @classmethod
+    @contextmanager
+    def measure(cls):
+        timer = cls.active = cls()
+        try:
+            yield timer
+        finally:
+            cls.active = None
+
+    @classmethod
+    @contextmanager
+    def span(cls):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cls.active is not None:
+                cls.active.seconds += time.perf_counter() - t0
+
+
+def all_to_all_start(inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Issues the functional all_to_all_single of ``inp`` along dim 0 (uneven splits as Python ints: rows to each
+    rank, rows from each rank) over ``group`` (default: the world) and returns its output, which is filled only once
+    ``wait_tensor`` ran on it. No autograd here (exchange.py pairs start and wait into autograd functions)."""
+    group = dist.group.WORLD if group is None else group
+    inp = inp.contiguous()
+    if torch.compiler.is_compiling():  # traced: the op goes into the graph; device and timer are eager concerns
+        return torch.ops._c10d_functional.all_to_all_single(inp, out_splits, in_splits, group.group_name)
+    check_device("all_to_all_single", group, inp)
+    with CommTimer.span():
+        return torch.ops._c10d_functional.all_to_all_single(inp, out_splits, in_splits, group.group_name)
+
+
+def wait_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Waits for the collective that produces ``t`` (all_to_all_start) and returns it, now valid."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(t)
+    with CommTimer.span():
+        return funcol.wait_tensor(t)
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: ParallelContext, group=None) -> torch.Tensor:

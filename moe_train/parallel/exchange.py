@@ -11,8 +11,11 @@ already grouped by destination rank, then local expert. Per layer call:
 
 CountExchange holds all of it (host counts and splits, the on-device receive counts, the regrouping order) and the
 row statistics of the call; AllToAllDispatcher (parallel/dispatcher.py, native) and VariableKAllToAllDispatcher
-(parallel/megatron/dispatcher.py) both build one per call. Both row all-to-alls are autograd functions whose
-backward is the reverse exchange with swapped splits. On one ep rank nothing is communicated.
+(parallel/megatron/dispatcher.py) both build one per call. Every exchange is split in two, start and wait
+(functional collectives, traceable by torch.compile: parallel/collectives.py), so the caller computes between them
+(the shared expert, the null term, other chunks); as autograd functions their backward is the reverse exchange with
+swapped splits, itself started by the wait's backward and waited by the start's. On one ep rank nothing is
+communicated.
 Shape legend (docs/shapes.md, with its exceptions for N and L):
 E global experts, P = ep ranks, L = E/P local experts, N rows this rank sends (its true
 assignments), R rows it receives, D hidden.
@@ -25,29 +28,57 @@ from typing import Optional
 
 import torch
 
-from moe_train.parallel.collectives import all_to_all_single
+from moe_train.parallel.collectives import all_to_all_start, wait_tensor
 
 
-class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single along dim 0; backward is the reverse exchange (splits swapped)."""
+class _StartRows(torch.autograd.Function):
+    """Issues the uneven all-to-all of rows (functional, parallel/collectives.py::all_to_all_start). Returns the
+    receive buffer, valid once the paired _WaitRows has run, and a token shaped like x (a zero-stride view, no
+    memory) that carries the backward exchange: _WaitRows' backward issues the reverse exchange and returns its
+    pending result as the token's gradient, which has x's shape (the buffer's gradient would need R rows, not N);
+    this backward waits for it and returns it as x's gradient."""
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        out = x_ND.new_empty((sum(out_splits),) + tuple(x_ND.shape[1:]))
-        all_to_all_single(out, x_ND.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def forward(ctx, x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+        ctx.set_materialize_grads(False)  # the buffer gets no gradient: no [R, D] zeros
+        token = x_ND.new_zeros(()).expand(x_ND.shape)
+        return all_to_all_start(x_ND, out_splits, in_splits, group), token
+
+    @staticmethod
+    def backward(ctx, _grad_buf, grad_pending: torch.Tensor):
+        return wait_tensor(grad_pending), None, None, None
+
+
+class _WaitRows(torch.autograd.Function):
+    """Waits for the exchange _StartRows issued. Backward issues the reverse exchange (splits swapped) WITHOUT
+    waiting: autograd runs the backward of whatever the forward computed between start and wait (ready nodes created
+    later run first) before _StartRows' backward waits, so that computation hides the reverse exchange too."""
+
+    @staticmethod
+    def forward(ctx, buf: torch.Tensor, token: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return wait_tensor(buf).view_as(buf)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        g = g.contiguous()
-        out = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
-        all_to_all_single(out, g, ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
+        return None, all_to_all_start(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def start_rows(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """Issues the uneven all-to-all of x_ND's rows (in_splits rows to each rank, out_splits from each); returns
+    what is pending, (receive buffer, token), for wait_rows (with the same splits)."""
+    return _StartRows.apply(x_ND, out_splits, in_splits, group)
+
+
+def wait_rows(pending, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """The received rows of start_rows(..., out_splits, in_splits, group); differentiable (reverse exchange)."""
+    buf, token = pending
+    return _WaitRows.apply(buf, token, out_splits, in_splits, group)
 
 
 def all_to_all_rows(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x_ND, out_splits, in_splits, group)
+    """start_rows + wait_rows with nothing between."""
+    return wait_rows(start_rows(x_ND, out_splits, in_splits, group), out_splits, in_splits, group)
 
 
 def expert_major_order(recv_counts_PL: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -114,9 +145,8 @@ class CountExchange:
         E, P = send_counts_E.numel(), ep_size
         assert E % P == 0, (E, P)
         L = E // P
-        if P > 1:
-            recv_counts_E = torch.empty_like(send_counts_E)  # [P*L]: from each source rank, per local expert
-            all_to_all_single(recv_counts_E, send_counts_E, group=group)
+        if P > 1:  # [P*L]: from each source rank, per local expert
+            recv_counts_E = wait_tensor(all_to_all_start(send_counts_E, [L] * P, [L] * P, group))
         else:
             recv_counts_E = send_counts_E
         # The one host sync of the layer: the splits, the receive buffer size, the permutation's row count.
@@ -148,17 +178,30 @@ class CountExchange:
 
     # ---- rows ----------------------------------------------------------------------------------------------
 
+    def start_dispatch(self, x_ND: torch.Tensor):
+        """Issues the dispatch exchange of [N, ...] rows by (destination rank, expert); returns what is pending
+        for wait_dispatch (start_rows; on one ep rank: x_ND itself, nothing is sent)."""
+        return x_ND if self.ep_size == 1 else start_rows(x_ND, self.recv_P, self.send_P, self.group)
+
+    def wait_dispatch(self, buf) -> torch.Tensor:
+        """-> [R, ...] rows by (source rank, local expert)."""
+        return buf if self.ep_size == 1 else wait_rows(buf, self.recv_P, self.send_P, self.group)
+
+    def start_combine(self, y_RD: torch.Tensor):
+        """Issues the reverse exchange: [R, ...] in arrival order back to their source ranks (pending)."""
+        return y_RD if self.ep_size == 1 else start_rows(y_RD, self.send_P, self.recv_P, self.group)
+
+    def wait_combine(self, buf) -> torch.Tensor:
+        """-> [N, ...] in this rank's send order."""
+        return buf if self.ep_size == 1 else wait_rows(buf, self.send_P, self.recv_P, self.group)
+
     def dispatch_rows(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """[N, ...] rows by (destination rank, expert) -> [R, ...] rows by (source rank, local expert)."""
-        if self.ep_size == 1:
-            return x_ND
-        return all_to_all_rows(x_ND, self.recv_P, self.send_P, self.group)
+        """start_dispatch + wait_dispatch with nothing between."""
+        return self.wait_dispatch(self.start_dispatch(x_ND))
 
     def combine_rows(self, y_RD: torch.Tensor) -> torch.Tensor:
-        """The reverse of dispatch_rows: [R, ...] in arrival order -> [N, ...] back on their source ranks."""
-        if self.ep_size == 1:
-            return y_RD
-        return all_to_all_rows(y_RD, self.send_P, self.recv_P, self.group)
+        """start_combine + wait_combine with nothing between."""
+        return self.wait_combine(self.start_combine(y_RD))
 
     @property
     def order_R(self) -> Optional[torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from moe_train.config import Config, ModelConfig, TrainConfig
+from moe_train.config import ENGINE_FACTS, Config, ModelConfig, TrainConfig
 
 
 def validate_layout(world_size: int, ep: int, num_experts: int) -> None:
@@ -55,8 +55,9 @@ def validate_fsdp_sharding(world_size: int, ep: int, widths: dict[str, int]) -> 
 
 def validate_fsdp_config(cfg: Config, world_size: int, model: ModelConfig | None = None, what: str = "") -> None:
     """validate_fsdp_sharding for a run of ``cfg`` (its model, or ``model``: the architecture actually trained) at
-    ``world_size`` ranks; nothing to check under DeepSpeed (ZeRO flattens and pads). ``what`` prefixes the error."""
-    if cfg.parallel.engine != "fsdp":
+    ``world_size`` ranks; nothing to check for an engine that does not shard with FSDP2 (DeepSpeed's ZeRO flattens
+    and pads). ``what`` prefixes the error."""
+    if not ENGINE_FACTS[cfg.parallel.engine].fsdp2:
         return
     try:
         validate_fsdp_sharding(world_size, cfg.parallel.ep, fsdp_dim1_widths(model or cfg.model, cfg.train))

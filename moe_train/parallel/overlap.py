@@ -10,127 +10,40 @@ reordered Permutation, so there is no extra pass over the rows and the combine r
     wait combine(0..C-1)
 
 so the dispatch all-to-all of chunk c+1 and the combine of chunk c-1 are in flight while chunk c's experts compute
-(async ``all_to_all_single`` work handles; gloo runs them on its own threads, NCCL on its stream). In backward the
-same pattern falls out of autograd's order (later nodes first): each ``_Wait`` node's backward STARTS the reverse
-exchange and the matching ``_Start`` node's backward waits for it, with the expert backward of another chunk between.
+(functional all_to_all_single, parallel/collectives.py: gloo runs it on its own threads, NCCL on its stream). In the
+dispatcher's phases (parallel/dispatcher.py) ChunkPipeline.start issues chunk 0 (dispatch phase: the shared expert
+runs while it travels), ``overlapped_experts`` runs the loop and leaves the combines in flight (experts phase: the
+null term runs meanwhile), ChunkPipeline.finish waits for them (combine phase). In backward the same pattern falls
+out of autograd's order (later nodes first): each wait's backward STARTS the reverse exchange and the matching
+start's backward waits for it, with the expert backward of another chunk between (exchange.py: start_rows /
+wait_rows).
 Rows are the plain path's rows, computed by the same experts in smaller groups, so outputs and gradients equal the
 plain AllToAllDispatcher's up to fp32 summation order inside the GEMMs (tests/test_overlap.py: 1e-6).
 Collectives are issued in the same order on every rank (the graph is the same on every rank; empty chunks still
 exchange), as gloo and NCCL require.
 
-Exposed communication: ``CommTimer`` (when active) adds the host time spent issuing and waiting on every exchange,
-forward and backward; on gloo that is the communication the computation did not hide (on NCCL wait() only orders
-streams: use a profiler there).
+Exposed communication: ``CommTimer`` (parallel/collectives.py, re-exported here) adds the host time spent issuing
+and waiting on every exchange, forward and backward, plain or chunked.
 Shape legend (docs/shapes.md, with its exceptions for N and L): N rows this rank sends, R rows it receives,
 P ep ranks, L local experts, E global experts, D hidden, Ck chunks (C in the text).
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
 from moe_train.kernels.permute import Permutation
-from moe_train.parallel.collectives import all_to_all_single
-from moe_train.parallel.exchange import CountExchange, expert_major_order, inverse_order
+from moe_train.parallel.collectives import CommTimer
+from moe_train.parallel.exchange import CountExchange, expert_major_order, inverse_order, start_rows, wait_rows
 
-
-class CommTimer:
-    """Host seconds spent in exchange calls while active (forward and backward)."""
-
-    active: Optional["CommTimer"] = None
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    @classmethod
-    @contextmanager
-    def measure(cls):
-        timer = cls.active = cls()
-        try:
-            yield timer
-        finally:
-            cls.active = None
-
-    @classmethod
-    @contextmanager
-    def span(cls):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if cls.active is not None:
-                cls.active.seconds += time.perf_counter() - t0
+__all__ = ["CommTimer", "ChunkPipeline", "chunk_bounds", "chunk_order", "overlapped_experts", "reorder_permutation"]
 
 
 def _part(n: int, c: int, C: int) -> tuple[int, int]:
     """Rows [lo, hi) of a block of n rows that belong to chunk c of C (both ranks compute the same cut)."""
     return n * c // C, n * (c + 1) // C
-
-
-class _Box:
-    """The pending exchange between a _Start node and its _Wait node (forward), or their backward pair."""
-
-    def __init__(self, group, out_splits: list[int], in_splits: list[int]):
-        self.group, self.out_splits, self.in_splits = group, out_splits, in_splits
-        self.work = None
-        self.keep = None  # tensors the collective reads or writes until it completes
-        self.grad = None  # backward: the reverse exchange's receive buffer, handed from _Wait to _Start
-
-    def start(self, x: torch.Tensor, out_splits, in_splits) -> torch.Tensor:
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        with CommTimer.span():
-            self.work = all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
-        self.keep = (x, out)
-        return out
-
-    def wait(self) -> None:
-        with CommTimer.span():
-            self.work.wait()
-        self.work = self.keep = None
-
-
-class _Start(torch.autograd.Function):
-    """Issues the exchange; returns the receive buffer (filled once the paired _Wait has run). Backward: waits for
-    the reverse exchange _Wait's backward issued and returns its result as x's gradient."""
-
-    @staticmethod
-    def forward(ctx, x, box: _Box):
-        ctx.box = box
-        return box.start(x, box.out_splits, box.in_splits)
-
-    @staticmethod
-    def backward(ctx, _grad_buf):
-        box = ctx.box  # _grad_buf: only the token that orders this node after _Wait's backward
-        grad_x = box.grad
-        box.wait()  # the reverse exchange that _Wait.backward started
-        box.grad = None
-        return grad_x, None
-
-
-class _Wait(torch.autograd.Function):
-    """Waits for the exchange; backward starts the reverse exchange (splits swapped) without waiting."""
-
-    @staticmethod
-    def forward(ctx, buf, box: _Box):
-        box.wait()
-        ctx.box = box
-        return buf.view_as(buf)
-
-    @staticmethod
-    def backward(ctx, g):
-        box = ctx.box
-        box.grad = box.start(g, box.in_splits, box.out_splits)  # filled by the time _Start's backward waits
-        return g, None  # passes the order to _Start's backward; its value is not used
-
-
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
-    box = _Box(group, out_splits, in_splits)
-    return _Start.apply(x, box), box
 
 
 def chunk_bounds(counts: torch.Tensor, C: int) -> torch.Tensor:
@@ -169,32 +82,56 @@ def reorder_permutation(perm: Permutation, order_N: torch.Tensor) -> Permutation
                        offsets_T=perm.offsets_T)
 
 
-def overlapped_experts(x_ND: torch.Tensor, ex: CountExchange, experts, C: int) -> torch.Tensor:
-    """x_ND in chunk-major order (chunk_order) -> y_ND in the same order, exchanged and computed in C chunks."""
+class ChunkPipeline:
+    """One layer call's chunked exchange (module docstring): the host splits of every chunk (from the layer's one
+    host sync), the chunk receive counts on device, and the exchanges in flight between the dispatcher's phases."""
+
+    def __init__(self, ex: CountExchange, C: int):
+        P, L = ex.ep_size, ex.num_local
+        send_E = ex.send_counts_E
+        self.ex, self.C = ex, C
+        # rows to / from each rank in each chunk: host ints, as the functional all_to_all_single takes its splits
+        self.send_CkP = [[sum(_part(n, c, C)[1] - _part(n, c, C)[0] for n in send_E[p * L:(p + 1) * L])
+                          for p in range(P)] for c in range(C)]
+        self.recv_CkP = [[sum(_part(n, c, C)[1] - _part(n, c, C)[0] for n in row) for row in ex.recv_counts_PL]
+                         for c in range(C)]
+        # every chunk's receive counts, on device from the exchanged ones (no tensor from a host list)
+        bounds_CkPL = chunk_bounds(ex.recv_counts_dev_PL, C)
+        self.counts_CkPL = bounds_CkPL[1:] - bounds_CkPL[:-1]
+        self.x_chunks: list[torch.Tensor] = []
+        self.dispatching: dict[int, tuple] = {}  # chunk -> pending dispatch (exchange.start_rows)
+        self.combining: list[tuple] = []  # pending combines, chunk order
+
+    def start_dispatch(self, c: int) -> None:
+        self.dispatching[c] = start_rows(self.x_chunks[c], self.recv_CkP[c], self.send_CkP[c], self.ex.group)
+
+    def start(self, x_ND: torch.Tensor) -> None:
+        """x_ND in chunk-major order (chunk_order): issues chunk 0's dispatch."""
+        self.x_chunks = list(torch.split(x_ND, [sum(s) for s in self.send_CkP]))
+        self.start_dispatch(0)
+
+    def finish(self) -> torch.Tensor:
+        """Waits for every chunk's combine: y_ND in chunk-major order."""
+        assert len(self.combining) == self.C, "overlapped_experts has not run"
+        g = self.ex.group
+        y_ND = torch.cat([wait_rows(buf, self.send_CkP[c], self.recv_CkP[c], g) for c, buf in enumerate(self.combining)])
+        self.combining = []
+        return y_ND
+
+
+def overlapped_experts(pipe: ChunkPipeline, experts) -> None:
+    """The experts phase of the chunked exchange: for each chunk, issue the next chunk's dispatch, wait for this
+    one, compute it, issue its combine (left in flight for ChunkPipeline.finish)."""
+    ex, C = pipe.ex, pipe.C
     P, L = ex.ep_size, ex.num_local
-    send_E = ex.send_counts_E
-    parts_send = [[sum(_part(n, c, C)[1] - _part(n, c, C)[0] for n in send_E[p * L:(p + 1) * L]) for p in range(P)]
-                  for c in range(C)]
-    parts_recv_PL = [[[_part(n, c, C)[1] - _part(n, c, C)[0] for n in row] for row in ex.recv_counts_PL]
-                     for c in range(C)]
-    x_chunks = torch.split(x_ND, [sum(s) for s in parts_send])
-    # every chunk's receive counts, on device from the exchanged ones (the splits above are host ints: they come
-    # from the layer's one host sync and all_to_all_single takes them as Python lists)
-    bounds_CkPL = chunk_bounds(ex.recv_counts_dev_PL, C)
-    counts_CkPL = bounds_CkPL[1:] - bounds_CkPL[:-1]
-    pending = {0: _exchange(x_chunks[0], [sum(r) for r in parts_recv_PL[0]], parts_send[0], ex.group)}
-    outs = []
     for c in range(C):
         if c + 1 < C:  # issued before this chunk's experts: it travels while they compute
-            pending[c + 1] = _exchange(x_chunks[c + 1], [sum(r) for r in parts_recv_PL[c + 1]], parts_send[c + 1],
-                                       ex.group)
-        buf, box = pending.pop(c)
-        x_RD = _Wait.apply(buf, box)
-        counts_PL = counts_CkPL[c]
+            pipe.start_dispatch(c + 1)
+        x_RD = wait_rows(pipe.dispatching.pop(c), pipe.recv_CkP[c], pipe.send_CkP[c], ex.group)
+        counts_PL = pipe.counts_CkPL[c]
         R = x_RD.shape[0]
         order = expert_major_order(counts_PL, R) if L > 1 and P > 1 else None
         y_RD = experts(x_RD if order is None else x_RD.index_select(0, order), counts_PL.sum(0))
         if order is not None:
             y_RD = y_RD.index_select(0, inverse_order(order))
-        outs.append(_exchange(y_RD, parts_send[c], [sum(r) for r in parts_recv_PL[c]], ex.group))
-    return torch.cat([_Wait.apply(buf, box) for buf, box in outs])
+        pipe.combining.append(start_rows(y_RD, pipe.send_CkP[c], pipe.recv_CkP[c], ex.group))

@@ -68,10 +68,7 @@ from moe_train.model.longcat import LongcatDecoderLayer
 from moe_train.model.lora import LoRAGroupedExperts, LoRALinear
 from moe_train.model.mla import MLAttention
 from moe_train.planner.shard import PlanError
-from moe_train.routing.adak import AdaKRouter
-from moe_train.routing.null_experts import NullExpertRouter
-from moe_train.routing.top_p import TopPRouter
-from moe_train.routing.topk import TopKRouter
+from moe_train.routing.base import BaseRouter
 
 
 @dataclass(frozen=True)
@@ -202,41 +199,14 @@ class RouterActivations:
 
 
 def _router(router: nn.Module, reg: Regime, D: int) -> RouterActivations:
-    """The saved bytes of a known router, without its input (the MoE block counts that once: docstring)."""
-    fixed, ids = 0.0, 0  # ids: the expert ids' storage the plan keeps, in int64 entries per token
-    if isinstance(router, NullExpertRouter):
-        Z, K = router.num_experts + router.num_null, router.top_k
-        gate_trains = _trains(router.gate.weight, router.null_gate.weight if router.null_gate else None)
-        fixed = Z * D * reg.c if router.null_gate is not None else 0  # torch.cat of the two gates, saved by F.linear
-        ids = K if router.null_kind == "zero" else 2 * K  # split_null_slots: new ids (and null ids)
-    elif isinstance(router, TopKRouter):
-        Z, K = router.num_experts, router.top_k
-        gate_trains = _trains(router.gate.weight)
-        ids = Z  # idx_TK is the first K columns of the stable sort's order
-    elif isinstance(router, AdaKRouter):
-        Z, K = router.num_experts, router.k_max
-        gate_trains = _trains(router.gate.weight)
-        ids = K
-    elif isinstance(router, TopPRouter):
-        Z, K = router.num_experts, router.k_max
-        gate_trains = _trains(router.gate.weight)
-        ids = K  # the plan's ids are torch.where's new [T, K] (unkept slots -1), not the sort order
-    else:
-        raise PlanError(f"no activation formula for router {type(router).__name__}: add it to "
-                        "moe_train/planner/activations.py")
-    per_token = 4 * Z + 4 * Z + 8 * Z + 4 + 9 + 5 * K
-    if isinstance(router, TopPRouter):  # keep mask K (bool, saved by mul); renormalise: its where 1 + denom 4 + w 4K
-        per_token = 4 * Z + 4 * Z + 8 * Z + 4 + K + (5 + 4 * K if router.norm_topk_prob else 0)
-    sigmoid = getattr(getattr(router, "moe_cfg", None), "score_func", "softmax") == "sigmoid"
-    if sigmoid:  # the plan's probs are the scores normalised to sum 1: one more [T, Z], and the clamped sum
-        per_token += 4 * Z + 8
-    if isinstance(router, AdaKRouter):
-        A = router.k_max - router.k_min + 1
-        per_token += (4 * D if reg.c != 4 else 0) + 4 * A
-    null_gates = 4 * K if isinstance(router, NullExpertRouter) and router.null_kind != "zero" else 0
-    plan = 4 * Z * (2 if sigmoid else 1) + 4 * Z + 8 * ids + 4 * K + null_gates
-    return RouterActivations(per_token=per_token, fixed=fixed, plan_per_token=plan, Z=Z, K=K,
-                             inputs=[(None, gate_trains, 0)])
+    """The saved bytes of a known router, without its input (the MoE block counts that once: docstring); each router
+    class declares its own (routing/base.py BaseRouter.activation_bytes)."""
+    if not isinstance(router, BaseRouter):
+        raise PlanError(f"no activation formula for router {type(router).__name__}: derive it from "
+                        "moe_train.routing.base.BaseRouter and give it activation_bytes")
+    b = router.activation_bytes(D, reg.c)
+    return RouterActivations(per_token=b.per_token, fixed=b.fixed, plan_per_token=b.plan_per_token, Z=b.Z, K=b.K,
+                             inputs=[(None, _trains(*router.gate_weights()), 0)])
 
 
 def _experts(experts: nn.Module, reg: Regime) -> tuple[float, float]:
@@ -299,7 +269,7 @@ def _moe_block(moe: nn.Module, reg: Regime, D: int, co_inputs: list) -> MoEActiv
     if getattr(moe, "shared_experts", None) is not None:  # DeepSeek: ungated shared experts
         tok, casts, shared_in = _swiglu(moe.shared_experts, reg)
         per_token, fixed, inputs = per_token + tok, fixed + casts, inputs + shared_in
-    identity = getattr(moe.router, "null_kind", "zero") == "identity"
+    identity = moe.router.moe_cfg.null_kind == "identity"  # only a router with null experts has another kind
     per_token += _input_copies(reg, inputs) * reg.c * D
     if identity:  # x * sum of null gates (in x's dtype): saves the sum, and x itself where nothing else did
         per_token += reg.r + (reg.r * D if reg.autocast or not _input_copies(reg, inputs) else 0)

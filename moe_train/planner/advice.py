@@ -76,7 +76,7 @@ TERM_NAMES = {"compute": "compute (GEMM FLOPs at the GPU's peak)", "hbm": "HBM t
               "fsdp_nvlink": "FSDP all-gather / reduce-scatter over NVLink",
               "fsdp_ib": "FSDP all-gather / reduce-scatter over InfiniBand"}
 
-_FEWER_EXPERTS = ("fewer true experts per token: null experts with a compute budget (model.moe.router: null, "
+_FEWER_EXPERTS = ("fewer true experts per token: null experts with a compute budget (model.moe.router: null_experts, "
                   "model.moe.target_true_experts); FLOPs and all-to-all bytes scale with it", True)
 _OVERLAP = ("overlap the all-to-all with the expert GEMMs (parallel.a2a_overlap_chunks >= 2; measured on CPU only, "
             "the roofline's serial sum does not credit it)", True)

@@ -27,6 +27,7 @@ from moe_train.config import Config
 from moe_train.io.adak_convert import add_allocators
 from moe_train.model import build_model
 from moe_train.model.trainable import apply_trainable, freeze_base
+from moe_train.routing.registry import router_class
 from moe_train.train.build import _compute_dtype, _frozen_to  # the job's own dtype rules, not a copy of them
 
 JOBS = ("train", "adak")
@@ -65,9 +66,10 @@ def build_job_model(cfg: Config, job: str, world: int) -> JobModel:
 
 def _adak_model(cfg: Config, world: int) -> JobModel:
     base_cfg = cfg.model
-    if base_cfg.moe.router != "topk":
-        raise ValueError(f"an Ada-K plan starts from a top-k base model; model.moe.router is "
-                         f"{base_cfg.moe.router!r} (the adak job converts a top-k checkpoint)")
+    why = router_class(base_cfg.moe.router).adak_base_reason(base_cfg.moe)  # '' for a base the adak job converts
+    if why:
+        raise ValueError(f"an Ada-K plan starts from a base model the adak job converts (top-k, or null experts of "
+                         f"kind identity / constant); model.moe: {why}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "stored": torch.bfloat16}[cfg.adak.dtype]
     with torch.device("meta"):
         model = build_model(dataclasses.replace(base_cfg))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from moe_train.config import Config
+from moe_train.routing.registry import router_class
 
 
 @dataclass
@@ -44,10 +45,8 @@ def true_experts(cfg: Config, measured: Optional[float], job: str = "train") -> 
     baseline = float(moe.resolved_baseline_top_k)
     if job == "adak":  # the adak job converts the top-k base: k in [adak.k_min, adak.k_max]
         worst = float(cfg.adak.k_max or n)
-    elif moe.router == "adak":
-        worst = float(moe.resolved_k_max)
     else:
-        worst = float(min(moe.max_slots, n))
+        worst = float(router_class(moe.router).worst_true_experts(moe))
     if measured is not None:
         if not 0 <= measured <= worst:
             raise ValueError(f"--true-experts {measured} is outside [0, {worst:g}], the true experts a token can use "

@@ -29,31 +29,38 @@ Shape legend: T tokens, D hidden, E true experts, Z null experts, N = E + Z, K =
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.config import MoEConfig
+from moe_train.errors import config_fail
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss
+from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
 from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
 from moe_train.routing.zero_compute import split_null_slots
 
+if TYPE_CHECKING:
+    from moe_train.config import MoEConfig
+
 MODES = ("greedy", "sample", "forced")
 
 
-class AdaKRouter(nn.Module):
+@register
+class AdaKRouter(BaseRouter):
+    name = "adak"
+    ranks_null_experts = True  # over a frozen null router's ranking (LongCat-Flash)
+    variable_k = True
+    learns_k = True
+
     def __init__(self, hidden_size: int, cfg: MoEConfig):
-        super().__init__()
-        self.num_experts = cfg.num_experts
+        super().__init__(hidden_size, cfg)
         self.k_min = cfg.k_min
         self.k_max = cfg.resolved_k_max
         self.norm_topk_prob = cfg.norm_topk_prob
-        self.moe_cfg = cfg  # score_func, topk_method / groups, routed_scaling_factor (routing/scores.py)
-        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         # The frozen base router's selection-only bias (DeepSeek-V3's e_score_correction_bias; never updated here)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.use_expert_bias else None)
         # The frozen null router's null experts, under NullExpertRouter's names (module docstring; none when z = 0)
@@ -154,7 +161,54 @@ class AdaKRouter(nn.Module):
 
     def update_bias(self, counts_E: torch.Tensor) -> None:
         """The base router is frozen under Ada-K: its selection bias (if any) is never updated (the trainer calls
-        this on every router that holds an expert_bias)."""
+        this on every router)."""
+
+    # ------------------------------------------------------------------------------------------------------
+    # facts (routing/base.py)
+
+    @classmethod
+    def resolved_k_max(cls, e: MoEConfig) -> int:
+        return cls.pickable_experts(e) if e.k_max is None else e.k_max
+
+    @classmethod
+    def validate_config(cls, e: MoEConfig, p: str) -> None:
+        super().validate_config(e, p)
+        pickable = cls.pickable_experts(e)
+        if e.k_min < 0:
+            config_fail(f"{p}.k_min", e.k_min, "must be >= 0")
+        if not 1 <= cls.resolved_k_max(e) <= pickable:
+            config_fail(f"{p}.k_max", e.k_max, f"must be in [1, {pickable}] (num_experts + num_null_experts)")
+        if e.k_min > cls.resolved_k_max(e):
+            config_fail(f"{p}.k_min", e.k_min, f"must be <= k_max={cls.resolved_k_max(e)}")
+
+    @classmethod
+    def worst_true_experts(cls, e: MoEConfig) -> int:
+        return cls.resolved_k_max(e)  # the planner's worst case is the allocator's cap as configured
+
+    @classmethod
+    def hf_remote_reason(cls, e: MoEConfig) -> Optional[str]:
+        return "an Ada-K allocator (a per-token k)"
+
+    @classmethod
+    def gate_flops_per_token(cls, e: MoEConfig, D: int, extras: bool = True) -> float:
+        # its allocator, and the null gate of a frozen null router (LongCat-Flash)
+        return 2 * D * e.num_experts + ((2 * D * (cls.resolved_k_max(e) - e.k_min + 1) + 2 * D * e.num_null_experts)
+                                        if extras else 0)
+
+    @classmethod
+    def describe(cls, e: MoEConfig) -> str:
+        return f"{e.num_experts} experts, k in [{e.k_min}, {cls.resolved_k_max(e)}] (Ada-K allocator)"
+
+    @classmethod
+    def baseline_k(cls, e: MoEConfig) -> Optional[int]:
+        return e.top_k  # the frozen base router's own k
+
+    def plan_shape(self) -> tuple[int, int]:
+        return self.num_experts, self.k_max
+
+    def _own_bytes(self, D: int, c: float) -> float:
+        A = self.k_max - self.k_min + 1
+        return (4 * D if c != 4 else 0) + 4 * A  # the allocator's fp32 input (cast from c) and its log-probs
 
 
 @contextmanager

@@ -8,7 +8,7 @@ Which slots overflow (``drop_policy``): ``weight`` keeps each expert's C slots w
 first C slots in token order (slot t*K + k), as Switch/GShard do.
 
 What a dropped slot becomes:
-  * with null experts (router ``null``): a null pick: slot -1, and when ``norm_topk_prob`` the remaining true
+  * with null experts (router ``null_experts``): a null pick: slot -1, and when ``norm_topk_prob`` the remaining true
     weights are renormalised over the remaining true picks, exactly as if the router had picked a null expert
     there (a token left with no true pick outputs 0); without ``norm_topk_prob`` the other weights are kept.
     With identity / constant null experts (null_kind) a null pick has a weight of its own, so a dropped slot is
@@ -31,9 +31,12 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import DROP_POLICIES  # the one list (config.py validates against it too)
+from moe_train.kernels.routing import renormalize
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
-from moe_train.routing.topk import renormalize
+from moe_train.routing.registry import router_class
+
+# Which overflowing slots are dropped (module docstring): the one list (config.py types drop_policy with it).
+DROP_POLICIES = ("weight", "position")
 
 
 def expert_capacity(num_assignments: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -96,10 +99,9 @@ def apply_capacity(plan: RoutingPlan, capacity_factor: Optional[float], drop_pol
 
 def apply_capacity_from_config(plan: RoutingPlan, moe_cfg) -> RoutingPlan:
     """apply_capacity with a MoEConfig's capacity_factor / drop_policy / router / norm_topk_prob."""
-    # identity / constant null picks carry weight too: a dropped pick then just loses its term, nothing renormalised
-    zero_nulls = moe_cfg.router == "null" and getattr(moe_cfg, "null_kind", "zero") == "zero"
     return apply_capacity(plan, moe_cfg.capacity_factor, moe_cfg.drop_policy,
-                          null_experts=zero_nulls, norm_topk_prob=moe_cfg.norm_topk_prob)
+                          null_experts=router_class(moe_cfg.router).capacity_drops_to_null(moe_cfg),
+                          norm_topk_prob=moe_cfg.norm_topk_prob)
 
 
 def load_imbalance(counts_E: torch.Tensor, ep_size: int = 1) -> dict[str, torch.Tensor]:

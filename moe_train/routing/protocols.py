@@ -1,6 +1,6 @@
 """The two interfaces of an MoE layer, as structural types (typing.Protocol): what a router and a dispatcher are.
 
-    Router:     x_TD -> RoutingPlan                       (routing/: TopKRouter, NullExpertRouter, AdaKRouter)
+    Router:     x_TD -> RoutingPlan                       (routing/: every BaseRouter subclass, registry.py)
     Dispatcher: (x_TD, plan, experts) -> y_TD             (model/moe_layer.py: LocalDispatcher;
                                                            parallel/dispatcher.py: AllToAllDispatcher)
     Experts:    (x_ND rows grouped by expert, counts_E) -> y_ND   (model/experts.py: GroupedExperts)
@@ -13,7 +13,7 @@ Shape legend: T tokens, D hidden, N rows (true assignments), E experts held by t
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -22,9 +22,22 @@ from moe_train.routing.plan import RoutingPlan
 
 @runtime_checkable
 class Router(Protocol):
-    """Scores the tokens and returns the layer's routing decision; null and unused slots are -1 in the plan."""
+    """Scores the tokens and returns the layer's routing decision; null and unused slots are -1 in the plan.
+
+    Everything a caller may use of a router (routing/base.py BaseRouter gives the no-op defaults): the MoE layer's
+    combine reads ``null_values`` (constant null experts' vectors [Z, D], else None); the trainer calls
+    ``update_bias`` and ``update_budget`` on every router after an optimizer step. What a KIND of router is (its
+    slots, checks, kernel, export) is asked of its class: routing/registry.py router_class(name)."""
+
+    name: str
+    num_experts: int
+    null_values: Optional[torch.Tensor]
 
     def __call__(self, x_TD: torch.Tensor) -> RoutingPlan: ...
+
+    def update_bias(self, counts_E: torch.Tensor) -> None: ...
+
+    def update_budget(self, true_experts_per_token: float) -> None: ...
 
 
 @runtime_checkable

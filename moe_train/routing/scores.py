@@ -25,12 +25,18 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import SCORE_FUNCS, TOPK_METHODS  # the one lists (config.py validates against them)
+from moe_train.kernels.routing import SCORE_FUNCS  # the one list (the kernel's reference implements both too)
+
+# Expert selection (the one list; config.py types model.moe.topk_method with it): greedy: top-k over all experts |
+# group_limited_greedy (DeepSeek-V2): keep the topk_group of n_group expert groups with the largest max score, then
+# top-k inside them | noaux_tc (DeepSeek-V3): the same with a group scored by the sum of its two best (bias-corrected)
+# scores.
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 def router_scores(logits_TN: torch.Tensor, score_func: str) -> torch.Tensor:
     """fp32 scores from router logits: softmax over the last dim, or an independent sigmoid per expert."""
-    assert score_func in SCORE_FUNCS, score_func  # validated in config.validate_moe
+    assert score_func in SCORE_FUNCS, score_func  # config.py types score_func with SCORE_FUNCS
     z = logits_TN.float()
     return torch.softmax(z, dim=-1) if score_func == "softmax" else torch.sigmoid(z)
 

@@ -22,13 +22,19 @@ Shape legend: T tokens, D hidden, E experts, K slots per token (k_max).
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import math
+from typing import TYPE_CHECKING, Optional
 
-from moe_train.config import MoEConfig
+import torch
+
+from moe_train.errors import config_fail
+from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.plan import RoutingPlan
 from moe_train.routing.scores import scale_routed
 from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
+
+if TYPE_CHECKING:
+    from moe_train.config import MoEConfig
 
 
 def top_p_keep(sorted_probs_TK: torch.Tensor, p: float) -> torch.Tensor:
@@ -44,17 +50,20 @@ def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1).mean()
 
 
-class TopPRouter(nn.Module):
+@register
+class TopPRouter(BaseRouter):
+    name = "top_p"
+    variable_k = True
+    converts_from = ("topk",)  # the same gate: top-p selection over its probabilities (train/build.py)
+
     def __init__(self, hidden_size: int, cfg: MoEConfig):
-        super().__init__()
-        self.num_experts = cfg.num_experts
+        super().__init__(hidden_size, cfg)
         self.top_p = cfg.top_p
         self.k_max = cfg.resolved_k_max
         # Not norm_topk_prob: its default (True, Mixtral's top-k convention) would have silently renormalised the
         # top-p gates, which the method does not; top-p has its own switch (config.py top_p_renormalize).
         self.renormalize = cfg.top_p_renormalize
         self.routed_scaling_factor = cfg.routed_scaling_factor
-        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
 
     @property
     def norm_topk_prob(self) -> bool:
@@ -70,3 +79,48 @@ class TopPRouter(nn.Module):
         weight_TK = scale_routed(weight_TK, self.routed_scaling_factor)
         return variable_k_plan(idx_TK, weight_TK, keep_TK, probs_TE, logits_TE, self.num_experts,
                                extras={"entropy_loss": router_entropy(probs_TE)})
+
+    # ------------------------------------------------------------------------------------------------------
+    # facts (routing/base.py)
+
+    @classmethod
+    def validate_config(cls, e: MoEConfig, p: str) -> None:
+        """A threshold over softmax probabilities (they sum to one), an optional cap k_max."""
+        super().validate_config(e, p)
+        if not 0 < e.top_p <= 1:
+            config_fail(f"{p}.top_p", e.top_p, "must be in (0, 1]: the cumulative router probability a token's "
+                        "experts reach")
+        if not (e.entropy_loss_coef >= 0 and math.isfinite(e.entropy_loss_coef)):
+            config_fail(f"{p}.entropy_loss_coef", e.entropy_loss_coef, "must be a finite number >= 0")
+        if not isinstance(e.top_p_renormalize, bool):
+            config_fail(f"{p}.top_p_renormalize", e.top_p_renormalize, "must be true (renormalise the kept gates to "
+                        "sum to one) or false (the kept experts' raw probabilities, the paper's gates)")
+        if not 1 <= cls.resolved_k_max(e) <= e.num_experts:
+            config_fail(f"{p}.k_max", e.k_max, f"must be in [1, num_experts={e.num_experts}] or null (no cap)")
+        if e.score_func != "softmax" or e.topk_method != "greedy":
+            config_fail(f"{p}.router", e.router, "top_p thresholds cumulative softmax probabilities: needs "
+                        "score_func: softmax and topk_method: greedy")
+        if e.expert_bias_rate > 0 or e.use_expert_bias:
+            config_fail(f"{p}.expert_bias_rate", e.expert_bias_rate, "top_p selects by probability mass only: no "
+                        "selection bias (expert_bias_rate: 0, use_expert_bias: false)")
+
+    @classmethod
+    def validate_unread(cls, e: MoEConfig, p: str) -> None:
+        if e.target_true_experts is not None:
+            config_fail(f"{p}.target_true_experts", e.target_true_experts, f"a compute budget steers null experts: "
+                        f"needs router: null_experts (router is {e.router!r})")
+
+    @classmethod
+    def hf_remote_reason(cls, e: MoEConfig) -> Optional[str]:
+        return f"top-p routing (p={e.top_p})"
+
+    @classmethod
+    def describe(cls, e: MoEConfig) -> str:
+        return f"{e.num_experts} experts, top-p {e.top_p} (at most {cls.max_slots(e)})"
+
+    def plan_shape(self) -> tuple[int, int]:
+        return self.num_experts, self.k_max
+
+    def _selection_bytes(self, Z: int, K: int) -> float:
+        # keep mask K (bool, saved by mul); renormalise: its where 1 + denom 4 + w 4K
+        return 4 * Z + 4 * Z + 8 * Z + 4 + K + (5 + 4 * K if self.norm_topk_prob else 0)

@@ -13,16 +13,19 @@ Shape legend: T tokens, D hidden, E true experts, K slots per token.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from moe_train.config import MoEConfig
+import torch
 
 # select_topk / renormalize: the one selection of every router, owned by the kernel's reference (kernels/routing.py)
-from moe_train.kernels.routing import renormalize, route_fused, select_topk
+from moe_train.kernels.routing import renormalize, select_topk
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
 from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
+
+if TYPE_CHECKING:
+    from moe_train.config import MoEConfig
 
 
 def variable_k_plan(idx_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torch.Tensor, probs_TE: torch.Tensor,
@@ -44,15 +47,20 @@ def variable_k_plan(idx_TK: torch.Tensor, weight_TK: torch.Tensor, keep_TK: torc
     )
 
 
-class TopKRouter(nn.Module):
+def group_limited(e: MoEConfig) -> bool:
+    """Whether the config's topk_method leaves some expert groups out (not the one-pass kernel's selection)."""
+    return e.topk_method != "greedy" and e.topk_group < e.n_group
+
+
+@register
+class TopKRouter(BaseRouter):
+    name = "topk"
+
     def __init__(self, hidden_size: int, cfg: MoEConfig):
-        super().__init__()
-        self.num_experts = cfg.num_experts
+        super().__init__(hidden_size, cfg)
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
         self.expert_bias_rate = cfg.expert_bias_rate
-        self.moe_cfg = cfg  # score_func, topk_method / groups, routed_scaling_factor (routing/scores.py)
-        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         # Aux-loss-free balancing state (DeepSeek-V3's e_score_correction_bias); a buffer so it is checkpointed and
         # moves with the model.
         has_bias = cfg.expert_bias_rate > 0 or cfg.use_expert_bias
@@ -62,7 +70,7 @@ class TopKRouter(nn.Module):
         c = self.moe_cfg
         logits_TE = self.gate(x_TD)
         # the one-pass kernel where routing_backend selects it and the math is its plain top-k (kernels/routing.py)
-        fused = route_fused(logits_TE, c, self.top_k, self.num_experts, self.expert_bias, self.norm_topk_prob)
+        fused = self.route_fused(logits_TE, self.top_k, self.expert_bias)
         if fused is None:  # the torch path: every convention
             scores_TE = router_scores(logits_TE, c.score_func)
             bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group,
@@ -91,3 +99,17 @@ class TopKRouter(nn.Module):
         capacity drops, summed over micro-batches/ranks): post-drop counts hide exactly the overload to correct."""
         if self.expert_bias is not None:
             update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
+
+    @classmethod
+    def kernel_excluded(cls, e: MoEConfig) -> str:
+        return f"topk_method {e.topk_method!r} (group-limited selection)" if group_limited(e) else ""
+
+    @classmethod
+    def adak_base_reason(cls, e: MoEConfig) -> str:
+        return ""
+
+    def plan_shape(self) -> tuple[int, int]:
+        return self.num_experts, self.top_k
+
+    def _saved_ids(self, K: int, Z: int) -> int:
+        return Z  # idx_TK is the first K columns of the stable sort's order

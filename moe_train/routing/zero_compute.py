@@ -1,6 +1,6 @@
 """Zero-computation (null) expert kinds: what a picked null expert returns, and where that is computed.
 
-One kind per model (``model.moe.null_kind``, config.NULL_KINDS; docs/zero_compute.md):
+One kind per model (``model.moe.null_kind``, NULL_KINDS below; docs/zero_compute.md):
 
     zero      E_j(x) = 0          AdaMoE (arXiv 2406.13233); MoE++'s zero expert
     identity  E_j(x) = x          LongCat-Flash's zero-computation experts; MoE++'s copy expert
@@ -30,8 +30,15 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import NULL_KINDS
-from moe_train.routing.topk import renormalize
+from moe_train.kernels.routing import renormalize
+
+# What a picked null (zero-computation) expert returns, one kind per model: the one list (config.py types
+# model.moe.null_kind with it):
+#   zero:     0 (AdaMoE); gates renormalised over the TRUE picks only (norm_topk_prob)
+#   identity: gate * x (LongCat-Flash zero-computation experts, MoE++ copy experts)
+#   constant: gate * v_j, a learned vector per null expert j (MoE++ constant experts)
+# identity / constant gates are real gate weights: with norm_topk_prob they normalise over ALL k picks.
+NULL_KINDS = ("zero", "identity", "constant")
 
 
 def split_null_slots(weight_TK: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, kind: str,
@@ -42,7 +49,7 @@ def split_null_slots(weight_TK: torch.Tensor, idx_TK: torch.Tensor, num_experts:
     expert_idx_TK: the true expert of each slot, -1 on null slots; weight_TK: 0 on null slots.
     null_idx_TK: the null expert (0..Z-1) of each null slot, -1 on true slots; null_weight_TK: 0 on true slots.
     ``zero`` returns None for both null tensors (nothing to combine)."""
-    assert kind in NULL_KINDS, kind  # validated in config.validate_moe
+    assert kind in NULL_KINDS, kind  # config.py types null_kind with NULL_KINDS
     true_TK = idx_TK < num_experts
     expert_idx_TK = torch.where(true_TK, idx_TK, torch.full_like(idx_TK, -1))
     if kind == "zero":

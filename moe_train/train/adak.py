@@ -78,6 +78,7 @@ from torch import nn
 from moe_train.config import AdaKConfig, Config, TrainConfig
 from moe_train.data import get_corpus
 from moe_train.eval.report import corpus_report
+from moe_train.io.dcp_checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from moe_train.io.lock import OutDirLock
 from moe_train.io.model_file import ModelFileReader
 from moe_train.io.safetensors_folder import stored_dtype
@@ -86,11 +87,10 @@ from moe_train.model.flops import flops_vs_topk
 from moe_train.model.trainable import adak_routers, allocators_to_fp32, freeze_base  # noqa: F401
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.adak import AdaKRouter, routing_mode
 from moe_train.train.build import build_job_model
-from moe_train.train.deepspeed_engine import check_launch, prepare_experts
 from moe_train.train.engine import TorchEngine
+from moe_train.train.fingerprint import MAY_CHANGE, check_resume, config_record
 from moe_train.train.metrics import logger
 from moe_train.train.preemption import Preempted, handles_stop_signals, rank_log
 from moe_train.train.trainer import Trainer, TrainingError
@@ -102,6 +102,13 @@ WARM_START_LEGEND = ("warm start legend: ce = allocator cross-entropy against th
 PPO_LEGEND = ("ppo legend: reward = log-likelihood - penalty x true experts summed over layers, loglik = mean token log-likelihood, "
               "k = mean true experts per token per layer, flops/topk = whole-model FLOPs vs the base top-k, "
               "kl = approx. KL(old || new policy), clip = share of clipped ratios, H = policy entropy (nats)")
+
+# What an Ada-K resume may change (train/fingerprint.py): the trainer's list, except that Ada-K reads the adak
+# section (its math: refused, but for the PPO step count, which extends or shortens the run, and the validation
+# cadence) and trains with train.beta1/beta2 (restored from the checkpoint's optimizer state, so refused too).
+ADAK_MAY_CHANGE = tuple(p for p in MAY_CHANGE if p not in ("adak.*", "train.beta1", "train.beta2")) + (
+    "adak.ppo_steps", "adak.val_every")
+STAGES = ("warm_start", "ppo")  # in run order
 
 # ----------------------------------------------------------------------------------------------------------
 # model preparation
@@ -424,7 +431,15 @@ def _ppo_record(model: MoETransformer, ro: Rollout, b, sums_M4: list[torch.Tenso
 class AdaKTrainer(Trainer):
     """Ada-K on the shared Trainer: the model is the frozen base with its allocators, and ``fit`` runs the two
     stages, each with its own AdamW over the allocators (the paper lists them separately): the warm start, then PPO
-    over the same data from its start. Setup, metrics, logging, clipping and the final save are the Trainer's."""
+    over the same data from its start. Setup, metrics, logging, clipping and the final save are the Trainer's.
+
+    Checkpoints (docs/adak.md): every train.checkpoint_every steps of either stage, at a stop signal and at the end,
+    the engine's atomic checkpoint folder (io/dcp_checkpoint.py, train/deepspeed_engine.py) with trainable_only:
+    the allocators and the stage's optimizer state, not the frozen base (train.init_from rebuilds it). Folder
+    step_<n> numbers the steps of both stages in run order (n = warm-start step, or warm_start_steps + PPO step);
+    trainer.pt holds the stage and its step, the data position, the PPO generator and baseline state, the
+    validation reports so far and the config fingerprint. A resume (train.resume_from, or out_dir's latest with
+    train.resume) checks the config against it (ADAK_MAY_CHANGE) and continues inside the stage it stopped in."""
 
     tensorboard = False  # metrics.jsonl only (its records mix stages and nested validation reports)
 
@@ -438,25 +453,24 @@ class AdaKTrainer(Trainer):
         if not built:  # handed over whole
             model = model.to(self.ctx.device)
             freeze_base(model)
-        if self.cfg.parallel.engine == "deepspeed":  # expert shards + all-to-all; DeepSpeed reduces the allocators
-
-            check_launch(self.cfg, self.ctx)
-            prepare_experts(model, self.ctx)
-        elif self.ctx.distributed and not built:
-            # Expert shards + all-to-all dispatch + FSDP2; the allocators' gradients are averaged over all ranks. The
-            # allocator decides k before dispatch, so each token sends only its k rows.
-
-            model = parallelize_model(model, self.ctx)
+        # the engine's parallelism (Engine.prepare_model): expert shards + all-to-all dispatch, the allocators'
+        # gradients averaged over all ranks (FSDP2, or DeepSpeed); the allocator decides k before dispatch, so each
+        # token sends only its k rows. The base does not train: no bf16 mixed precision (adak.dtype is its dtype)
+        model = self.engine_type.prepare_model(model, self.ctx, built=built)
         self.params = [r.allocator.weight for r in adak_routers(model)]  # what the stages' optimizers train
         return model
 
+    resume_point: Optional[dict] = None  # the checkpoint a resumed run continues from: path, stage, step (setup)
+
     def remove_crash_leftovers(self) -> None:
-        """The Trainer's, and a previous Ada-K run's outputs in out_dir (only our own file names): Ada-K always
-        starts over, and a run that stops early (a signal, a failure) must not leave the old final/model.pt and
-        validation.json beside this run's config.yaml, where they would read as this run's results."""
+        """The Trainer's, and a previous Ada-K run's outputs in out_dir (only our own file names): a run that stops
+        early (a signal, a failure) must not leave the old final/model.pt and validation.json beside this run's
+        config.yaml, where they would read as this run's results. A run resumed in its PPO stage keeps
+        warm_start/model.pt: its own warm start wrote it (the resumed run does not repeat that stage)."""
         super().remove_crash_leftovers()
-        stale = [self.out_dir / "final" / "model.pt", self.out_dir / "warm_start" / "model.pt",
-                 self.out_dir / "validation.json"]
+        stale = [self.out_dir / "final" / "model.pt", self.out_dir / "validation.json"]
+        if self.resume_point is None or self.resume_point["stage"] != "ppo":
+            stale.append(self.out_dir / "warm_start" / "model.pt")
         stale = [p for p in stale if p.is_file()]
         for p in stale:
             p.unlink()
@@ -464,27 +478,55 @@ class AdaKTrainer(Trainer):
             logger.info("removed the previous run's outputs: " + ", ".join(str(p) for p in stale))
 
     def setup_optimizer(self) -> int:
-        self.engine = None  # each stage makes its own optimizer (stage_engine); Ada-K runs are short, no resume
-        return 0
+        """Each stage makes its own optimizer (stage_engine); here only the checkpoint to resume from is found and
+        checked (the Trainer's rule: train.resume_from, else out_dir's latest with train.resume) before any work.
+        Returns the steps of both stages already taken (the checkpoint's folder number)."""
+        self.engine = self.opt = None
+        self.last_saved: Optional[int] = None  # the run step of the last checkpoint this run wrote
+        t = self.cfg.train
+        path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(self.out_dir) if t.resume else None)
+        if path is None:
+            return 0
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        check_resume(path, self.cfg, self.ctx, ADAK_MAY_CHANGE)  # the config's math against the checkpoint's
+        verify_checkpoint(path)  # complete and intact before trainer.pt is read (the engine verifies it again)
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if "adak" not in state:
+            raise CheckpointError(f"checkpoint {str(path)!r} was not written by an Ada-K run (moe-train adak): resume "
+                                  "it with `moe-train train`, or start this run in another train.out_dir (or with "
+                                  "train.resume=false)")
+        self.resume_point = {"path": path, "stage": state["adak"]["stage"], "step": state["adak"]["step"]}
+        return state["step"]
+
+    def kept_metrics(self):
+        """A resumed run keeps the metrics records up to its checkpoint's stage and step (both stages count from 1);
+        a fresh run starts the file empty (None with start step 0)."""
+        if self.resume_point is None:
+            return None
+        until = (STAGES.index(self.resume_point["stage"]), self.resume_point["step"])
+        return lambda r: r.get("stage") in STAGES and (STAGES.index(r["stage"]), r.get("step", 0)) <= until
 
     def run_line(self) -> str:
         t, a = self.cfg.train, self.cfg.adak
+        r = self.resume_point
+        resumed = f", resuming after {r['stage']} step {r['step']}" if r is not None else ""
         return (f"run: Ada-K, {a.warm_start_steps} warm-start + {a.ppo_steps} PPO steps of {t.batch_size} sequences "
-                f"x {t.seq_len} tokens, log every {t.log_every} -> {self.out_dir}")
+                f"x {t.seq_len} tokens, log every {t.log_every}{resumed} -> {self.out_dir}")
 
     def precision_label(self) -> str:
         return f"frozen base {str(adak_base_dtype(self.cfg)).replace('torch.', '')}, allocators fp32"
 
     def stage_engine(self):
-        """A fresh AdamW over the allocators for a stage, in the run's engine (train/engine.py). DeepSpeed: one
-        deepspeed.initialize for the run, its optimizer state reset at the second stage (the same as a new AdamW)."""
+        """A fresh AdamW over the allocators for a stage, in the run's engine (train/engine.py): made at the first
+        stage, restarted with the new AdamW at the second (Engine.restart_optimizer; DeepSpeed keeps its one
+        deepspeed.initialize and resets the optimizer state, the same as a new AdamW)."""
         opt = build_allocator_optimizer(self.params, self.cfg.adak, self.cfg.train)
-        if self.cfg.parallel.engine != "deepspeed":
-            self.engine = self.make_engine(opt, params=self.params)
-        elif getattr(self, "engine", None) is None:
-            self.engine = self.make_engine(opt, accum=1)  # Ada-K steps once per backward
+        if self.engine is None:
+            self.engine = self.make_engine(opt, params=self.params, accum=1)  # Ada-K steps once per backward
         else:
-            self.engine.reset_optimizer_state()
+            self.engine.restart_optimizer(opt)
+        self.opt = self.engine.opt  # the stage's optimizer: the Trainer's ensure_finite checks its state
         return self.engine  # also the Trainer's: save_model_file gathers the model through it
 
     def validate(self) -> dict:
@@ -505,27 +547,60 @@ class AdaKTrainer(Trainer):
     def fit(self) -> dict:
         a = self.cfg.adak
         self.model.eval()  # no dropout anywhere; mode flags only
-        validation = {"before": self.validate()}
-        self.warm_start()
-        if a.warm_start_steps:
-            validation["warm_start"] = self.validate()
-            self.save_model_file("warm_start", a.warm_start_steps)
+        resume = self.resume_point
+        # the reports so far: restored on resume (the allocators they describe are gone), saved in each checkpoint
+        self.validation = {"before": self.validate()} if resume is None else None
+        if resume is None or resume["stage"] == "warm_start":
+            self.warm_start()
+            if a.warm_start_steps:
+                self.validation["warm_start"] = self.validate()
+                self.save_model_file("warm_start", a.warm_start_steps)
         record = self.ppo()
-        validation["final"] = self.validate()
+        self.validation["final"] = self.validate()
         path = self.save_model_file("final", a.ppo_steps)
         if self.ctx.is_main:
-            (self.out_dir / "validation.json").write_text(json.dumps(validation, indent=1))
-        self.log_validation(validation["final"])
+            (self.out_dir / "validation.json").write_text(json.dumps(self.validation, indent=1))
+        self.log_validation(self.validation["final"])
         logger.info(f"saved {path}")
-        return {"last_step": record, "validation": validation}
+        return {"last_step": record, "validation": self.validation}
+
+    def resume_stage(self, engine, stage: str) -> Optional[dict]:
+        """When the run resumes inside ``stage``: the checkpoint loaded into ``engine`` (the allocators and the
+        stage's optimizer state) and the data position restored; the Ada-K state of trainer.pt, else None."""
+        r = self.resume_point
+        if r is None or r["stage"] != stage:
+            return None
+        state = engine.load_checkpoint(r["path"], trainable_only=True)
+        self.data.train.load_state_dict(state["data"])
+        self.validation = state["adak"]["validation"]
+        logger.info(f"resumed from {r['path']} after {stage} step {r['step']}")
+        return state["adak"]
+
+    def run_step(self, stage: str, step: int) -> int:
+        """The folder number of a stage's step: the steps of both stages counted in run order."""
+        return step if stage == "warm_start" else self.cfg.adak.warm_start_steps + step
+
+    def checkpoint_stage(self, stage: str, step: int) -> None:
+        """The resumable state after ``stage`` step ``step`` (class docstring); never from a non-finite state."""
+        n = self.run_step(stage, step)
+        self.ensure_finite(n, f"checkpoint step_{n:08d}")
+        adak = {"stage": stage, "step": step, "validation": self.validation}
+        if stage == "ppo":  # what the remaining PPO steps draw from and compare against
+            adak.update(generator=self.generator.get_state(), baseline=self.baseline.value)
+        self.engine.save_checkpoint(self.out_dir, n, {"data": self.data.train.state_dict(), "adak": adak,
+                                                      "config": config_record(self.cfg, self.ctx)},
+                                    self.cfg.train.keep_last, trainable_only=True)
+        self.last_saved = n
 
     def warm_start(self) -> None:
         """Stage 1: the allocators learn the pseudo labels of the frozen router (module docstring)."""
         t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
         engine = self.stage_engine()
-        if a.warm_start_steps:
+        resumed = self.resume_stage(engine, "warm_start")
+        first = 1 if resumed is None else resumed["step"] + 1
+        if first <= a.warm_start_steps:
             logger.info(WARM_START_LEGEND)
-        for step in range(1, a.warm_start_steps + 1):
+        for step in range(first, a.warm_start_steps + 1):
             start = time.perf_counter()
             inputs, _ = self.data.train.next_batch()
             loss, st = warm_start_loss(self.model, inputs.to(ctx.device), a.warm_start_threshold, engine.forward)
@@ -534,6 +609,10 @@ class AdaKTrainer(Trainer):
             record = {"stage": "warm_start", "step": step, "ce_loss": global_mean(loss.detach(), ctx).item(), **st,
                       "seconds": time.perf_counter() - start}
             self.metrics.write(record)
+            # periodic; and the last step when no PPO follows (the run's final checkpoint, as the Trainer's)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or (step == a.warm_start_steps
+                                                                         and not a.ppo_steps):
+                self.checkpoint_stage("warm_start", step)
             if step % t.log_every == 0 or step == a.warm_start_steps:
                 logger.info(f"warm start {step}/{a.warm_start_steps} ce {record['ce_loss']:.4f} label k "
                             f"{st['label_k']:.2f} acc {st['label_acc']:.3f}")
@@ -545,21 +624,29 @@ class AdaKTrainer(Trainer):
         t, a, ctx = self.cfg.train, self.cfg.adak, self.ctx
         self.data.train.load_state_dict({"consumed": 0})
         engine = self.stage_engine()
-        baseline = RewardBaseline(a.baseline, a.running_mean_decay)
-        gen = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: sampling uniforms, minibatches
+        self.baseline = RewardBaseline(a.baseline, a.running_mean_decay)
+        self.generator = torch.Generator().manual_seed(t.seed)  # the same stream on every rank: uniforms, minibatches
+        resumed = self.resume_stage(engine, "ppo")
+        first = 1
+        if resumed is not None:
+            self.generator.set_state(resumed["generator"])
+            self.baseline.value = resumed["baseline"]
+            first = resumed["step"] + 1
         record: dict = {}
-        if a.ppo_steps:
+        if first <= a.ppo_steps:
             logger.info(PPO_LEGEND)
-        for step in range(1, a.ppo_steps + 1):
+        for step in range(first, a.ppo_steps + 1):
             start = time.perf_counter()
             inputs, targets = self.data.train.next_batch()
             record = ppo_step(self.model, engine, self.params, inputs.to(ctx.device), targets.to(ctx.device), a,
-                              baseline, t.grad_clip, gen, ctx, step)
+                              self.baseline, t.grad_clip, self.generator, ctx, step)
             record = {"stage": "ppo", "step": step, **record, "seconds": time.perf_counter() - start}
             if a.val_every and step % a.val_every == 0 and step < a.ppo_steps:
                 record["validation"] = self.validate()
                 self.log_validation(record["validation"], f"ppo step {step}")  # printed, not only in metrics.jsonl
             self.metrics.write(record)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == a.ppo_steps:  # periodic; final
+                self.checkpoint_stage("ppo", step)
             if step % t.log_every == 0 or step == a.ppo_steps:
                 logger.info(f"ppo {step}/{a.ppo_steps} reward {record['reward']:.4f} loglik {record['loglik']:.4f} "
                             f"k {record['mean_k']:.3f} flops/topk {record['flops_vs_topk']:.3f} "
@@ -569,14 +656,17 @@ class AdaKTrainer(Trainer):
 
     def stop_if_preempted_adak(self, stage: str, step: int) -> None:
         """After a warm-start or PPO step: when a stop signal reached any rank (one small all-reduce per step; an
-        Ada-K step has no scalar all-reduce to share), every rank ends the run here with Preempted (exit code 0).
-        Ada-K writes no resumable checkpoint: the allocators trained so far are lost and a new run starts over."""
+        Ada-K step has no scalar all-reduce to share), every rank writes the checkpoint of this step unless the
+        periodic one just did, and the run ends with Preempted (exit code 0); the same command resumes from it."""
         if not self.preemption.agree_now(self.ctx):
             return
         rank_log.info(f"rank {self.ctx.rank}: {self.preemption.reason()}: stopping after {stage} step {step}")
-        logger.warning(f"stopped by {self.preemption.reason()} after {stage} step {step}: Ada-K has no resumable "
-                       "checkpoint, a new run starts over")
-        raise Preempted(step, self.preemption.reason(), None)
+        if self.last_saved != self.run_step(stage, step):
+            self.checkpoint_stage(stage, step)
+        latest = latest_checkpoint(self.out_dir)
+        logger.warning(f"stopped by {self.preemption.reason()} after {stage} step {step}: checkpoint {latest}; the "
+                       "same command resumes from it (train.resume)")
+        raise Preempted(step, self.preemption.reason(), latest)
 
     def log_validation(self, fin: dict, when: str = "final") -> None:
         if fin:
@@ -607,4 +697,9 @@ def train_adak(cfg: Config, model: Optional[MoETransformer] = None, ctx: Optiona
     ``model``: an Ada-K model to train in place (default: loaded from train.init_from and converted). Without a
     ``ctx`` the process groups come from the launch environment (torchrun, launch/) and are torn down at the end."""
     with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx, exclusive=OutDirLock(cfg.train.out_dir)) as ctx:
-        return AdaKTrainer(cfg, ctx, model).fit()
+        trainer = AdaKTrainer(cfg, ctx, model)
+        try:
+            return trainer.fit()
+        finally:
+            if trainer.engine is not None:
+                trainer.engine.close()

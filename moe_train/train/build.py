@@ -12,8 +12,10 @@
        only its own experts, one tensor at a time), from the converted routers, or fresh (model/init.py: one
        generator per tensor, so the same seed gives the same model at any world size and ep)
 
-DeepSpeed builds its engine around a whole module (deepspeed.initialize; ZeRO-3 partitions after), so under
-parallel.engine: deepspeed each rank materialises the whole model here (step 4 is skipped) and DeepSpeed shards it.
+Steps 4 and 6's expert block are the engine's (train/engine.py: prepare_meta_model, expert_block): the FSDP2 engine
+shards here; DeepSpeed builds its engine around a whole module (deepspeed.initialize; ZeRO-3 partitions after), so
+under parallel.engine: deepspeed each rank materialises the whole model (step 4 only checks that it fits) and
+DeepSpeed shards it.
 Shape legend: E experts (global), El experts of one rank.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from contextlib import ExitStack
 from typing import Optional
@@ -39,9 +40,11 @@ from moe_train.model import MoETransformer, build_model
 from moe_train.model.init import initial_value
 from moe_train.model.rope import rotary_for
 from moe_train.model.trainable import apply_trainable, freeze_base
+from moe_train.parallel.compile import apply_compile
 from moe_train.parallel.distributed import ParallelContext
-from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.adak import AdaKRouter
+from moe_train.routing.registry import conversions_on_load, router_class
+from moe_train.train.engine_registry import engine_class
 
 logger = logging.getLogger(__name__)
 
@@ -62,37 +65,37 @@ def convert_for_training(loaded: MoETransformer, cfg: Config, src: str) -> Model
     (AdaMoE null experts, or top-p routing over the same gate); returns the ModelConfig to train: the loaded
     architecture with this config's training knobs."""
     want, have = cfg.model.moe, loaded.config.moe
-    if want.router == "null" and have.router == "topk":
+    target = router_class(want.router)
+    converted = want.router != have.router
+    if converted and have.router not in target.converts_from:
+        raise ValueError(f"model.moe.router={want.router!r} but train.init_from={src!r} holds a {have.router!r} "
+                         f"model; only {conversions_on_load()} are done on load")
+    if converted and target.ranks_null_experts:  # top-k -> null experts: the AdaMoE conversion
         add_null_experts(loaded, want.num_null_experts, want.top_k, want.baseline_top_k, want.null_tie_break,
                          want.null_kind)
-    elif want.router == "top_p" and have.router == "topk":  # the same gate; top-p selection over its probabilities
-        if loaded.config.moe.expert_bias_rate > 0 or getattr(loaded.config.moe, "use_expert_bias", False):
+    elif converted:  # top-k -> top_p: the same gate; top-p selection over its probabilities
+        if loaded.config.moe.expert_bias_rate > 0 or loaded.config.moe.use_expert_bias:
             raise ValueError(f"train.init_from={src!r} routes with a selection bias (expert bias): the top-p router "
                              "selects by probability mass only and cannot continue it")
-    elif want.router != have.router:
-        raise ValueError(f"model.moe.router={want.router!r} but train.init_from={src!r} holds a {have.router!r} "
-                         "model; only top-k -> null (AdaMoE conversion) and top-k -> top_p are done on load")
     knobs = {k: getattr(want, k) for k in MOE_TRAINING_KNOBS}
-    if want.router == "top_p" and have.router == "topk":
+    if converted and not target.ranks_null_experts:
         # the gate convention is the target's: top_p_renormalize: true keeps a norm_topk_prob top-k model's gates
-        knobs.update(router="top_p", k_max=want.k_max, top_p_renormalize=want.top_p_renormalize)
+        knobs.update(router=want.router, k_max=want.k_max, top_p_renormalize=want.top_p_renormalize)
     return dataclasses.replace(loaded.config, moe=dataclasses.replace(loaded.config.moe, **knobs))
 
 
 def convert_for_adak(loaded: MoETransformer, cfg: Config, src: str) -> ModelConfig:
     """The base model of an Ada-K job, converted to Ada-K with adak.k_min / adak.k_max when it is top-k or null."""
     moe = loaded.config.moe
-    if moe.router in ("topk", "null"):  # null: over its ranking of true + null experts (LongCat-Flash)
-        add_allocators(loaded, cfg.adak.k_min, cfg.adak.k_max)  # zero fp32 allocators: a uniform policy
-        return loaded.config
-    if moe.router == "adak":
+    if router_class(moe.router).learns_k:  # already Ada-K: its action range must be the one asked
         k_max = moe.pickable_experts if cfg.adak.k_max is None else cfg.adak.k_max
         if (moe.k_min, moe.resolved_k_max) != (cfg.adak.k_min, k_max):
             raise ValueError(f"train.init_from={src!r} is an Ada-K model with k in [{moe.k_min}, {moe.resolved_k_max}]"
                              f" but adak.k_min/k_max ask for [{cfg.adak.k_min}, {k_max}]; make them agree")
         return loaded.config
-    raise ValueError(f"train.init_from={src!r} has router {moe.router!r}; Ada-K starts from a top-k or null-expert "
-                     "model")
+    # zero fp32 allocators (a uniform policy); refuses a base Ada-K cannot convert, naming why (io/adak_convert.py)
+    add_allocators(loaded, cfg.adak.k_min, cfg.adak.k_max)
+    return loaded.config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,6 +156,8 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
     fp32 on a fresh / converted model)."""
     device = ctx.device if ctx is not None else torch.device("cpu")
     src = cfg.train.init_from
+    engine = engine_class(cfg.parallel.engine)
+    distributed = ctx is not None and ctx.distributed
     with ExitStack() as stack:
         source, routers = None, {}
         if src is None:
@@ -162,7 +167,8 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
             model_cfg = cfg.model
         else:
             source = open_source(src, stack)
-            source.experts = _expert_block(source.config, ctx, cfg)  # a Hugging Face folder: read those only
+            # the experts this rank will hold (None: all); a Hugging Face folder reads those only
+            source.experts = engine.expert_block(source.config.moe.num_experts, ctx) if distributed else None
             loaded = meta_model_with_routers(source)
             model_cfg = (convert_for_adak if adak else convert_for_training)(loaded, cfg, src)
             routers = {f"layers.{i}.moe.router.{rel}": t.detach().clone()
@@ -171,8 +177,6 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
         with torch.device("meta"):
             model = build_model(model_cfg)
         seed = model.init_seed
-        if ctx is not None and ctx.distributed and cfg.parallel.engine == "deepspeed":
-            _check_whole_model_fits(model, ctx)
         _check_router_state(model, routers, src)
         if adak:
             freeze_base(model)
@@ -180,37 +184,13 @@ def build_job_model(cfg: Config, ctx: Optional[ParallelContext] = None, *, adak:
             apply_trainable(model, cfg)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         _frozen_to(model, base_dtype if adak else _compute_dtype(cfg, device))
-        if ctx is not None and ctx.distributed and cfg.parallel.engine != "deepspeed":
+        apply_compile(model, cfg.train, device)  # train.compile: after the AC flag, before FSDP2 (torchtitan's order)
+        if distributed:  # the engine's sharding (or checks) before each rank allocates
             bf16 = _compute_dtype(cfg, device) == torch.bfloat16 and not adak
-            parallelize_model(model, ctx, param_dtype=torch.bfloat16 if bf16 else None)
+            engine.prepare_meta_model(model, ctx, torch.bfloat16 if bf16 else None)
         model.to_empty(device=device)
         fill_local_shards(model, model_cfg, seed, source, routers)
     return model
-
-
-def _check_whole_model_fits(model: MoETransformer, ctx: ParallelContext) -> None:
-    """The DeepSpeed engine materialises the whole model on every rank before DeepSpeed partitions it (no zero.Init):
-    refuse, before any allocation, a model whose fp32 copies on this node's ranks exceed the host's memory."""
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))  # torchrun's; else all on one host
-    need = sum(p.numel() for p in model.parameters()) * 4 * ranks_here
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return
-    if need > avail:
-        raise ValueError(f"parallel.engine: deepspeed builds the whole model on every rank before DeepSpeed shards "
-                         f"it: {need / 2**30:.1f} GiB for this node's {ranks_here} ranks in fp32, but "
-                         f"{avail / 2**30:.1f} GiB of host memory is available; use parallel.engine: fsdp, which "
-                         f"materialises each rank's shards only")
-
-
-def _expert_block(model_cfg: ModelConfig, ctx: Optional[ParallelContext], cfg: Config) -> Optional[tuple[int, int]]:
-    """The experts this rank will hold (parallelize_model's split: consecutive blocks over ep), None for all."""
-    if ctx is None or not ctx.distributed or ctx.ep_size == 1 or cfg.parallel.engine == "deepspeed":
-        return None
-    per = model_cfg.moe.num_experts // ctx.ep_size
-    return ctx.ep_rank * per, (ctx.ep_rank + 1) * per
 
 
 def _check_router_state(model: MoETransformer, routers: dict[str, torch.Tensor], src: Optional[str]) -> None:

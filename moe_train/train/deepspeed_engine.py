@@ -28,20 +28,24 @@ the Trainer): DeepSpeed has reduced the step's gradients by then and offers no w
 
 Checkpoints: ``engine.save_checkpoint`` (model states, ZeRO partitions with the fp32 masters and AdamW moments, LR
 schedule, step counters) inside moe_train's atomic, checksummed checkpoint folder (io/dcp_checkpoint.py:
-step_X/deepspeed/, trainer.pt, rng_rank<r>.pt, manifest.json); resume at the same world size and ep. DeepSpeed's
-native MoE checkpoint writes experts per expert module of ITS MoE class; ours are stacked tensors, so expert
-weights are restored from the ZeRO fp32 partitions (trainable) or stay as built from train.init_from (frozen; a
-resume checks that the config, init_from included, is the same: train/fingerprint.py), never from rank 0's
-model-state file, which holds only rank 0's shard.
+step_X/deepspeed/, trainer.pt, rng_rank<r>.pt, manifest.json). At the same world size, ep and stage, DeepSpeed's own
+load (bit-exact). DeepSpeed's native MoE checkpoint writes experts per expert module of ITS MoE class; ours are
+stacked tensors, so expert weights are restored from the ZeRO fp32 partitions (trainable) or stay as built from
+train.init_from (frozen; a resume checks that the config, init_from included, is the same: train/fingerprint.py),
+never from rank 0's model-state file, which holds only rank 0's shard. Every save also writes a layout-free view
+(io/deepspeed_view.py: per parameter under its full name, each rank its own fragments of the fp32 masters and AdamW
+moments): a resume at another world size, ep or ZeRO stage reads its slices from it (_load_resharded).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,11 +63,12 @@ from moe_train.io.dcp_checkpoint import (
     save_rng_state,
     verify_checkpoint,
 )
+from moe_train.io.deepspeed_view import ViewError, check_view, load_view, read_index, write_view
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
 from moe_train.parallel.state import _gather_full, expert_shards
-from moe_train.routing.adak import AdaKRouter
+from moe_train.train.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +183,7 @@ def refuse_stage3_routers(model: nn.Module) -> None:
     """Before deepspeed.initialize: ZeRO stage 3 cannot train Ada-K allocators. Their loss (warm start, PPO) reaches
     ``allocator.weight`` through the routing plan only, never through the MoE layer's output, so ZeRO-3's backward
     hooks (on module outputs) never gather the allocator for its gradient (register_router_parameters)."""
-    if any(isinstance(layer.router, AdaKRouter) for layer in moe_layers(model)):
+    if any(layer.router.learns_k for layer in moe_layers(model)):  # Ada-K allocators (routing/base.py)
         raise ValueError("parallel.engine: deepspeed with deepspeed.stage=3 cannot train Ada-K routers (the "
                          "allocators' loss bypasses the layer outputs ZeRO-3 gathers parameters on): use "
                          "deepspeed.stage=1 or 2 (the allocators are small: stage 3 saves nothing on them), or "
@@ -216,10 +221,46 @@ def split_moe_groups(opt: torch.optim.Optimizer) -> None:
     opt.param_groups.extend(groups_)
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """The engine interface of train/engine.py over ``deepspeed.initialize`` (module docstring)."""
 
+    name = "deepspeed"
     can_skip_steps = False  # the step's gradients are already reduced into ZeRO's buffers: no way to drop them
+    dcp_checkpoints = False  # DeepSpeed's own files inside moe_train's checkpoint folder
+
+    @classmethod
+    def expert_block(cls, num_experts: int, ctx: ParallelContext) -> Optional[tuple[int, int]]:
+        return None  # every rank builds the whole model; prepare_experts keeps its shard after
+
+    @classmethod
+    def prepare_meta_model(cls, model: nn.Module, ctx: ParallelContext, param_dtype: Optional[torch.dtype]) -> None:
+        check_whole_model_fits(model, ctx)  # DeepSpeed shards a whole module (deepspeed.initialize): nothing here
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, ctx: ParallelContext, *, built: bool,
+                      param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+        # built or handed over, the model is whole: expert shards and groups here, the rest is DeepSpeed's (its bf16
+        # mode is engine_config's; param_dtype is FSDP2's)
+        check_launch(ctx)
+        prepare_experts(model, ctx)
+        return model
+
+    @classmethod
+    def autocasts(cls, model: nn.Module) -> bool:
+        return False  # DeepSpeed's bf16 mode keeps the module in bf16 (fp32 masters in its optimizer): no casts
+
+    @classmethod
+    def split_param_groups(cls, opt: torch.optim.Optimizer) -> None:
+        split_moe_groups(opt)
+
+    @classmethod
+    def create(cls, model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, ctx: ParallelContext, *, bf16: bool,
+               sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+               params: Optional[Sequence[nn.Parameter]] = None, accum: int = 1) -> DeepSpeedEngine:
+        """``deepspeed.initialize`` around a model from prepare_model and an optimizer whose groups came from
+        split_param_groups; DeepSpeed clips over every trainable parameter (``params`` are all of them)."""
+        init_comm(ctx)
+        return cls(model, opt, ctx, engine_config(cfg, ctx, bf16, accum), sched)
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, ctx: ParallelContext, ds_config: dict,
                  sched: Optional[torch.optim.lr_scheduler.LRScheduler] = None):
@@ -257,11 +298,19 @@ class DeepSpeedEngine:
     def skip(self) -> None:
         raise AssertionError("DeepSpeedEngine cannot skip a step (can_skip_steps is False)")
 
-    def reset_optimizer_state(self) -> None:
-        """A fresh AdamW over the same parameters (Ada-K's second stage): the moments and step counts go."""
+    def restart_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """As a fresh AdamW over the same parameters (Ada-K's second stage): the moments and step counts go. The
+        optimizer deepspeed.initialize wrapped stays; ``opt`` has the same hyperparameters (the same builder)."""
         self.opt.state.clear()
 
     # ------------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """The end of the run (every rank, also after an error): DeepSpeed's hooks, buffers and GC setting released
+        now, at the same point on every rank, instead of whenever the collector reaches the engine (a process that
+        trains again, e.g. tests running several jobs, must not carry the old engine's hooks into the next)."""
+        self.engine.destroy()
+        gc.collect()
+
     # the full model and checkpoints
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -297,24 +346,29 @@ class DeepSpeedEngine:
                     v = v.detach().clone()
             yield k, _gather_full([(k, v.detach().clone())], shards, self.ctx)[k]
 
-    def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    def save_checkpoint(self, out_dir: Path, step: int, trainer_state: dict, keep_last: int,
+                        trainable_only: bool = False) -> Path:
         """Collective: DeepSpeed's checkpoint (tag ``deepspeed``) inside moe_train's atomic checkpoint folder; a
-        full disk or read-only folder is DiskWriteError naming it (io/atomic.py), the staging folder removed."""
+        full disk or read-only folder is DiskWriteError naming it (io/atomic.py), the staging folder removed.
+        ``trainable_only``: without the frozen parameters (DeepSpeed's exclude_frozen_parameters; Ada-K)."""
         final = checkpoint_root(out_dir) / f"step_{step:08d}"
         try:
             with disk_errors(final):
-                return self._save_checkpoint(out_dir, final, step, trainer_state, keep_last)
+                return self._save_checkpoint(out_dir, final, step, trainer_state, keep_last, trainable_only)
         except DiskWriteError:
             if self.ctx.is_main:
                 shutil.rmtree(staging_path(final), ignore_errors=True)
             raise
 
-    def _save_checkpoint(self, out_dir: Path, final: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    def _save_checkpoint(self, out_dir: Path, final: Path, step: int, trainer_state: dict, keep_last: int,
+                         trainable_only: bool = False) -> Path:
         tmp = staging_path(final)
         if self.ctx.is_main:
             staging_folder(final)
         dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+        self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False, exclude_frozen_parameters=trainable_only)
+        # beside it, what a resume at another world size / ep / stage reads (io/deepspeed_view.py)
+        write_view(tmp, self.model, self.engine.optimizer, self.ctx, self.stage)
         save_rng_state(tmp, self.ctx)
         if self.ctx.is_main:
             torch.save({"format": FORMAT, "step": step, "engine": "deepspeed", "stage": self.stage,
@@ -324,8 +378,10 @@ class DeepSpeedEngine:
         mine = file_records(tmp, sorted(p for p in tmp.rglob("*") if p.is_file())) if self.ctx.is_main else {}
         return commit_checkpoint(out_dir, tmp, final, step, mine, self.ctx, keep_last)
 
-    def load_checkpoint(self, path: Path) -> dict:
-        """Collective: verifies the folder, loads DeepSpeed's state (same world size and ep), the RNG states."""
+    def load_checkpoint(self, path: Path, trainable_only: bool = False) -> dict:
+        """Collective: verifies the folder, loads DeepSpeed's state (same world size, ep and stage; else the
+        layout-free view: _load_resharded), the RNG states.
+        ``trainable_only``: a checkpoint saved without the frozen parameters, which keep their values."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -333,24 +389,44 @@ class DeepSpeedEngine:
         if not (path / TAG).is_dir():
             raise CheckpointError(f"checkpoint {str(path)!r} was not written by parallel.engine: deepspeed (no "
                                   f"{TAG}/ folder): resume it with the engine that wrote it")
-        if (manifest["world_size"], manifest["ep_size"]) != (self.ctx.world_size, self.ctx.ep_size):
-            raise CheckpointError(f"checkpoint {str(path)!r} was saved by {manifest['world_size']} ranks with ep="
-                                  f"{manifest['ep_size']}; a DeepSpeed checkpoint resumes at the same layout (this "
-                                  f"launch: {self.ctx.world_size} ranks, ep={self.ctx.ep_size})")
+        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if ((manifest["world_size"], manifest["ep_size"]) != (self.ctx.world_size, self.ctx.ep_size)
+                or trainer_state.get("stage", self.stage) != self.stage):
+            return self._load_resharded(path, trainer_state)
         experts = set(expert_shards(self.model))
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad} if trainable_only else set()
 
         def load_non_experts(src: dict, dst: nn.Module) -> None:
             # the model-state file holds rank 0's expert shard only: experts come from the ZeRO partitions
             missing, unexpected = dst.load_state_dict({k: v for k, v in src.items() if k not in experts},
                                                       strict=False)
-            assert not unexpected and set(missing) <= experts, (missing, unexpected)
+            assert not unexpected and set(missing) <= experts | frozen, (missing, unexpected)
 
         self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
-                                    custom_load_fn=load_non_experts if experts else None)
+                                    custom_load_fn=load_non_experts if experts or frozen else None)
         if experts and self.stage in (1, 2):
             self._experts_from_masters()
         restore_rng_state(path, self.ctx)
-        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        return trainer_state
+
+    def _load_resharded(self, path: Path, trainer_state: dict) -> dict:
+        """A checkpoint of another world size, ep or ZeRO stage: from its layout-free view (io/deepspeed_view.py),
+        each rank reading only its partitions' slices; refused before anything is loaded when the view cannot serve
+        this launch. DeepSpeed's step counters follow the trainer's step; the RNG streams restart when the world
+        size differs (as a resharded DCP resume)."""
+        try:
+            index = read_index(path)
+            check_view(path, index, self.model, self.ctx)
+        except ViewError as e:
+            raise CheckpointError(f"{e} (this launch: {self.ctx.world_size} ranks, ep={self.ctx.ep_size}, "
+                                  f"deepspeed.stage={self.stage})") from None
+        load_view(path, index, self.model, self.engine.optimizer, self.ctx)
+        step = trainer_state["step"]
+        self.engine.global_steps, self.engine.global_samples = step, step * self.engine.train_batch_size()
+        self.engine.skipped_steps = 0
+        if index["world_size"] == self.ctx.world_size:
+            restore_rng_state(path, self.ctx)
+        return trainer_state
 
 
     @torch.no_grad()
@@ -366,7 +442,7 @@ class DeepSpeedEngine:
                 p.copy_(safe_get_full_fp32_param(p).to(p.dtype))
 
 
-def check_launch(cfg: Config, ctx: ParallelContext) -> None:
+def check_launch(ctx: ParallelContext) -> None:
     """What the DeepSpeed engine needs from a launch, as a ValueError before any model is built."""
     if not ctx.distributed:
         raise ValueError("parallel.engine: deepspeed needs a distributed launch (torchrun, the deepspeed launcher, "
@@ -375,9 +451,18 @@ def check_launch(cfg: Config, ctx: ParallelContext) -> None:
     import_deepspeed()
 
 
-def build_engine(model: nn.Module, opt: torch.optim.Optimizer, cfg: Config, ctx: ParallelContext, bf16: bool,
-                 sched=None, accum: int = 1) -> DeepSpeedEngine:
-    """``deepspeed.initialize`` around a model prepared by prepare_experts and an optimizer whose groups came from
-    moe_param_groups."""
-    init_comm(ctx)
-    return DeepSpeedEngine(model, opt, ctx, engine_config(cfg, ctx, bf16, accum), sched)
+def check_whole_model_fits(model: nn.Module, ctx: ParallelContext) -> None:
+    """The DeepSpeed engine materialises the whole model on every rank before DeepSpeed partitions it (no zero.Init):
+    refuse, before any allocation, a model whose fp32 copies on this node's ranks exceed the host's memory."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))  # torchrun's; else all on one host
+    need = sum(p.numel() for p in model.parameters()) * 4 * ranks_here
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if need > avail:
+        raise ValueError(f"parallel.engine: deepspeed builds the whole model on every rank before DeepSpeed shards "
+                         f"it: {need / 2**30:.1f} GiB for this node's {ranks_here} ranks in fp32, but "
+                         f"{avail / 2**30:.1f} GiB of host memory is available; use parallel.engine: fsdp, which "
+                         f"materialises each rank's shards only")

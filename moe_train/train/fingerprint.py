@@ -6,8 +6,10 @@ config (``check_resume``) before anything is loaded:
 
     MAY_CHANGE   takes effect and is logged: the LR and its schedule, the step count, cadences, clipping, the
                  non-finite limit, precision / activation checkpointing / kernels (how it computes, not what), the
-                 launch (world and ep: DCP reshards the state; the RNG streams restart when the world differs),
-                 the output and resume keys themselves, and the adak section (this trainer does not read it).
+                 launch (world and ep: DCP reshards the state, DeepSpeed reads its layout-free view
+                 (io/deepspeed_view.py; refused up front without one); the RNG streams restart when the world differs),
+                 the output and resume keys themselves, and the adak section (this trainer does not read it; Ada-K's
+                 own list, train/adak.py ADAK_MAY_CHANGE, refuses its math).
     the rest     refused (ResumeConfigMismatch, exit code 2), every difference listed: the architecture, the
                  routing and its losses, LoRA and the trainable patterns, the data source, seq_len, the batch and
                  its accumulation, the seed, init_from. A checkpoint of another shape would not load; one of
@@ -28,7 +30,9 @@ from typing import Any, Optional
 import torch
 
 from moe_train.config import Config, to_dict
+from moe_train.io.deepspeed_view import INDEX, VIEW
 from moe_train.parallel.distributed import ParallelContext
+from moe_train.routing.base import ALIASES
 
 log = logging.getLogger("moe_train.train")  # the trainer's logger: rank 0 only
 
@@ -120,23 +124,42 @@ def check_engine(path: Path, cfg: Config, state: Optional[dict] = None) -> None:
                  "export with train.init_from (the optimizer state and data position then start afresh)")
     raise ResumeConfigMismatch(
         f"cannot resume from {str(path)!r}: it was written by parallel.engine: {wrote} and this launch uses "
-        f"parallel.engine: {now}. The checkpoint holds {what}. Resume with the engine that wrote it ({how}, at the "
-        f"same world size and ep for DeepSpeed), {other}")
+        f"parallel.engine: {now}. The checkpoint holds {what}. Resume with the engine that wrote it ({how}), {other}")
 
 
-def check_resume(path: Path, cfg: Config, ctx: ParallelContext) -> dict[str, tuple[Any, Any]]:
+def check_deepspeed_layout(path: Path, cfg: Config, state: Optional[dict], world_size: int, ep_size: int) -> None:
+    """A DeepSpeed checkpoint resumes at another world size or ep from the layout-free view its saves write beside
+    DeepSpeed's state (io/deepspeed_view.py); one without it (written by an older moe_train) is refused here, before
+    the model is built, naming the layout that can resume it."""
+    launch = ((state or {}).get("config") or {}).get("launch")
+    if cfg.parallel.engine != "deepspeed" or not launch:
+        return
+    if (launch["world_size"], launch["ep_size"]) == (world_size, ep_size) or (Path(path) / VIEW / INDEX).is_file():
+        return
+    raise ResumeConfigMismatch(
+        f"cannot resume from {str(path)!r} at {world_size} ranks with parallel.ep={ep_size}: it was written by "
+        f"{launch['world_size']} ranks with parallel.ep={launch['ep_size']} (ZeRO stage {state.get('stage', '?')}) "
+        f"without the layout-free view (view/, written since moe_train's DeepSpeed checkpoints reshard) that a "
+        f"DeepSpeed checkpoint needs to resume at another layout. Resume at {launch['world_size']} ranks with parallel.ep={launch['ep_size']}, or "
+        f"continue its weights in a new run with train.init_from=<run>/final/model.pt")
+
+
+def check_resume(path: Path, cfg: Config, ctx: ParallelContext,
+                 may_change: tuple[str, ...] = MAY_CHANGE) -> dict[str, tuple[Any, Any]]:
     """Raises ResumeConfigMismatch listing every difference that matters (unless allowed); logs and returns the
-    differences that take effect ({key: (checkpoint value, new value)})."""
-    return check_resume_launch(path, cfg, ctx.world_size, ctx.ep_size)
+    differences that take effect ({key: (checkpoint value, new value)}). ``may_change``: the job's MAY_CHANGE
+    (Ada-K's, train/adak.py, reads the adak section and not the trainer's LR schedule)."""
+    return check_resume_launch(path, cfg, ctx.world_size, ctx.ep_size, may_change=may_change)
 
 
-def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, log_changes: bool = True
-                        ) -> dict[str, tuple[Any, Any]]:
+def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, log_changes: bool = True,
+                        may_change: tuple[str, ...] = MAY_CHANGE) -> dict[str, tuple[Any, Any]]:
     """check_resume for a launch of ``world_size`` ranks and ``ep_size`` before its process groups exist (the
     preflight: a checkpoint of another shape is refused before the model is built); ``log_changes`` False: the
     run's own check logs them later."""
     state = _read_trainer_state(path)
     check_engine(path, cfg, state)  # first: another engine's checkpoint is the cause, whatever else differs
+    check_deepspeed_layout(path, cfg, state, world_size, ep_size)
     stored = state.get("config") if state is not None else None
     if stored is None:
         if (Path(path) / "trainer.pt").is_file():
@@ -144,6 +167,9 @@ def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, 
                         "check that the config matches the checkpoint")
         return {}
     old, new = flatten(stored), flatten(launch_record(cfg, world_size, ep_size))
+    # a router stored under its old name (router "null" before "null_experts") is the router it names
+    if old.get("model.moe.router") in ALIASES:
+        old["model.moe.router"] = ALIASES[old["model.moe.router"]]
     missing = object()
     # A key the checkpoint lacks was added to the config after it was written: the version that wrote it behaved as
     # the key's default (new keys default to the old behaviour), so only a non-default value now is a difference.
@@ -157,7 +183,7 @@ def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, 
 
     allow = list(cfg.train.resume_allow_changes)
     refused = {k: d for k, d in diffs.items()
-               if not any(fnmatch.fnmatchcase(k, p) for p in MAY_CHANGE) and not _allowed_by(k, allow)}
+               if not any(fnmatch.fnmatchcase(k, p) for p in may_change) and not _allowed_by(k, allow)}
     if refused:
         listed = "; ".join(f"{k}: {show(a)} in the checkpoint, {show(b)} now" for k, (a, b) in refused.items())
         keys = ", ".join(refused)
@@ -166,7 +192,7 @@ def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, 
             f"Resume with the checkpoint's values, start afresh in another train.out_dir, or accept the change "
             f"explicitly with --set 'train.resume_allow_changes=[{keys}]' (keys or whole sections; [\"*\"] for any)")
     taken = {k: d for k, d in diffs.items() if k not in refused}
-    forced = [k for k in taken if not any(fnmatch.fnmatchcase(k, p) for p in MAY_CHANGE)]
+    forced = [k for k in taken if not any(fnmatch.fnmatchcase(k, p) for p in may_change)]
     if taken and log_changes:
         log.info(f"resuming {path} with changed settings (they take effect now): "
                  + ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in taken.items()))

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -59,18 +59,22 @@ def read_records(path: Path) -> list[tuple[bytes, dict]]:
 
 class MetricsWriter:
     """``resume_step``: keep the records up to that step (a resumed run continues the file; records a crashed
-    run wrote after its last checkpoint are dropped, they will be written again).
+    run wrote after its last checkpoint are dropped, they will be written again). ``keep``: instead, the records a
+    resumed run keeps (Ada-K numbers the steps of each of its two stages from 1: train/adak.py).
 
     Each record is appended with one os.write of the whole line on an O_APPEND descriptor (no buffering across
     records), so a kill or a full disk can tear at most the last line, which the next resume drops."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0,
+                 keep: Optional[Callable[[dict], bool]] = None):
         self.path: Optional[Path] = None
         if enabled:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(out_dir) / "metrics.jsonl"
             kept = []
-            if resume_step and self.path.is_file():
+            if keep is not None and self.path.is_file():
+                kept = [line for line, r in read_records(self.path) if keep(r)]
+            elif resume_step and self.path.is_file():
                 # the end-of-run validation line (val_* figures, no training loss) describes a model the resumed
                 # run moves on from; a step's own record keeps its periodic validation (train.eval_every)
                 kept = [line for line, r in read_records(self.path)

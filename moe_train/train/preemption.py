@@ -23,8 +23,8 @@ step. Ada-K, whose step has no such scalar all-reduce to share, makes one one-el
 Then every rank writes the checkpoint of that step (unless the periodic one just did), logs, and raises
 ``Preempted``: a SystemExit with code 0, so the process (a plain ``moe-train train``, a torchrun worker) exits
 cleanly without a traceback, and starting the same command again resumes from that checkpoint (train.resume is
-true by default) with nothing lost. Ada-K has no resumable checkpoint: it stops at a step boundary and a new run
-starts over.
+true by default) with nothing lost; Ada-K too (train/adak.py: its checkpoints hold the allocators, not the frozen
+base).
 
 A worker blocked in a collective (a peer was SIGKILLed) never reaches the step boundary: it ends at the collective
 timeout (parallel.collective_timeout_s) or when its launcher escalates to SIGKILL (torchrun --shutdown-timeout,

@@ -2,9 +2,10 @@
 fine-tuning, and, through its subclass in train/adak.py, Ada-K).
 
 Model, parallelism and loop stay separate (torchtitan): the model is built plain (or loaded, and converted to
-AdaMoE when the config asks for null experts on a top-k checkpoint), LoRA and freezing are applied, then
-``parallelize_model`` applies expert/data parallelism when the launch is distributed. The loop only sees a module
-that maps input_ids to (logits, routing plans). ``train(cfg)`` is the entry point: ``Trainer(cfg, ctx).fit()``
+AdaMoE when the config asks for null experts on a top-k checkpoint), LoRA and freezing are applied, then the
+engine (parallel.engine: train/engine.py, found in train/engine_registry.py) applies expert/data parallelism and runs
+backward, step and checkpoints; the Trainer never asks which engine it is. The loop only sees a module that maps
+input_ids to (logits, routing plans). ``train(cfg)`` is the entry point: ``Trainer(cfg, ctx).fit()``
 inside the run's process groups.
 
 Per optimizer step: grad_accum_steps micro-batches (loss / accum each), clipping over all ranks' shards, AdamW, LR
@@ -45,11 +46,10 @@ from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.model.trainable import apply_trainable  # noqa: F401 (callers import it from here too)
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, local_tensor
 from moe_train.parallel.distributed import ParallelContext, distributed
-from moe_train.parallel.parallelize import parallelize_model
 from moe_train.routing.capacity import load_imbalance
+from moe_train.routing.registry import router_class
 from moe_train.train.build import build_job_model
-from moe_train.train.deepspeed_engine import build_engine, check_launch, prepare_experts, split_moe_groups
-from moe_train.train.engine import TorchEngine
+from moe_train.train.engine_registry import build_engine, engine_class
 from moe_train.train.fingerprint import check_resume, config_record, optimizer_hparams, reapply_hparams
 from moe_train.train.metrics import MetricsWriter, TensorBoard, logger
 from moe_train.train.preemption import Preempted, StopSignals, handles_stop_signals, rank_log
@@ -79,14 +79,10 @@ def bf16_compute(cfg: Config, device: torch.device) -> bool:
 
 
 def use_autocast(model: torch.nn.Module, cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast only for a model that FSDP2 does not wrap: a wrapped one computes in bf16 through its
-    MixedPrecisionPolicy (parallelize_model(param_dtype=bf16)); autocast is for the unsharded model only (over FSDP
-    it would all-gather fp32 and cast per op). Nor under DeepSpeed, whose bf16 mode keeps the module's parameters in
-    bf16 (fp32 masters in its optimizer): the same computation as FSDP2's, no per-op casts."""
-    from torch.distributed.fsdp import FSDPModule
-
-    deepspeed = cfg.parallel.engine == "deepspeed"
-    return bf16_compute(cfg, device) and not isinstance(model, FSDPModule) and not deepspeed
+    """bf16 autocast only where the engine does not compute in bf16 itself (Engine.autocasts): a model FSDP2 wraps
+    computes in bf16 through its MixedPrecisionPolicy (parallelize_model(param_dtype=bf16)), DeepSpeed's bf16 mode
+    keeps the module's parameters in bf16 (fp32 masters in its optimizer); autocast is for the unsharded model."""
+    return bf16_compute(cfg, device) and engine_class(cfg.parallel.engine).autocasts(model)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -165,8 +161,7 @@ def update_routing_state(routers, stats: dict, budget: bool) -> None:
     capacity, which can equal the mean and hide the overload), the compute budget from the true experts per token
     that actually ran."""
     for router, selected_E, k_mean in zip(routers, stats["selected_counts_LE"], stats["true_experts_per_layer"]):
-        if getattr(router, "expert_bias", None) is not None:
-            router.update_bias(selected_E)
+        router.update_bias(selected_E)  # a no-op for a router without a trained expert bias (routing/base.py)
         if budget:
             router.update_budget(k_mean)
 
@@ -196,14 +191,7 @@ def _count(n: float) -> str:
 def router_line(cfg: Config) -> str:
     """The routing a run trains with, in the words of the config: experts, k, the FLOPs baseline, the budget."""
     e = cfg.model.moe
-    if e.router == "null":
-        experts = f"{e.num_experts} true + {e.num_null_experts} null experts, k {e.top_k}"
-    elif e.router == "adak":
-        experts = f"{e.num_experts} experts, k in [{e.k_min}, {e.resolved_k_max}] (Ada-K allocator)"
-    elif e.router == "top_p":
-        experts = f"{e.num_experts} experts, top-p {e.top_p} (at most {e.max_slots})"
-    else:
-        experts = f"{e.num_experts} experts, k {e.top_k}"
+    experts = router_class(e.router).describe(e)
     line = f"router: {e.router}, {experts}; FLOPs baseline top-{e.resolved_baseline_top_k}"
     if e.target_true_experts is not None:
         line += (f"; compute budget: target {e.target_true_experts:g} true experts/token/layer "
@@ -273,6 +261,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: ParallelContext, model: Optional[MoETransformer] = None):
         self.ctx = ctx
+        self.engine_type = engine_class(cfg.parallel.engine)  # its class: facts and model preparation (engine.py)
         self.check_batch_layout(cfg)  # a bad config fails before any model is built
         torch.manual_seed(cfg.train.seed)
         built = model is None  # built here rank by rank (sharded, filled), or handed over whole (tests, notebooks)
@@ -285,7 +274,8 @@ class Trainer:
         self.model = self.prepare_model(model, built)
         self.out_dir = Path(cfg.train.out_dir)
         self.start_step = self.setup_optimizer()
-        self.metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, resume_step=self.start_step)
+        self.metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, resume_step=self.start_step,
+                                     keep=self.kept_metrics())
         self.tb = TensorBoard(self.out_dir, self.tensorboard and cfg.train.tensorboard and ctx.is_main)
         if ctx.is_main:
             self.remove_crash_leftovers()  # this run owns out_dir now; nothing of it has been saved yet
@@ -307,6 +297,11 @@ class Trainer:
         logger.info(router_line(self.cfg))
         for line in data_lines(self.cfg, self.data):
             logger.info(line)
+
+    def kept_metrics(self):
+        """Which records of a previous metrics.jsonl the run keeps: None = those up to start_step (MetricsWriter);
+        Ada-K, whose two stages each count steps from 1, says it with a predicate."""
+        return None
 
     def run_line(self) -> str:
         t = self.cfg.train
@@ -343,20 +338,16 @@ class Trainer:
         return build_job_model(cfg, self.ctx)
 
     def prepare_model(self, model: MoETransformer, built: bool = False) -> torch.nn.Module:
-        """A model handed over whole: LoRA and freezing, then expert/data parallelism when distributed. A built one
-        (load_model) has them already. DeepSpeed: its expert groups either way (it shards the whole module)."""
+        """A model handed over whole: LoRA and freezing first. Then the engine's parallelism (Engine.prepare_model:
+        FSDP2 shards a handed-over model, a built one has them from load_model; DeepSpeed's expert groups either
+        way, it shards the whole module)."""
         if not built:
             apply_trainable(model, self.cfg)
             model.activation_checkpointing = self.cfg.train.activation_checkpointing
             model = model.to(self.ctx.device)
-        if self.cfg.parallel.engine == "deepspeed":  # sharding and reduction are DeepSpeed's (setup_optimizer)
-            check_launch(self.cfg, self.ctx)
-            prepare_experts(model, self.ctx)
-        elif self.ctx.distributed and not built:
-            # bf16: FSDP2's MixedPrecisionPolicy (bf16 all-gather and compute, fp32 gradient reduction), as torchtitan
-            bf16 = bf16_compute(self.cfg, self.ctx.device)
-            model = parallelize_model(model, self.ctx, param_dtype=torch.bfloat16 if bf16 else None)
-        return model
+        bf16 = bf16_compute(self.cfg, self.ctx.device)
+        return self.engine_type.prepare_model(model, self.ctx, built=built,
+                                              param_dtype=torch.bfloat16 if bf16 else None)
 
     def setup_optimizer(self) -> int:
         """AdamW and the LR schedule, restored with the data position from a checkpoint when resuming; returns the
@@ -364,9 +355,7 @@ class Trainer:
         t = self.cfg.train
         self.autocast = use_autocast(self.model, self.cfg, self.ctx.device)  # single process: autocast over fp32
         self.opt = build_optimizer(self.model, self.cfg, self.ctx.device)
-        if self.cfg.parallel.engine == "deepspeed":  # MoE / non-MoE parameter groups, before the schedule sees them
-
-            split_moe_groups(self.opt)
+        self.engine_type.split_param_groups(self.opt)  # e.g. DeepSpeed's MoE / non-MoE groups, before the schedule
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
         self.engine = self.make_engine(self.opt, self.sched)
         self.budget = self.cfg.model.moe.target_true_experts is not None
@@ -385,15 +374,12 @@ class Trainer:
         return state["step"]
 
     def make_engine(self, opt: torch.optim.Optimizer, sched=None, params=None, accum: Optional[int] = None):
-        """The engine the loop delegates to (train/engine.py), by parallel.engine: fsdp -> TorchEngine over the
-        (FSDP2) model; deepspeed -> deepspeed.initialize around it and ``opt`` (whose groups a trainable-expert model
-        split into MoE / non-MoE groups first: setup_optimizer). ``accum``: micro-batches per step (default
-        train.grad_accum_steps)."""
-        if self.cfg.parallel.engine != "deepspeed":
-            return TorchEngine(self.model, opt, self.ctx, sched, params)
-
-        return build_engine(self.model, opt, self.cfg, self.ctx, bf16_compute(self.cfg, self.ctx.device), sched,
-                            self.cfg.train.grad_accum_steps if accum is None else accum)
+        """The engine the loop delegates to (train/engine.py; parallel.engine picks it: train/engine_registry.py)
+        over the prepared model and ``opt`` (groups from Engine.split_param_groups). ``params``: what clipping
+        covers (None: every parameter); ``accum``: micro-batches per step (default train.grad_accum_steps)."""
+        return build_engine(self.cfg, self.ctx, self.model, opt, bf16=bf16_compute(self.cfg, self.ctx.device),
+                            sched=sched, params=params,
+                            accum=self.cfg.train.grad_accum_steps if accum is None else accum)
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -637,7 +623,11 @@ def train(cfg: Config, ctx: Optional[ParallelContext] = None) -> dict:
     process groups are created from the launch environment and torn down at the end. Rank 0 holds the out_dir
     lock for the whole run, taken before the process groups (a second run on the folder fails on every rank)."""
     with distributed(cfg.parallel, cfg.model.moe.num_experts, ctx, exclusive=OutDirLock(cfg.train.out_dir)) as ctx:
-        return Trainer(cfg, ctx).fit()
+        trainer = Trainer(cfg, ctx)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.engine.close()
 
 
 def export_hf(model_path: Path, hf_dir: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Optional
 
 from moe_train.config import ModelConfig
 from moe_train.model.rope import mla_softmax_scale, rope_tables
+from moe_train.routing.registry import router_class
 
 REMOTE_MODEL_TYPE = "moe_train"
 FAMILY_KEY = "moe_train_family"  # the family whose layout the weights have
@@ -46,12 +47,9 @@ def remote_code_reason(cfg: ModelConfig, expert_bias_nonzero: bool) -> Optional[
     moe = cfg.moe
     if cfg.family == "longcat_flash":
         return None  # io/hf_longcat.py refuses what transformers' LongCat-Flash cannot run
-    if moe.router == "null":
-        return f"{moe.num_null_experts} null experts of kind {moe.null_kind!r}"
-    if moe.router == "adak":
-        return "an Ada-K allocator (a per-token k)"
-    if moe.router == "top_p":
-        return f"top-p routing (p={moe.top_p})"
+    reason = router_class(moe.router).hf_remote_reason(moe)  # null experts, an allocator, top-p (routing/base.py)
+    if reason is not None:
+        return reason
     if expert_bias_nonzero and cfg.family not in BIASED_FAMILIES:
         return f"a nonzero expert bias, which transformers' {cfg.family} router does not add"
     return None

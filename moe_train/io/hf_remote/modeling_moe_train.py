@@ -159,6 +159,7 @@ class MLAttention(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # routing (moe_train's routers at inference; the same fp32 scores, stable tie order and gate rules)
+ROUTER_ALIASES = {"null": "null_experts"}  # old router names in config.json -> the router they name
 
 
 def select_topk(scores_TN, k, bias=None, tie_break="true_first"):
@@ -218,9 +219,10 @@ class MoEBlock(nn.Module):
         super().__init__()
         family, D, E, Z = m["family"], m["hidden_size"], c["num_experts"], c["num_null_experts"]
         self.m, self.c, self.family = m, c, family
-        self.router, self.E = c["router"], E
+        # moe_train's router name; "null" is the null-expert router's name before "null_experts" (older exports)
+        self.router, self.E = ROUTER_ALIASES.get(c["router"], c["router"]), E
         self.k_max = m["k_max"]  # Ada-K's and top-p's slots per token (resolved at export)
-        self.Z = Z if self.router in ("null", "adak") else 0
+        self.Z = Z if self.router in ("null_experts", "adak") else 0
         self.gate = nn.Linear(D, E, bias=False)
         if self.Z:
             self.null_gate = nn.Linear(D, self.Z, bias=False)
@@ -229,7 +231,7 @@ class MoEBlock(nn.Module):
         if self.Z and c["null_kind"] == "constant":
             self.null_values = nn.Parameter(torch.zeros(self.Z, D))
         # selection-only biases: DeepSeek-V3 keeps its correction bias on the gate (always stored for V3)
-        has_bias = (c["use_expert_bias"] or (c["expert_bias_rate"] > 0 and self.router in ("topk", "null"))) \
+        has_bias = (c["use_expert_bias"] or (c["expert_bias_rate"] > 0 and self.router in ("topk", "null_experts"))) \
             and self.router != "top_p"
         if family == "deepseek_v3":
             self.gate.register_buffer("e_score_correction_bias", torch.zeros(E))
@@ -237,7 +239,7 @@ class MoEBlock(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(E))
         if self.Z and c["use_expert_bias"]:
             self.register_buffer("null_expert_bias", torch.zeros(self.Z))
-        if self.router == "null" and c["target_true_experts"] is not None:
+        if self.router == "null_experts" and c["target_true_experts"] is not None:
             self.register_buffer("null_bias", torch.zeros(()))
             self.register_buffer("null_bias_integral", torch.zeros(()))
         names = EXPERT_NAMES.get(family, ("gate_proj", "up_proj", "down_proj"))
@@ -271,7 +273,7 @@ class MoEBlock(nn.Module):
         scores = torch.softmax(z, dim=-1) if c["score_func"] == "softmax" else torch.sigmoid(z)
         expert_bias = self._expert_bias()
         bias_N = expert_bias
-        if self.router == "null" and (expert_bias is not None or hasattr(self, "null_bias")):
+        if self.router == "null_experts" and (expert_bias is not None or hasattr(self, "null_bias")):
             true_b = expert_bias if expert_bias is not None else logits.new_zeros(E, dtype=torch.float32)
             null_b = getattr(self, "null_bias", true_b.new_zeros(())).expand(Z)
             if hasattr(self, "null_expert_bias"):
@@ -294,7 +296,7 @@ class MoEBlock(nn.Module):
             else:
                 w = renormalize(w, keep) if c["norm_topk_prob"] else w * keep
                 idx = torch.where(keep, idx, torch.full_like(idx, -1))
-        elif self.router == "null":
+        elif self.router == "null_experts":
             idx, w, null_idx, null_w = split_null_slots(w, idx, E, c["null_kind"], c["norm_topk_prob"])
         elif c["norm_topk_prob"]:
             w = renormalize(w, torch.ones_like(w))

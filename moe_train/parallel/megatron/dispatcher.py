@@ -3,12 +3,19 @@
 Megatron's MoELayer calls six dispatcher methods around its experts (MoETokenDispatcher contract):
 
     dispatch_preprocess(x [S,B,D], routing_map [T,E], probs [T,E]) -> rows x_ND, their gate weights w_N
-    token_dispatch(x_ND, w_N)            -> x_RD, w_R        uneven all_to_all_single over the ep group
-    dispatch_postprocess(x_RD, w_R)      -> rows grouped by local expert, tokens_per_expert (CPU), weights
+    token_dispatch(x_ND, w_N)            -> pending x, w     uneven all_to_all_single over the ep group, ISSUED
+    dispatch_postprocess(pending x, w)   -> waits; rows grouped by local expert, tokens_per_expert (CPU), weights
     experts(rows, tokens_per_expert, weights)   Megatron's SequentialMLP / TEGroupedMLP: they apply the weights
     combine_preprocess(y)                -> rows back in arrival order
-    token_combine(y_RD)                  -> y_ND              the reverse all_to_all
-    combine_postprocess(y_ND)            -> y [S,B,D]         sum of each token's rows (weights already applied)
+    token_combine(y_RD)                  -> pending y        the reverse all_to_all, ISSUED
+    combine_postprocess(pending y)       -> waits; y [S,B,D] sum of each token's rows (weights already applied)
+
+The exchanges are functional collectives split into start and wait (parallel/exchange.py: start_rows /
+wait_rows, traceable by torch.compile), so the layer computes between them: VariableKMoELayer runs Megatron's
+shared experts after token_dispatch has issued the rows and before dispatch_postprocess waits for them, and
+ZeroComputeMoELayer's null term between token_combine and combine_postprocess (Megatron's own
+moe_shared_expert_overlap needs a CUDA side stream; this overlap needs none). "pending" is exchange.start_rows'
+(receive buffer, token) pair: it is valid only after the wait, and Megatron's layer passes it along untouched.
 
 Unlike Megatron's alltoall dispatcher (which sizes its buffers as T * topk when dropless) everything here is sized
 by the REAL number of true assignments N: the routing map becomes a slot view idx [T, K] (-1 = no expert, K =
@@ -70,8 +77,9 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
                              "router; with the variable-k dispatcher leave it off (TEGroupedMLP pads FP8 groups "
                              "itself)")
         if config.moe_shared_expert_overlap:
-            raise ValueError("moe_shared_expert_overlap is not supported by the variable-k all-to-all dispatcher; "
-                             "shared experts still run, without overlap")
+            raise ValueError("moe_shared_expert_overlap (Megatron's CUDA-stream overlap) is not supported by the "
+                             "variable-k all-to-all dispatcher: leave it off; VariableKMoELayer runs the shared "
+                             "experts while its exchange is in flight")
         self.num_experts = E = config.num_moe_experts
         self.num_local_experts = L = num_local_experts
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
@@ -112,20 +120,25 @@ class VariableKAllToAllDispatcher(MoETokenDispatcher):
         return x_ND, w_N
 
     def token_dispatch(self, x_ND: torch.Tensor, w_N: torch.Tensor):
+        """Issues the exchange of the rows and of their weights; returns them pending (not waited)."""
         ex = self._state["exchange"]
-        return ex.dispatch_rows(x_ND), ex.dispatch_rows(w_N)
+        return ex.start_dispatch(x_ND), ex.start_dispatch(w_N)
 
-    def dispatch_postprocess(self, x_RD: torch.Tensor, w_R: torch.Tensor):
+    def dispatch_postprocess(self, x_pending, w_pending):
+        """Waits for token_dispatch's exchanges; rows and weights grouped by local expert."""
         ex = self._state["exchange"]
+        x_RD, w_R = ex.wait_dispatch(x_pending), ex.wait_dispatch(w_pending)
         return ex.to_expert_major(x_RD), self._state["tokens_per_expert"], ex.to_expert_major(w_R)
 
     def combine_preprocess(self, y_RD: torch.Tensor) -> torch.Tensor:
         return self._state["exchange"].from_expert_major(y_RD)
 
-    def token_combine(self, y_RD: torch.Tensor) -> torch.Tensor:
-        return self._state["exchange"].combine_rows(y_RD)
+    def token_combine(self, y_RD: torch.Tensor):
+        """Issues the reverse exchange; returns it pending (combine_postprocess waits)."""
+        return self._state["exchange"].start_combine(y_RD)
 
-    def combine_postprocess(self, y_ND: torch.Tensor) -> torch.Tensor:
+    def combine_postprocess(self, y_pending) -> torch.Tensor:
+        y_ND = self._state["exchange"].wait_combine(y_pending)
         s, self._state = self._state, None
         # Megatron's experts already multiplied each row by its gate weight: each token sums its rows. The torch
         # reference of unpermute_combine would multiply every row by 1 first (a wasted pass forward and backward),
@@ -166,7 +179,9 @@ class VariableKMoELayer(ZeroComputeMoELayer):
         if pg_collection is None:
             pg_collection = compat.default_pg_collection()
         if config.moe_shared_expert_overlap:
-            raise ValueError("moe_shared_expert_overlap is not supported with the variable-k all-to-all dispatcher")
+            raise ValueError("moe_shared_expert_overlap (Megatron's CUDA-stream overlap) is not supported with the "
+                             "variable-k all-to-all dispatcher: leave it off; this layer runs the shared experts "
+                             "while its exchange is in flight")
         base_kwargs = compat.moe_layer_kwargs(MoELayer.__init__, **kwargs)
         with _megatron_dispatcher_not_built(config):
             super().__init__(config=config, submodules=submodules, layer_number=layer_number,
@@ -176,3 +191,31 @@ class VariableKMoELayer(ZeroComputeMoELayer):
         self.token_dispatcher = VariableKAllToAllDispatcher(
             self.num_local_experts, self.local_expert_indices, config, pg_collection,
             max_slots=getattr(self.router, "max_slots", config.moe_router_topk), permute_backend=permute_backend)
+        self._shared_input: Optional[torch.Tensor] = None
+        self._shared_output: Optional[torch.Tensor] = None
+
+    # Megatron's forward computes the shared experts first, before routing. When one call runs the whole layer
+    # (fwd_execution_map holds every stage; a partial CUDA-graph capture splits them) they move into dispatch,
+    # after token_dispatch has issued the exchange and before the experts wait for it; postprocess adds them as
+    # Megatron does.
+    def _whole_forward(self) -> bool:
+        stages = self.fwd_execution_map
+        return all(s in stages for s in ("route", "expert_compute", "postprocess"))
+
+    def shared_experts_compute(self, hidden_states: torch.Tensor):
+        if self.use_shared_expert and not self.shared_expert_overlap and self._whole_forward():
+            self._shared_input = hidden_states
+            return None
+        return super().shared_experts_compute(hidden_states)
+
+    def dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        pending = super().dispatch(hidden_states, probs)  # issued, not waited
+        x, self._shared_input = self._shared_input, None
+        if x is not None:  # computes while the rows travel
+            self._shared_output = super().shared_experts_compute(x)
+        return pending
+
+    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        if shared_expert_output is None:
+            shared_expert_output, self._shared_output = self._shared_output, None
+        return super().postprocess(output, shared_expert_output)

@@ -12,7 +12,7 @@ torch.func.functional_call on this module's parameters, so Megatron owns the wei
 sequence-parallel gradient reduction, checkpoints) and moe_train owns the selection. Parameter names:
 
     weight            [E, D]  the true gate, Megatron's own name: a Megatron top-k checkpoint loads unchanged
-    null_weight       [m, D]  AdaMoE null gate (method "null"); missing from a top-k checkpoint it is initialised
+    null_weight       [m, D]  AdaMoE null gate (method "null_experts"); missing from a top-k checkpoint it is initialised
                               as weight repeated m/E times, the AdaMoE conversion (convert.py does it offline)
     allocator_weight  [A, D]  Ada-K allocator (method "adak"), A = k_max - k_min + 1 actions
 
@@ -48,14 +48,15 @@ from torch.func import functional_call
 from moe_train.config import ROUTERS, SCORE_FUNCS, MoEConfig, validate_moe
 from moe_train.parallel.collectives import all_reduce
 from moe_train.parallel.megatron import compat
-from moe_train.routing import ROUTER_CLASSES, RoutingPlan
+from moe_train.routing import RoutingPlan, canonical_router_name, router_class
 from moe_train.routing.balancing import load_balancing_loss, null_bucket_counts, router_z_loss
+from moe_train.routing.base import ALIASES
 from moe_train.routing.null_experts import null_gate_from_true
 from moe_train.routing.plan import counts_from_idx
 
 logger = logging.getLogger(__name__)
 
-METHODS = ROUTERS  # moe_train's routers (config.ROUTERS is the one list)
+METHODS = ROUTERS  # moe_train's routers (config.ROUTERS, the router registry's names; old names are ALIASES)
 DISPATCHERS = ("variable_k", "megatron")
 LOSS_TYPES = ("aux_loss", "none")
 
@@ -64,18 +65,19 @@ LOSS_TYPES = ("aux_loss", "none")
 class VariableKRouting:
     """What Megatron's TransformerConfig cannot say: which moe_train router and its variable-k settings.
 
-    method: ``topk`` (moe_train's top-k: the reference), ``null`` (AdaMoE null experts), ``adak`` (Ada-K).
+    method: ``topk`` (moe_train's top-k: the reference), ``null_experts`` (AdaMoE null experts; old name ``null``),
+    ``adak`` (Ada-K).
     top_k: picks per token over the n true (+ m null) experts; None = config.moe_router_topk.
     Everything else (E, softmax, aux / z-loss coefficients, router dtype, norm of the top-k weights through
     ``moe_router_pre_softmax``) comes from the TransformerConfig.
     """
 
-    method: str = "null"
+    method: str = "null_experts"
     num_null_experts: int = 0
     top_k: Optional[int] = None
     k_min: int = 1
     k_max: Optional[int] = None
-    # method "null": order of exactly tied scores (moe_train.config.NULL_TIE_BREAKS): "true_first" ranks a true
+    # method "null_experts": order of exactly tied scores (moe_train.config.NULL_TIE_BREAKS, routing/null_experts.py): "true_first" ranks a true
     # expert before its null twins (a null gate loaded as the true gate repeated starts function-preserving when
     # ceil(top_k / (m/E + 1)) is the source's top-k, see moe_train/io/convert.py); "topk" is the authors' behaviour.
     null_tie_break: str = "true_first"
@@ -85,9 +87,13 @@ class VariableKRouting:
     # with_variable_k installs (ZeroComputeMoELayer) builds with -1 for null slots, parallel/megatron/flex.py).
     dispatcher: str = "variable_k"
     permute_backend: str = "auto"  # moe_train.kernels.permute backend of the variable_k dispatcher
-    # method "null": what a null pick returns, moe_train.config.NULL_KINDS (zero = AdaMoE; identity / constant are
+    # method "null_experts": what a null pick returns, moe_train.config.NULL_KINDS (zero = AdaMoE; identity / constant are
     # added on the token's rank by parallel/megatron/zero_compute.py, never dispatched; docs/zero_compute.md)
     null_kind: str = "zero"
+
+    def __post_init__(self):
+        if self.method in ALIASES:  # an old router name ("null"): the router it names
+            object.__setattr__(self, "method", canonical_router_name(self.method))
 
     def moe_config(self, config) -> MoEConfig:
         """moe_train's MoEConfig for this routing under a Megatron TransformerConfig, validated."""
@@ -112,15 +118,15 @@ class VariableKRouting:
         if self.method == "top_p":  # VariableKRouting carries no threshold and _attach_losses no entropy loss
             raise ValueError("VariableKRouting(method='top_p') is not wired into the Megatron adapter (no top_p "
                              "threshold field, no entropy loss); train top-p routing with moe_train's trainer")
-        if self.method == "null" and self.num_null_experts < 1:
-            raise ValueError(f"VariableKRouting(method='null') needs num_null_experts >= 1, got "
+        if self.method == "null_experts" and self.num_null_experts < 1:
+            raise ValueError(f"VariableKRouting(method='null_experts') needs num_null_experts >= 1, got "
                              f"{self.num_null_experts}; use method='topk' for plain top-k")
         return moe
 
 
 def adamoe(num_null_experts: int, top_k: Optional[int] = None, **kwargs) -> VariableKRouting:
     """AdaMoE: ``num_null_experts`` zero-cost experts, ``top_k`` picks over true + null (Mixtral: 16, 4)."""
-    return VariableKRouting(method="null", num_null_experts=num_null_experts, top_k=top_k, **kwargs)
+    return VariableKRouting(method="null_experts", num_null_experts=num_null_experts, top_k=top_k, **kwargs)
 
 
 def adak(k_min: int = 1, k_max: Optional[int] = None, **kwargs) -> VariableKRouting:
@@ -217,11 +223,11 @@ class VariableKRouter(MegatronModule):
             pg_collection = compat.default_pg_collection()
         self.tp_cp_group = pg_collection.tp_cp
         self.num_experts = E = config.num_moe_experts
-        self.num_null = self.moe_cfg.num_null_experts if routing.method == "null" else 0
+        self.num_null = self.moe_cfg.num_null_experts if routing.method == "null_experts" else 0
         D = config.hidden_size
         # moe_train's router on the meta device: its forward is the routing math, its parameters are never used.
         with torch.device("meta"):
-            core = ROUTER_CLASSES[routing.method](D, self.moe_cfg)
+            core = router_class(routing.method)(D, self.moe_cfg)
         object.__setattr__(self, "_core", core)  # not a submodule: no parameters, no state-dict entries
 
         def param(rows: int) -> torch.nn.Parameter:
@@ -275,7 +281,7 @@ class VariableKRouter(MegatronModule):
     @property
     def max_slots(self) -> int:
         """K: the most true experts one token can get (sizes the dispatcher's slot view of routing_map)."""
-        return self.moe_cfg.max_slots if self.routing.method != "null" else min(self.moe_cfg.top_k,
+        return self.moe_cfg.max_slots if self.routing.method != "null_experts" else min(self.moe_cfg.top_k,
                                                                                   self.num_experts)
 
     def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None) -> None:

@@ -7,8 +7,10 @@ docs/zero_compute.md) is added here, by the same pure function moe_train's own M
 
     route(x)            VariableKRouter -> (probs, routing_map); its last_plan keeps null_idx_TK / null_weight_TK
                         (already scaled like probs by moe_router_topk_scaling_factor); the layer keeps x
-    ... dispatch, experts, combine, shared experts (Megatron's, unchanged)
-    postprocess(y)      y + null_expert_output(x, null_idx_TK, null_weight_TK, kind, router.null_values)
+    ... dispatch, experts, shared experts (Megatron's, unchanged)
+    combine(y)          the dispatcher's token_combine, then null_expert_output(x, null_idx_TK, null_weight_TK,
+                        kind, router.null_values): with our dispatcher the combine exchange is in flight meanwhile
+    postprocess(y)      Megatron's (combine_postprocess, + shared experts), then + the null term
 
 Both hooks run inside Megatron's custom_forward, so MoE-layer recomputation (moe_layer_recompute) recomputes the
 term with its own routing. A router of kind ``zero`` (or Megatron's own router) leaves the layer's math unchanged.
@@ -38,6 +40,7 @@ class ZeroComputeMoELayer(MoELayer):
     token dispatcher is whatever the config names (VariableKMoELayer, its subclass, installs ours)."""
 
     _null_input: Optional[torch.Tensor] = None
+    _null_output: Optional[torch.Tensor] = None
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None, pg_collection=None, **kwargs):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
@@ -51,13 +54,19 @@ class ZeroComputeMoELayer(MoELayer):
         self._null_input = hidden_states if getattr(self.router, "null_kind", "zero") != "zero" else None
         return probs, routing_map
 
+    def combine(self, output: torch.Tensor):
+        output = super().combine(output)  # our dispatcher: the exchange is issued, waited in postprocess
+        x, self._null_input = self._null_input, None
+        if x is not None:
+            plan = self.router.last_plan
+            self._null_output = null_expert_output(x.reshape(-1, x.shape[-1]), plan.null_idx_TK,
+                                                   plan.null_weight_TK, plan.null_kind,
+                                                   getattr(self.router, "null_values", None))
+        return output
+
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         output = super().postprocess(output, shared_expert_output)
-        x, self._null_input = self._null_input, None
-        if x is None:
+        y_TD, self._null_output = self._null_output, None
+        if y_TD is None:
             return output
-        plan = self.router.last_plan
-        x_TD = x.reshape(-1, x.shape[-1])
-        y_TD = null_expert_output(x_TD, plan.null_idx_TK, plan.null_weight_TK, plan.null_kind,
-                                  getattr(self.router, "null_values", None))
         return output + y_TD.view(output.shape).to(output.dtype)

@@ -38,7 +38,8 @@ from moe_train.model import MoETransformer
 from moe_train.parallel.distributed import _env_int, validate_layout
 from moe_train.parallel.layout import validate_fsdp_config
 from moe_train.routing.registry import conversions_on_load, router_class
-from moe_train.train.fingerprint import check_resume_launch
+from moe_train.train.adak import ADAK_MAY_CHANGE
+from moe_train.train.fingerprint import MAY_CHANGE, check_resume_launch
 from moe_train.train.metrics import logger
 
 MARKER = "inputs checked"
@@ -139,18 +140,19 @@ def check_resume_from(cfg: Config) -> None:
                          f"folder, or its save never finished); give a folder <out_dir>/checkpoints/step_N")
 
 
-def check_resume_config(cfg: Config, model_cfg: ModelConfig, world_size: int) -> None:
+def check_resume_config(cfg: Config, model_cfg: ModelConfig, world_size: int, adak: bool = False) -> None:
     """The checkpoint a run will resume from (train.resume_from, or out_dir's latest with train.resume) against
-    this config, as the trainer checks it after loading its model (train/fingerprint.py): a checkpoint of another
-    model shape, engine or objective is refused here, before the model is built. With train.init_from the model
-    section is the source's plus the conversion's knobs (resolved only when the model is built): only the trainer's
-    check compares it then."""
+    this config, as the trainer (or Ada-K) checks it after loading its model (train/fingerprint.py): a checkpoint
+    of another model shape, engine, objective or Ada-K setting is refused here, before the model is built. With
+    train.init_from the model section is the source's plus the conversion's knobs (resolved only when the model
+    is built): the run's own check compares that section then."""
     t = cfg.train
     path = Path(t.resume_from) if t.resume_from else (latest_checkpoint(Path(t.out_dir)) if t.resume else None)
-    if path is None or t.init_from is not None:
+    if path is None:
         return
     check_resume_launch(path, dataclasses.replace(cfg, model=model_cfg), world_size, cfg.parallel.ep,
-                        log_changes=False)
+                        log_changes=False, may_change=ADAK_MAY_CHANGE if adak else MAY_CHANGE,
+                        unknown=("model.*",) if t.init_from is not None else ())
 
 
 def _checkpoint_step(folder: Optional[Path]) -> Optional[int]:
@@ -237,8 +239,8 @@ def check_train_inputs(cfg: Config, env: Optional[Mapping[str, str]] = None, ove
         validate_fsdp_config(cfg, _env_int(env, "WORLD_SIZE", 1), model_cfg)
     check_resume_from(cfg)
     check_out_dir(cfg, overwrite)
-    if env is not None and not adak:
-        check_resume_config(cfg, model_cfg, _env_int(env, "WORLD_SIZE", 1))
+    if env is not None:
+        check_resume_config(cfg, model_cfg, _env_int(env, "WORLD_SIZE", 1), adak)
     with torch.device("meta"):  # shapes only, no memory: the parameter count and the export's layout
         skeleton = MoETransformer(model_cfg)
     if not adak:  # Ada-K writes no Hugging Face folder

@@ -296,3 +296,44 @@ def test_resume_of_another_model_shape_is_refused_by_the_preflight(tmp_path, mon
     monkeypatch.setattr(preflight, "check_disk_space", lambda *a, **k: None)
     preflight.check_train_inputs(good, {"WORLD_SIZE": "1", "RANK": "0"})
     assert built
+
+
+def test_adak_resume_with_a_changed_adak_setting_is_refused_by_the_preflight(tmp_path, monkeypatch):
+    """Ada-K (train.init_from set: the model section is resolved later, by the run): a checkpoint written with
+    adak.penalty 0.01 resumed with 0.02 is refused before the model is built; the model section is left to the
+    run's own check, so the same config passes."""
+    import torch
+
+    from moe_train import preflight
+    from moe_train.config import AdaKConfig, Config, ModelConfig, MoEConfig
+    from moe_train.io.dcp_checkpoint import MANIFEST
+    from moe_train.io.model_file import save_model
+    from moe_train.model import build_model
+    from moe_train.train.fingerprint import ResumeConfigMismatch, launch_record
+
+    base = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                       max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2))
+    save_model(build_model(base), tmp_path / "base.pt", step=0)
+
+    def cfg(penalty: float) -> Config:
+        c = Config(model=base, adak=AdaKConfig(k_min=0, k_max=3, warm_start_steps=2, ppo_steps=2, penalty=penalty))
+        c.train.out_dir, c.train.init_from, c.train.tensorboard = str(tmp_path / "run"), str(tmp_path / "base.pt"), False
+        c.train.seq_len = 32
+        return c
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / MANIFEST).write_text("{}")
+    stored = launch_record(cfg(0.01), 1, 1)
+    stored["model"]["moe"]["router"] = "adak"  # the run's resolved model section differs: not compared here
+    torch.save({"step": 2, "config": stored, "adak": {"stage": "warm_start", "step": 2}}, ckpt / "trainer.pt")
+    monkeypatch.setattr(preflight, "preflight_data", lambda *a, **k: None)
+    monkeypatch.setattr(preflight, "check_disk_space", lambda *a, **k: None)
+    built = []
+    monkeypatch.setattr(preflight, "MoETransformer", lambda *a, **k: built.append(1))
+
+    with pytest.raises(ResumeConfigMismatch, match=r"adak.penalty: 0.01 in the checkpoint, 0.02 now"):
+        preflight.check_train_inputs(cfg(0.02), {"WORLD_SIZE": "1", "RANK": "0"}, overwrite=True, adak=True)
+    assert not built
+    preflight.check_train_inputs(cfg(0.01), {"WORLD_SIZE": "1", "RANK": "0"}, overwrite=True, adak=True)
+    assert built

@@ -153,10 +153,12 @@ def check_resume(path: Path, cfg: Config, ctx: ParallelContext,
 
 
 def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, log_changes: bool = True,
-                        may_change: tuple[str, ...] = MAY_CHANGE) -> dict[str, tuple[Any, Any]]:
+                        may_change: tuple[str, ...] = MAY_CHANGE, unknown: tuple[str, ...] = ()
+                        ) -> dict[str, tuple[Any, Any]]:
     """check_resume for a launch of ``world_size`` ranks and ``ep_size`` before its process groups exist (the
     preflight: a checkpoint of another shape is refused before the model is built); ``log_changes`` False: the
-    run's own check logs them later."""
+    run's own check logs them later. ``unknown``: patterns of keys not resolved yet (the preflight's model section
+    under train.init_from), left to the run's own check."""
     state = _read_trainer_state(path)
     check_engine(path, cfg, state)  # first: another engine's checkpoint is the cause, whatever else differs
     check_deepspeed_layout(path, cfg, state, world_size, ep_size)
@@ -176,7 +178,7 @@ def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, 
     defaults = flatten(to_dict(Config()))
     old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-             if old.get(k, missing) != new.get(k, missing)}
+             if old.get(k, missing) != new.get(k, missing) and not any(fnmatch.fnmatchcase(k, p) for p in unknown)}
 
     def show(v):
         return "(absent)" if v is missing else repr(v)

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> None:
         from moe_train.miniature import run_miniature
 
         apply_launch_env()
-        summary = run_miniature(args.config, args.set, "train")
+        summary = run_miniature(args.config, args.set, "train", check=_check_miniature)
         if summary:
             print(summary)
         return
@@ -52,6 +52,18 @@ def _launched(env) -> bool:
     from moe_train.parallel.launch import resolve_launch_env
 
     return "SLURM_JOB_NODELIST" in env or "WORLD_SIZE" in env or bool(resolve_launch_env(env))
+
+
+def _check_miniature(mini) -> None:
+    """What a miniature train run needs at its end, checked before its ranks start (its inputs are generated):
+    the Hugging Face export of its model (train.export_hf), on a meta-device skeleton."""
+    import torch
+
+    from moe_train.model import MoETransformer
+    from moe_train.preflight import check_export_hf
+
+    with torch.device("meta"):
+        check_export_hf(mini, MoETransformer(mini.model))
 
 
 def _check_only(cfg, args: argparse.Namespace, adak: bool = False) -> None:

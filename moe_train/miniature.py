@@ -26,7 +26,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from moe_train.config import (
     Config,
@@ -169,10 +169,13 @@ def miniature_config(cfg: Config, overrides: Optional[list[str]] = None, write_b
     return mini
 
 
-def run_miniature(config_path: str, overrides: list[str], command: str = "train") -> Optional[str]:
+def run_miniature(config_path: str, overrides: list[str], command: str = "train",
+                  check: Optional[Callable[[Config], None]] = None) -> Optional[str]:
     """``moe-train {train,adak} --miniature``: under a launcher (WORLD_SIZE set), run this rank's share; alone,
     spawn the config's world size of gloo processes on this machine and run them. Logs a line per phase; returns
-    the summary of what the miniature exercised and proved (rank 0; None on the other ranks of a launch)."""
+    the summary of what the miniature exercised and proved (rank 0; None on the other ranks of a launch).
+    ``check``: the caller's checks of the miniature config, before any rank starts (a ValueError: a user
+    mistake)."""
     cfg = load_config(config_path, overrides)
     world = world_size_of(cfg)
     ep = cfg.parallel.ep
@@ -182,6 +185,8 @@ def run_miniature(config_path: str, overrides: list[str], command: str = "train"
     say("miniature [1/4]: %s loaded and valid: world %d (dp %d x ep %d), %s, router %s", config_path, world,
         world // ep, ep, cfg.model.family, cfg.model.moe.router)
     mini = miniature_config(cfg, overrides)  # the base model is written once, before any rank starts
+    if check is not None:
+        check(mini)
     m = mini.model
     say("miniature [2/4]: tiny sizes (hidden %d, %d layers, vocab %d, seq %d, %d steps)%s", m.hidden_size,
         m.num_layers, m.vocab_size, mini.train.seq_len, mini.train.steps,

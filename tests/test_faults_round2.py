@@ -337,3 +337,17 @@ def test_adak_resume_with_a_changed_adak_setting_is_refused_by_the_preflight(tmp
     assert not built
     preflight.check_train_inputs(cfg(0.01), {"WORLD_SIZE": "1", "RANK": "0"}, overwrite=True, adak=True)
     assert built
+
+
+def test_miniature_refuses_an_export_the_family_cannot_express_before_its_ranks_start(tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moe_train.cli", "train", "--config", "configs/tiny_adamoe.yaml",
+                          "--miniature", "--set", "train.export_hf=true", "--set", "model.family=qwen3_moe",
+                          "--set", "model.shared_expert_intermediate_size=16", "--set",
+                          f"train.out_dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot express a shared expert" in out.stderr and "Traceback" not in out.stderr
+    assert "miniature [3/4]" not in out.stderr  # refused before any rank ran a step

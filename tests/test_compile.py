@@ -99,13 +99,15 @@ def test_compiled_blocks_follow_eager_trajectory_on_two_ranks(tmp_path):
     _assert_same_trajectory(_rows(tmp_path / "compiled"), _rows(tmp_path / "eager"))
 
 
-def test_compile_with_deepspeed_engine_is_refused():
+def test_compile_with_zero3_is_refused():
     cfg = _cfg("unused", True)
-    cfg.parallel.engine = "deepspeed"
-    with pytest.raises(ConfigError, match="train.compile.*parallel.engine: fsdp"):
+    cfg.parallel.engine, cfg.deepspeed.stage = "deepspeed", 3
+    with pytest.raises(ConfigError, match="train.compile.*ZeRO stage 3"):
         validate(cfg)
-    cfg.train.compile = False
-    validate(cfg)  # the engine alone is fine: the refusal is the combination
+    cfg.deepspeed.stage = 2
+    validate(cfg)  # stage 2 trains compiled
+    cfg.deepspeed.stage, cfg.train.compile = 3, False
+    validate(cfg)  # the stage alone is fine: the refusal is the combination
 
 
 def test_compile_is_off_by_default_and_leaves_blocks_eager():

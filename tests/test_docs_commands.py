@@ -26,6 +26,7 @@ SKIP = {
     "torchrun --nproc-per-node 16": "16 ranks: tests/test_miniatures.py",
     "torchrun --nnodes 2": "a second node",
     "torchrun --nproc_per_node 2": "two gloo ranks: tests/test_launch.py runs the same launch",
+    "torchrun --nproc_per_node 4": "a DeepSpeed resume at another layout (4 ranks): tests/test_deepspeed_reshard.py",
     "deepspeed --num_gpus 8": "8 GPUs",
     "moe-train train --config configs/mixtral_8x7b_adamoe.yaml --miniature --set parallel.engine=deepspeed":
         "8 gloo ranks under DeepSpeed: tests/test_deepspeed.py",

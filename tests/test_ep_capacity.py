@@ -45,7 +45,7 @@ def make_plan(router="topk", seed=0, T=64, **moe):
 @pytest.mark.parametrize("policy", ["weight", "position"])
 @pytest.mark.parametrize("cf", [0.5, 1.0, 1.25])
 @pytest.mark.parametrize("router,moe", [("topk", dict(top_k=2)), ("adak", dict(k_min=0, k_max=3)),
-                                        ("null", dict(num_null_experts=4, top_k=3))])
+                                        ("null_experts", dict(num_null_experts=4, top_k=3))])
 def test_dropped_set_equals_reference(policy, cf, router, moe):
     plan, cfg = make_plan(router, **moe)
     out = apply_capacity(plan, cf, policy, null_experts=router == "null_experts")
@@ -73,7 +73,7 @@ def test_weight_ties_keep_the_earlier_slot():
 
 @pytest.mark.parametrize("norm", [True, False])
 def test_overflow_becomes_a_null_pick_with_null_experts(norm):
-    plan, cfg = make_plan("null", num_null_experts=4, top_k=3, norm_topk_prob=norm)
+    plan, cfg = make_plan("null_experts", num_null_experts=4, top_k=3, norm_topk_prob=norm)
     out = apply_capacity(plan, 0.5, "weight", null_experts=True, norm_topk_prob=norm)
     kept = out.expert_idx_TK >= 0
     p = plan.probs_TN.gather(1, plan.expert_idx_TK.clamp(min=0))  # raw router probability of each slot
@@ -113,7 +113,7 @@ def test_load_imbalance():
     assert imb["rank_max_over_mean"].item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("router,moe", [("null", dict(num_null_experts=4, top_k=3)), ("topk", dict(top_k=2))])
+@pytest.mark.parametrize("router,moe", [("null_experts", dict(num_null_experts=4, top_k=3)), ("topk", dict(top_k=2))])
 def test_moe_layer_applies_capacity_when_configured(router, moe):
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=D, intermediate_size=24,

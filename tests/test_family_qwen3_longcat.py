@@ -262,7 +262,7 @@ def test_longcat_import_matches_transformers(tmp_path, name):
     model = from_hf(tmp_path / "ckpt")
     c, z = model.config, ref.config.zero_expert_num
     assert c.family == "longcat_flash" and c.num_layers == ref.config.num_layers
-    assert (c.moe.router, c.moe.num_null_experts) == (("null", z) if z else ("topk", 0))
+    assert (c.moe.router, c.moe.num_null_experts) == (("null_experts", z) if z else ("topk", 0))
     if z:
         assert c.moe.null_kind == "identity"
     want = theirs(ref)

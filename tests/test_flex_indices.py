@@ -44,10 +44,10 @@ def megatron_inputs(plan, E: int):
 
 
 @pytest.mark.parametrize("router, moe, max_slots", [
-    ("null", dict(num_null_experts=8, top_k=4), 4),  # AdaMoE: some tokens pick only null experts
+    ("null_experts", dict(num_null_experts=8, top_k=4), 4),  # AdaMoE: some tokens pick only null experts
     ("topk", dict(top_k=2), 2),
     ("adak", dict(k_min=0, k_max=3, top_k=2), 3),  # Ada-K: k = 0 tokens have no slot at all
-    ("null", dict(num_null_experts=8, top_k=4), 10),  # more slots than experts: the extra ones are -1
+    ("null_experts", dict(num_null_experts=8, top_k=4), 10),  # more slots than experts: the extra ones are -1
 ])
 def test_indices_are_the_plans_true_slots_and_minus_one_elsewhere(router, moe, max_slots):
     plan, cfg = plan_of(router, **moe)

@@ -166,7 +166,7 @@ def test_convert_rewrites_longcat_as_is_and_refuses_other_requests(folder, tmp_p
     with torch.no_grad():
         assert (back.eval()(IDS).logits - want).abs().max().item() <= 1e-5
     moe = from_hf(tmp_path / "same").config.moe
-    assert (moe.router, moe.num_null_experts, moe.null_kind, moe.top_k) == ("null", Z, "identity", K)
+    assert (moe.router, moe.num_null_experts, moe.null_kind, moe.top_k) == ("null_experts", Z, "identity", K)
     for kw, asked in [(dict(num_null_experts=4, top_k=K), "num_null_experts=4"),
                       (dict(num_null_experts=Z, top_k=4), "top_k=4"),
                       (dict(num_null_experts=Z, top_k=K, null_kind="zero"), "null_kind='zero'")]:

@@ -91,6 +91,20 @@ def test_config_files_with_the_old_name_load_as_null_experts(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("override,words", [
+    ("model.moe.score_func=tanh", ["model.moe.score_func='tanh'", "softmax", "sigmoid"]),
+    ("model.moe.routing_backend=cuda", ["model.moe.routing_backend='cuda'", "triton"]),
+    ("deepspeed.stage=true", ["deepspeed.stage=True", "(1, 2, 3)"]),  # YAML true is not stage 1
+    ("train.lora_targets=[attention, mlp]", ["train.lora_targets[1]='mlp'", "experts"]),
+    ("model.moe.router=magic", ["model.moe.router='magic'", "null_experts"]),
+])
+def test_choice_keys_are_checked_where_the_yaml_is_read(override, words):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [override])
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert "'null'" not in str(err.value)  # the old name loads but is not offered
+
+
 def test_a_checkpoint_that_says_null_resumes_as_null_experts(tmp_path):
     cfg = apply_overrides(Config(), ["model.moe.router=null_experts", "model.moe.num_null_experts=8",
                                      "model.moe.top_k=4"])

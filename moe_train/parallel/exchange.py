@@ -45,8 +45,8 @@ class _StartRows(torch.autograd.Function):
         return all_to_all_start(x_ND, out_splits, in_splits, group), token
 
     @staticmethod
-    def backward(ctx, _grad_buf, grad_pending: torch.Tensor):
-        return wait_tensor(grad_pending), None, None, None
+    def backward(ctx, _grad_buf, grad_pending: Optional[torch.Tensor]):
+        return None if grad_pending is None else wait_tensor(grad_pending), None, None, None
 
 
 class _WaitRows(torch.autograd.Function):

@@ -39,8 +39,8 @@ from moe_train.errors import config_fail
 from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
-from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
-from moe_train.routing.topk import renormalize, select_topk, variable_k_plan
+from moe_train.routing.scores import scale_routed, score_distribution
+from moe_train.routing.topk import renormalize, variable_k_plan
 from moe_train.routing.zero_compute import split_null_slots
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class AdaKRouter(BaseRouter):
         self.k_max = cfg.resolved_k_max
         self.norm_topk_prob = cfg.norm_topk_prob
         # The frozen base router's selection-only bias (DeepSeek-V3's e_score_correction_bias; never updated here)
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.use_expert_bias else None)
+        self.register_expert_bias(cfg)  # frozen under Ada-K: never updated (trains_expert_bias False)
         # The frozen null router's null experts, under NullExpertRouter's names (module docstring; none when z = 0)
         Z = cfg.num_null_experts
         self.num_null, self.null_kind, self.tie_break = Z, cfg.null_kind, cfg.null_tie_break
@@ -91,12 +91,10 @@ class AdaKRouter(BaseRouter):
         if self.num_null:  # one GEMM over true + null gates, as NullExpertRouter (tied twins stay tied)
             return self._forward_with_nulls(x_TD)
         logits_TE = self.gate(x_TD)
-        scores_TE = router_scores(logits_TE, c.score_func)
+        scores_TE, weight_TK, idx_TK = self.select(logits_TE, self.k_max, self.expert_bias)
         probs_TE = score_distribution(scores_TE, c.score_func)
         log_pi_TA, action_T = self._allocate(x_TD)
         k_T = self.k_min + action_T
-        bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group, c.topk_group)
-        weight_TK, idx_TK = select_topk(scores_TE, self.k_max, bias)
         keep_TK = torch.arange(self.k_max, device=x_TD.device) < k_T[:, None]
         weight_TK = renormalize(weight_TK, keep_TK) if self.norm_topk_prob else weight_TK * keep_TK
         weight_TK = scale_routed(weight_TK, c.routed_scaling_factor)
@@ -107,10 +105,8 @@ class AdaKRouter(BaseRouter):
         """The first k of the frozen null router's ranking over all n + z experts (module docstring)."""
         c, E = self.moe_cfg, self.num_experts
         logits_TN = F.linear(x_TD, torch.cat([self.gate.weight, self.null_gate.weight]))
-        scores_TN = router_scores(logits_TN, c.score_func)
         bias_N = None if self.expert_bias is None else torch.cat([self.expert_bias, self.null_expert_bias])
-        bias = selection_bias(scores_TN, E, bias_N, c.topk_method, c.n_group, c.topk_group)
-        weight_TK, idx_TK = select_topk(scores_TN, self.k_max, bias, self.tie_break)
+        scores_TN, weight_TK, idx_TK = self.select(logits_TN, self.k_max, bias_N, self.tie_break)
         log_pi_TA, action_T = self._allocate(x_TD)
         keep_TK = torch.arange(self.k_max, device=x_TD.device) < (self.k_min + action_T)[:, None]
         # dropped slots: index -1 (a "true" slot of no expert) and weight 0, then the kind's gate rule
@@ -158,10 +154,6 @@ class AdaKRouter(BaseRouter):
             entropy_T=-(log_pi_TA.exp() * log_pi_TA).sum(dim=-1),
             extras={"allocator_log_probs_TA": log_pi_TA},
         )
-
-    def update_bias(self, counts_E: torch.Tensor) -> None:
-        """The base router is frozen under Ada-K: its selection bias (if any) is never updated (the trainer calls
-        this on every router)."""
 
     # ------------------------------------------------------------------------------------------------------
     # facts (routing/base.py)

@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from moe_train.errors import config_fail
-from moe_train.kernels.routing import Routed, route_fused
+from moe_train.kernels.routing import Routed, route_fused, select_topk
+from moe_train.routing.balancing import update_expert_bias
+from moe_train.routing.scores import router_scores, selection_bias
 
 if TYPE_CHECKING:
     from moe_train.config import MoEConfig
@@ -85,6 +87,7 @@ class BaseRouter(nn.Module):
     ranks_null_experts: ClassVar[bool] = False  # its ranking may hold model.moe.num_null_experts null experts
     variable_k: ClassVar[bool] = False  # keeps a per-token subset of k_max ranked picks: the plan has k_max slots
     learns_k: ClassVar[bool] = False  # an allocator picks each token's k (Ada-K: set_mode, the PPO trainer)
+    trains_expert_bias: ClassVar[bool] = False  # expert_bias_rate > 0 trains its selection bias (aux-loss-free)
     converts_from: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hidden_size: int, cfg: MoEConfig):
@@ -94,6 +97,14 @@ class BaseRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
         # what the MoE layer's combine reads for constant null experts; a router with them sets a Parameter
         self.null_values: Optional[nn.Parameter] = None
+
+    def register_expert_bias(self, cfg: MoEConfig) -> None:
+        """The selection-only expert bias [E] (DeepSeek-V3's e_score_correction_bias; the aux-loss-free balancing
+        state of a router that trains it, expert_bias_rate > 0) as a buffer, so it is checkpointed and moves with the
+        model; None without either."""
+        self.expert_bias_rate = cfg.expert_bias_rate if self.trains_expert_bias else 0.0  # update_bias's step
+        has_bias = cfg.use_expert_bias or (self.trains_expert_bias and cfg.expert_bias_rate > 0)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if has_bias else None)
 
     # ------------------------------------------------------------------------------------------------------
     # config facts
@@ -191,8 +202,11 @@ class BaseRouter(nn.Module):
     # hooks the trainer and the MoE layer call on every router
 
     def update_bias(self, counts_E: torch.Tensor) -> None:
-        """After an optimizer step, with the step's per-expert selections: nothing unless the router trains an
-        aux-loss-free expert bias."""
+        """After an optimizer step with the step's per-expert SELECTIONS (``plan.selected_counts_E``, before capacity
+        drops, summed over micro-batches/ranks: post-drop counts hide exactly the overload to correct): the
+        aux-loss-free expert bias of a router that trains one; nothing otherwise (Ada-K's frozen base, top-p)."""
+        if self.trains_expert_bias and self.expert_bias is not None:
+            update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
 
     def update_budget(self, true_experts_per_token: float) -> None:
         """After an optimizer step, with the measured true experts per token: nothing unless the router holds a
@@ -200,6 +214,17 @@ class BaseRouter(nn.Module):
 
     def gate_weights(self) -> list[torch.Tensor]:
         return [self.gate.weight]
+
+    def select(self, logits_TN: torch.Tensor, k: int, bias_N: Optional[torch.Tensor] = None,
+               tie_break: str = "true_first") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The shared torch path of scoring and selection (routing/scores.py): (scores_TN, weight_TK, idx_TK), the
+        fp32 scores of the config's score function, the k best by scores + selection bias (``bias_N`` plus the
+        group limit of topk_method), their unbiased scores."""
+        c = self.moe_cfg
+        scores_TN = router_scores(logits_TN, c.score_func)
+        bias = selection_bias(scores_TN, self.num_experts, bias_N, c.topk_method, c.n_group, c.topk_group)
+        weight_TK, idx_TK = select_topk(scores_TN, k, bias, tie_break)
+        return scores_TN, weight_TK, idx_TK
 
     def route_fused(self, logits_TN: torch.Tensor, top_k: int, bias_N: Optional[torch.Tensor],
                     tie_break: str = "true_first") -> Optional[Routed]:

@@ -40,12 +40,12 @@ from torch import nn
 
 from moe_train.errors import config_fail
 from moe_train.kernels.routing import TIE_BREAKS
-from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.budget import null_bias_limits, update_null_bias
 from moe_train.routing.plan import RoutingPlan
-from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
-from moe_train.routing.topk import group_limited, select_topk
+from moe_train.routing.scores import scale_routed, score_distribution
+from moe_train.routing.topk import group_limited
 from moe_train.routing.zero_compute import split_null_slots
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class NullExpertRouter(BaseRouter):
     name = "null_experts"
     aliases = ("null",)  # its name until 2026-12: configs and checkpoints written before still load
     ranks_null_experts = True
+    trains_expert_bias = True
     converts_from = ("topk",)  # AdaMoE conversion on load (io/convert.py add_null_experts)
 
     def __init__(self, hidden_size: int, cfg: MoEConfig):
@@ -87,15 +88,13 @@ class NullExpertRouter(BaseRouter):
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
         self.tie_break = cfg.null_tie_break
-        self.expert_bias_rate = cfg.expert_bias_rate
         self.null_gate = nn.Linear(hidden_size, cfg.num_null_experts, bias=False) if cfg.num_null_experts else None
         # What a null pick returns (routing/zero_compute.py); constant: one learned vector per null expert, from 0
         # (the MoE layer's combine reads it; a dense parameter like the gates).
         self.null_kind = cfg.null_kind
         self.null_values = (nn.Parameter(torch.zeros(cfg.num_null_experts, hidden_size))
                             if cfg.null_kind == "constant" else None)
-        has_bias = cfg.expert_bias_rate > 0 or cfg.use_expert_bias
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if has_bias else None)
+        self.register_expert_bias(cfg)
         # With use_expert_bias (DeepSeek-V3's correction bias), a fixed selection offset per null expert: the
         # AdaMoE conversion sets it to its twin's expert bias, so a twin still ties with its true expert
         # (io/convert.py); the aux-loss-free update trains the true experts' bias only.
@@ -131,9 +130,7 @@ class NullExpertRouter(BaseRouter):
         # the one-pass kernel where routing_backend selects it and the math is its plain top-k (kernels/routing.py)
         fused = self.route_fused(logits_TN, self.top_k, bias_N, self.tie_break)
         if fused is None:  # the torch path: every convention
-            scores_TN = router_scores(logits_TN, c.score_func)
-            bias = selection_bias(scores_TN, E, bias_N, c.topk_method, c.n_group, c.topk_group)
-            weight_TK, idx_TK = select_topk(scores_TN, self.top_k, bias, self.tie_break)
+            scores_TN, weight_TK, idx_TK = self.select(logits_TN, self.top_k, bias_N, self.tie_break)
             expert_idx_TK, weight_TK, null_idx_TK, null_weight_TK = split_null_slots(
                 weight_TK, idx_TK, E, self.null_kind, self.norm_topk_prob)
         else:  # null_kind zero (kernel_excluded): null picks output nothing
@@ -159,10 +156,6 @@ class NullExpertRouter(BaseRouter):
             null_weight_TK=null_weight_TK,
             null_kind=self.null_kind,
         )
-
-    def update_bias(self, counts_E: torch.Tensor) -> None:
-        if self.expert_bias is not None:
-            update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
 
     def update_budget(self, true_experts_per_token: float) -> None:
         """After an optimizer step: one PI step toward target_true_experts with the step's measured mean, the bias

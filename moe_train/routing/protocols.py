@@ -31,6 +31,7 @@ class Router(Protocol):
 
     name: str
     num_experts: int
+    learns_k: bool  # an allocator picks each token's k (Ada-K: set_mode; eval forces k, the PPO trainer samples)
     null_values: Optional[torch.Tensor]
 
     def __call__(self, x_TD: torch.Tensor) -> RoutingPlan: ...

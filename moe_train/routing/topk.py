@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 
 # select_topk / renormalize: the one selection of every router, owned by the kernel's reference (kernels/routing.py)
-from moe_train.kernels.routing import renormalize, select_topk
-from moe_train.routing.balancing import load_balancing_loss, router_z_loss, update_expert_bias
+from moe_train.kernels.routing import renormalize, select_topk  # noqa: F401 - re-exported for the routers
+from moe_train.routing.balancing import load_balancing_loss, router_z_loss
 from moe_train.routing.base import BaseRouter, register
 from moe_train.routing.plan import RoutingPlan, counts_from_idx
-from moe_train.routing.scores import router_scores, scale_routed, score_distribution, selection_bias
+from moe_train.routing.scores import scale_routed, score_distribution
 
 if TYPE_CHECKING:
     from moe_train.config import MoEConfig
@@ -55,16 +55,15 @@ def group_limited(e: MoEConfig) -> bool:
 @register
 class TopKRouter(BaseRouter):
     name = "topk"
+    trains_expert_bias = True
 
     def __init__(self, hidden_size: int, cfg: MoEConfig):
         super().__init__(hidden_size, cfg)
         self.top_k = cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob
-        self.expert_bias_rate = cfg.expert_bias_rate
         # Aux-loss-free balancing state (DeepSeek-V3's e_score_correction_bias); a buffer so it is checkpointed and
         # moves with the model.
-        has_bias = cfg.expert_bias_rate > 0 or cfg.use_expert_bias
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if has_bias else None)
+        self.register_expert_bias(cfg)
 
     def forward(self, x_TD: torch.Tensor) -> RoutingPlan:
         c = self.moe_cfg
@@ -72,10 +71,7 @@ class TopKRouter(BaseRouter):
         # the one-pass kernel where routing_backend selects it and the math is its plain top-k (kernels/routing.py)
         fused = self.route_fused(logits_TE, self.top_k, self.expert_bias)
         if fused is None:  # the torch path: every convention
-            scores_TE = router_scores(logits_TE, c.score_func)
-            bias = selection_bias(scores_TE, self.num_experts, self.expert_bias, c.topk_method, c.n_group,
-                                  c.topk_group)
-            weight_TK, idx_TK = select_topk(scores_TE, self.top_k, bias)
+            scores_TE, weight_TK, idx_TK = self.select(logits_TE, self.top_k, self.expert_bias)
             if self.norm_topk_prob:
                 weight_TK = renormalize(weight_TK, torch.ones_like(weight_TK))
         else:
@@ -93,12 +89,6 @@ class TopKRouter(BaseRouter):
             probs_TN=probs_TE,
             logits_TN=logits_TE,
         )
-
-    def update_bias(self, counts_E: torch.Tensor) -> None:
-        """Call after an optimizer step with the step's per-expert SELECTIONS (``plan.selected_counts_E``, before
-        capacity drops, summed over micro-batches/ranks): post-drop counts hide exactly the overload to correct."""
-        if self.expert_bias is not None:
-            update_expert_bias(self.expert_bias, counts_E, self.expert_bias_rate)
 
     @classmethod
     def kernel_excluded(cls, e: MoEConfig) -> str:

@@ -41,8 +41,8 @@ MAY_CHANGE = (
     "train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay",
     "train.beta1", "train.beta2", "train.grad_clip", "train.log_every", "train.checkpoint_every", "train.keep_last",
     "train.eval_every", "train.max_bad_steps", "train.peak_tflops", "train.tensorboard", "train.export_hf",
-    "train.precision", "train.activation_checkpointing", "train.out_dir", "train.resume", "train.resume_from",
-    "train.resume_allow_changes",
+    "train.precision", "train.activation_checkpointing", "train.compile", "train.out_dir", "train.resume",
+    "train.resume_from", "train.resume_allow_changes",
     "model.moe.gemm_backend", "model.moe.permute_backend", "model.moe.routing_backend",
     "parallel.*", "launch.*", "adak.*",
 )

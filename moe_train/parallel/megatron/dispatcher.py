@@ -199,7 +199,7 @@ class VariableKMoELayer(ZeroComputeMoELayer):
     # after token_dispatch has issued the exchange and before the experts wait for it; postprocess adds them as
     # Megatron does.
     def _whole_forward(self) -> bool:
-        stages = self.fwd_execution_map
+        stages = getattr(self, "fwd_execution_map", ("route", "expert_compute", "postprocess"))
         return all(s in stages for s in ("route", "expert_compute", "postprocess"))
 
     def shared_experts_compute(self, hidden_states: torch.Tensor):

@@ -45,6 +45,7 @@ from moe_train.model.lora import merge_lora_stream
 from moe_train.model.loss import lm_loss, routing_losses
 from moe_train.model.trainable import apply_trainable  # noqa: F401 (callers import it from here too)
 from moe_train.parallel.collectives import all_reduce_mean, all_reduce_sum, local_tensor
+from moe_train.parallel.compile import apply_compile
 from moe_train.parallel.distributed import ParallelContext, distributed
 from moe_train.routing.capacity import load_imbalance
 from moe_train.routing.registry import router_class
@@ -345,6 +346,7 @@ class Trainer:
             apply_trainable(model, self.cfg)
             model.activation_checkpointing = self.cfg.train.activation_checkpointing
             model = model.to(self.ctx.device)
+            apply_compile(model, self.cfg.train, self.ctx.device)  # as build_job_model: before the engine's FSDP2
         bf16 = bf16_compute(self.cfg, self.ctx.device)
         return self.engine_type.prepare_model(model, self.ctx, built=built,
                                               param_dtype=torch.bfloat16 if bf16 else None)

@@ -332,6 +332,7 @@ def precision_runs(cfg_dicts: list[dict]) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
     from moe_train.config import Config, from_dict, validate
+    from moe_train.parallel import exchange
     from moe_train.parallel.distributed import init_distributed
     from moe_train.train import trainer as trainer_mod
 
@@ -340,7 +341,7 @@ def precision_runs(cfg_dicts: list[dict]) -> dict:
         validate(c)
     ctx = init_distributed(cfgs[0].parallel, cfgs[0].model.moe.num_experts)
     real = {"gmm": torch._grouped_mm, "ag": dist.all_gather_single, "rs": dist.reduce_scatter_single,
-            "a2a": dist.all_to_all_single, "opt": trainer_mod.build_optimizer}
+            "a2a": exchange.all_to_all_start, "opt": trainer_mod.build_optimizer}
     out = {}
     for cfg in cfgs:
         seen: dict = {k: set() for k in ("gemm", "autocast", "ag", "rs", "a2a")}
@@ -362,21 +363,21 @@ def precision_runs(cfg_dicts: list[dict]) -> dict:
             seen["rs"] |= floats(input)
             return real["rs"](output, input, *a, **kw)
 
-        def a2a(output, input, *a, **kw):
-            seen["a2a"] |= floats(input)
-            return real["a2a"](output, input, *a, **kw)
+        def a2a(inp, *a, **kw):  # every exchange of the dispatcher (parallel/exchange.py): the rows' dtype
+            seen["a2a"] |= floats(inp)
+            return real["a2a"](inp, *a, **kw)
 
         def spy(model, cfg_, device):
             held["model"], held["opt"] = model, real["opt"](model, cfg_, device)
             return held["opt"]
 
         torch._grouped_mm, dist.all_gather_single, dist.reduce_scatter_single = gmm, ag, rs
-        dist.all_to_all_single, trainer_mod.build_optimizer = a2a, spy
+        exchange.all_to_all_start, trainer_mod.build_optimizer = a2a, spy
         try:
             trainer_mod.train(cfg, ctx)
         finally:
             torch._grouped_mm, dist.all_gather_single, dist.reduce_scatter_single = real["gmm"], real["ag"], real["rs"]
-            dist.all_to_all_single, trainer_mod.build_optimizer = real["a2a"], real["opt"]
+            exchange.all_to_all_start, trainer_mod.build_optimizer = real["a2a"], real["opt"]
         model, opt = held["model"], held["opt"]
         params = [p for p in model.parameters() if p.requires_grad]
         out[cfg.train.precision] = {

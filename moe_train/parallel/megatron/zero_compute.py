@@ -56,17 +56,23 @@ class ZeroComputeMoELayer(MoELayer):
 
     def combine(self, output: torch.Tensor):
         output = super().combine(output)  # our dispatcher: the exchange is issued, waited in postprocess
-        x, self._null_input = self._null_input, None
-        if x is not None:
-            plan = self.router.last_plan
-            self._null_output = null_expert_output(x.reshape(-1, x.shape[-1]), plan.null_idx_TK,
-                                                   plan.null_weight_TK, plan.null_kind,
-                                                   getattr(self.router, "null_values", None))
+        self._null_output = self._null_term()  # computed while the combine exchange is in flight
         return output
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         output = super().postprocess(output, shared_expert_output)
         y_TD, self._null_output = self._null_output, None
         if y_TD is None:
+            y_TD = self._null_term()  # a caller that ran postprocess without our combine (flex's own stages)
+        if y_TD is None:
             return output
         return output + y_TD.view(output.shape).to(output.dtype)
+
+    def _null_term(self) -> Optional[torch.Tensor]:
+        """The identity / constant null picks' term of the routed input (once: route() kept the input)."""
+        x, self._null_input = self._null_input, None
+        if x is None:
+            return None
+        plan = self.router.last_plan
+        return null_expert_output(x.reshape(-1, x.shape[-1]), plan.null_idx_TK, plan.null_weight_TK,
+                                  plan.null_kind, getattr(self.router, "null_values", None))

@@ -21,7 +21,7 @@ from moe_train.config import load_config
 from moe_train.kernels import grouped_gemm as GG
 from moe_train.kernels import triton_permute as TP
 from moe_train.kernels.cuda_rules import CudaRuleError, check_grouped_mm
-from moe_train.kernels.permute import build_permutation, permute, unpermute_combine
+from moe_train.kernels.permute import build_permutation
 from moe_train.model.moe_layer import LocalDispatcher, MoELayer
 from moe_train.routing import build_router
 
@@ -45,10 +45,8 @@ class KnownRows(LocalDispatcher):
         super().__init__("auto")
         self.num_rows = num_rows
 
-    def __call__(self, x_TD, plan, experts):
-        perm = build_permutation(plan.expert_idx_TK, experts.num_experts, num_rows=self.num_rows)
-        y_ND = experts(permute(x_TD, perm), perm.counts_E)
-        return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0])
+    def permutation(self, plan, num_experts):
+        return build_permutation(plan.expert_idx_TK, num_experts, backend=self.permute_backend, num_rows=self.num_rows)
 
 
 def cpu_rows(mcfg) -> int:

@@ -3,16 +3,18 @@
 The dispatcher is swappable: LocalDispatcher computes every expert in this process; the expert-parallel
 dispatcher (moe_train.parallel) sends rows to the ranks that hold their experts. Both take the same plan and
 never touch a null slot. The router and the dispatcher are typed by the protocols of routing/protocols.py.
-A dispatcher that communicates is a PhasedDispatcher (as Megatron-Core's route -> dispatch -> experts -> combine):
-the layer runs the shared expert(s) while the dispatch exchange is in flight and the identity / constant null term
-while the combine exchange is, so neither waits for the all-to-all (parallel/dispatcher.py). The terms are added
+Every dispatcher runs in phases (as Megatron-Core's route -> dispatch -> experts -> combine; the Dispatcher protocol
+of routing/protocols.py): the layer runs the shared expert(s) while the dispatch exchange is in flight and the
+identity / constant null term while the combine exchange is, so neither waits for the all-to-all
+(parallel/dispatcher.py); LocalDispatcher's phases exchange nothing. The terms are added
 in one fixed order whatever the dispatcher: routed + null + gated shared + DeepSeek shared.
 Shape legend: B batch, S sequence, T = B*S tokens, D hidden.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,28 +27,42 @@ from moe_train.routing.capacity import apply_capacity_from_config
 from moe_train.routing.zero_compute import null_expert_output
 
 
+@dataclass
+class LocalState:
+    """What LocalDispatcher's phases pass on: the tokens and plan, then the expert rows' outputs."""
+
+    x_TD: torch.Tensor
+    plan: RoutingPlan
+    perm: Any = None
+    y_ND: Optional[torch.Tensor] = None
+
+
 class LocalDispatcher:
-    """All experts in this process: permute the true slots, grouped experts, weighted combine."""
+    """All experts in this process: permute the true slots, grouped experts, weighted combine. Its phases
+    (dispatch / run_experts / combine) exchange nothing: the permutation, the experts and the combine run in
+    run_experts and combine."""
 
     def __init__(self, permute_backend: str = "auto"):
         self.permute_backend = permute_backend
 
-    def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> torch.Tensor:
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> LocalState:
+        return LocalState(x_TD, plan)
+
+    def run_experts(self, st: LocalState, experts: GroupedExperts) -> None:
         b = self.permute_backend
-        perm = build_permutation(plan.expert_idx_TK, experts.num_experts, backend=b)
-        y_ND = experts(permute(x_TD, perm, backend=b), perm.counts_E)
-        return unpermute_combine(y_ND, perm, plan.weight_TK, x_TD.shape[0], backend=b)
+        st.perm = self.permutation(st.plan, experts.num_experts)
+        st.y_ND = experts(permute(st.x_TD, st.perm, backend=b), st.perm.counts_E)
 
+    def combine(self, st: LocalState) -> torch.Tensor:
+        return unpermute_combine(st.y_ND, st.perm, st.plan.weight_TK, st.x_TD.shape[0], backend=self.permute_backend)
 
-class PhasedDispatcher(Protocol):
-    """A Dispatcher split at its exchanges: dispatch issues the rows' exchange (not waited), run_experts waits,
-    computes and issues the way back, combine waits and returns y_TD (parallel/dispatcher.py)."""
+    def permutation(self, plan: RoutingPlan, num_experts: int):
+        return build_permutation(plan.expert_idx_TK, num_experts, backend=self.permute_backend)
 
-    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Any: ...
-
-    def run_experts(self, state: Any, experts: GroupedExperts) -> None: ...
-
-    def combine(self, state: Any) -> torch.Tensor: ...
+    def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> torch.Tensor:
+        st = self.dispatch(x_TD, plan)
+        self.run_experts(st, experts)
+        return self.combine(st)
 
 
 class MoELayer(nn.Module):
@@ -69,16 +85,11 @@ class MoELayer(nn.Module):
         if self.moe_cfg.capacity_factor is not None:  # per-expert capacity on this (rank-local) batch
             plan = apply_capacity_from_config(plan, self.moe_cfg)
         d = self.dispatcher
-        if hasattr(d, "run_experts"):  # a PhasedDispatcher (hasattr: plain for torch.compile to trace)
-            state = d.dispatch(x_TD, plan)  # the rows are in flight ...
-            shared_TD = self._shared_output(x_TD)  # ... while the shared experts compute
-            d.run_experts(state, self.experts)  # the expert outputs travel back ...
-            null_TD = self._null_output(x_TD, plan)  # ... while the null term computes
-            y_TD = d.combine(state)
-        else:  # one process: nothing travels
-            y_TD = d(x_TD, plan, self.experts)
-            null_TD = self._null_output(x_TD, plan)
-            shared_TD = self._shared_output(x_TD)
+        state = d.dispatch(x_TD, plan)  # the rows are in flight ...
+        shared_TD = self._shared_output(x_TD)  # ... while the shared experts compute
+        d.run_experts(state, self.experts)  # the expert outputs travel back ...
+        null_TD = self._null_output(x_TD, plan)  # ... while the null term computes
+        y_TD = d.combine(state)
         if null_TD is not None:
             y_TD = y_TD + null_TD.to(y_TD.dtype)
         for s_TD in shared_TD:

@@ -13,7 +13,7 @@ Shape legend: T tokens, D hidden, N rows (true assignments), E experts held by t
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -53,6 +53,15 @@ class Experts(Protocol):
 @runtime_checkable
 class Dispatcher(Protocol):
     """Runs the plan's TRUE slots through the experts and combines them with the plan's weights into y_TD; a null
-    slot is never copied, sent or computed."""
+    slot is never copied, sent or computed. In phases, split at its exchanges (MoELayer computes the shared expert
+    and the null term between them): ``dispatch`` issues the rows' exchange (not waited) and returns the state the
+    next phases take; ``run_experts`` waits, computes and issues the way back; ``combine`` waits and returns y_TD.
+    ``__call__`` runs the three."""
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Any: ...
+
+    def run_experts(self, state: Any, experts: Experts) -> None: ...
+
+    def combine(self, state: Any) -> torch.Tensor: ...
 
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts) -> torch.Tensor: ...

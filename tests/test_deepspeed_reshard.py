@@ -143,7 +143,7 @@ def test_a_model_the_view_cannot_serve_is_refused_before_loading(runs):
 
 def test_a_checkpoint_without_view_is_refused_at_another_layout_before_the_model_is_built(runs, tmp_path):
     """A checkpoint without a view (an older moe_train's) resumes at its own layout only; the preflight / resume
-    check says so before anything is built (train/fingerprint.py check_deepspeed_layout); the writer's passes."""
+    check says so before anything is built (train/fingerprint.py check_resume_layout, DeepSpeedEngine.check_resume_layout); the writer's passes."""
     import shutil
 
     from moe_train.config import Config, from_dict

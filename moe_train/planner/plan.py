@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from moe_train.config import Config
+from moe_train.config import ENGINE_FACTS, Config
 from moe_train.model.experts import GroupedExperts
 from moe_train.model.flops import forward_flops_per_token
 from moe_train.parallel.distributed import ParallelContext, validate_layout
@@ -56,7 +56,7 @@ def make_plan(cfg: Config, cluster: Cluster, job: str = "train", true_experts: O
               imbalance: float = 1.0, advise: bool = True, memory_true_experts: Optional[float] = None) -> dict:
     """The plan as a JSON-able dict. ``memory_true_experts``: size activations for this load instead of the worst
     case (the validation tests pass the load that was measured)."""
-    if getattr(cfg.parallel, "engine", "fsdp") != "fsdp":
+    if not ENGINE_FACTS[cfg.parallel.engine].fsdp2:
         raise PlanError(f"parallel.engine={cfg.parallel.engine!r}: the planner models moe_train's FSDP2 path only "
                         "(parallel/parallelize.py)")
     if imbalance < 1:

@@ -63,7 +63,7 @@ from moe_train.io.dcp_checkpoint import (
     save_rng_state,
     verify_checkpoint,
 )
-from moe_train.io.deepspeed_view import ViewError, check_view, load_view, read_index, write_view
+from moe_train.io.deepspeed_view import INDEX, VIEW, ViewError, check_view, load_view, read_index, write_view
 from moe_train.parallel.dispatcher import AllToAllDispatcher
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.parallel.parallelize import _global_aux_hook, moe_layers, shard_experts
@@ -227,6 +227,34 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     can_skip_steps = False  # the step's gradients are already reduced into ZeRO's buffers: no way to drop them
     dcp_checkpoints = False  # DeepSpeed's own files inside moe_train's checkpoint folder
+    checkpoint_folder = TAG
+
+    @classmethod
+    def resume_advice(cls, state: Optional[dict], now: str) -> tuple[str, str, str]:
+        stage = (state or {}).get("stage")
+        return ("--set parallel.engine=deepspeed" + (f" --set deepspeed.stage={stage}" if stage else ""),
+                f"DeepSpeed's ZeRO{f' stage {stage}' if stage else ''} partitions (its {TAG}/ folder), which "
+                f"parallel.engine: {now} cannot read",
+                "or continue its weights in a new run with train.init_from=<run>/final/model.pt (a DeepSpeed run "
+                "writes it at the end; the optimizer state and data position then start afresh)")
+
+    @classmethod
+    def check_resume_layout(cls, path: Path, state: Optional[dict], world_size: int, ep_size: int) -> None:
+        """Another world size or ep resumes from the layout-free view the saves write beside DeepSpeed's state
+        (io/deepspeed_view.py); a checkpoint without it (written by an older moe_train) is refused, naming the
+        layout that can resume it."""
+        launch = ((state or {}).get("config") or {}).get("launch")
+        if not launch or (launch["world_size"], launch["ep_size"]) == (world_size, ep_size):
+            return
+        if (Path(path) / VIEW / INDEX).is_file():
+            return
+        raise ValueError(
+            f"cannot resume from {str(path)!r} at {world_size} ranks with parallel.ep={ep_size}: it was written by "
+            f"{launch['world_size']} ranks with parallel.ep={launch['ep_size']} (ZeRO stage "
+            f"{state.get('stage', '?')}) without the layout-free view (view/, written since moe_train's DeepSpeed "
+            f"checkpoints reshard) that a DeepSpeed checkpoint needs to resume at another layout. Resume at "
+            f"{launch['world_size']} ranks with parallel.ep={launch['ep_size']}, or continue its weights in a new "
+            f"run with train.init_from=<run>/final/model.pt")
 
     @classmethod
     def expert_block(cls, num_experts: int, ctx: ParallelContext) -> Optional[tuple[int, int]]:

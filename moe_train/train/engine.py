@@ -65,6 +65,21 @@ class Engine(abc.ABC):
     can_skip_steps: ClassVar[bool]
     # its checkpoints are DCP folders that one process reloads at any layout (`moe-train export` of a checkpoint)
     dcp_checkpoints: ClassVar[bool]
+    # a sub-folder only this engine's checkpoints hold (how a checkpoint without trainer.pt's "engine" key is told
+    # apart); None: the DCP layout, the format of checkpoints written before that key existed
+    checkpoint_folder: ClassVar[Optional[str]] = None
+
+    @classmethod
+    @abc.abstractmethod
+    def resume_advice(cls, state: Optional[dict], now: str) -> tuple[str, str, str]:
+        """For a checkpoint this engine wrote (``state``: its trainer.pt) that a run of engine ``now`` tries to
+        resume: (the --set flags that resume it, what it holds that ``now`` cannot read, the other way on)."""
+
+    @classmethod
+    def check_resume_layout(cls, path: Path, state: Optional[dict], world_size: int, ep_size: int) -> None:
+        """Before the model is built: raise ValueError if this engine cannot resume its checkpoint at ``path``
+        at this launch's layout. Default: any layout (DCP reshards)."""
+        return None
 
     model: nn.Module
     opt: torch.optim.Optimizer
@@ -179,6 +194,13 @@ class TorchEngine(Engine):
     name = "fsdp"
     can_skip_steps = True
     dcp_checkpoints = True
+
+    @classmethod
+    def resume_advice(cls, state: Optional[dict], now: str) -> tuple[str, str, str]:
+        return (f"--set parallel.engine={cls.name}",
+                f"a DCP checkpoint (FSDP shards and .metadata), which parallel.engine: {now} cannot read",
+                "or convert it with `moe-train export --checkpoint <this folder> --dst <hf folder>` and start a new "
+                "run from the export with train.init_from (the optimizer state and data position then start afresh)")
 
     @classmethod
     def expert_block(cls, num_experts: int, ctx: ParallelContext) -> Optional[tuple[int, int]]:

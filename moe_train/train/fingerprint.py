@@ -30,9 +30,9 @@ from typing import Any, Optional
 import torch
 
 from moe_train.config import Config, to_dict
-from moe_train.io.deepspeed_view import INDEX, VIEW
 from moe_train.parallel.distributed import ParallelContext
 from moe_train.routing.base import ALIASES
+from moe_train.train.engine_registry import ENGINE_CLASSES, engine_class
 
 log = logging.getLogger("moe_train.train")  # the trainer's logger: rank 0 only
 
@@ -93,55 +93,37 @@ def _read_trainer_state(path: Path) -> Optional[dict]:
 
 def checkpoint_engine(path: Path, state: Optional[dict] = None) -> str:
     """The parallel.engine that wrote the checkpoint at ``path``: trainer.pt's ``engine`` (the DeepSpeed engine
-    records it), else its layout (DeepSpeed's state lives in a deepspeed/ sub-folder), else fsdp (a DCP checkpoint;
-    checkpoints from before the engine key were all FSDP's)."""
+    records it), else the engine whose own sub-folder it holds (Engine.checkpoint_folder), else the DCP engine
+    (checkpoints from before the engine key were all FSDP's)."""
     if state is not None and state.get("engine"):
         return str(state["engine"])
-    return "deepspeed" if (Path(path) / "deepspeed").is_dir() else "fsdp"
+    marked = [n for n, cls in ENGINE_CLASSES.items() if cls.checkpoint_folder and (Path(path) / cls.checkpoint_folder).is_dir()]
+    return marked[0] if marked else next(n for n, cls in ENGINE_CLASSES.items() if cls.dcp_checkpoints)
 
 
 def check_engine(path: Path, cfg: Config, state: Optional[dict] = None) -> None:
     """Refuses a resume under another engine than the one that wrote the checkpoint, naming that as the cause.
 
-    The two formats do not convert on load (FSDP: DCP shards with a .metadata file; DeepSpeed: ZeRO partitions in
+    The formats do not convert on load (FSDP: DCP shards with a .metadata file; DeepSpeed: ZeRO partitions in
     deepspeed/), so the key-by-key comparison would blame a side key (deepspeed.stage) and, with that allowed, the
     load would end in the other engine's traceback. Not overridable by train.resume_allow_changes: it cannot work."""
     state = _read_trainer_state(path) if state is None else state
     wrote, now = checkpoint_engine(path, state), cfg.parallel.engine
     if wrote == now:
         return
-    if wrote == "deepspeed":
-        stage = (state or {}).get("stage")
-        how = "--set parallel.engine=deepspeed" + (f" --set deepspeed.stage={stage}" if stage else "")
-        what = (f"DeepSpeed's ZeRO{f' stage {stage}' if stage else ''} partitions (its deepspeed/ folder), which "
-                f"parallel.engine: {now} cannot read")
-        other = ("or continue its weights in a new run with train.init_from=<run>/final/model.pt (a DeepSpeed run "
-                 "writes it at the end; the optimizer state and data position then start afresh)")
-    else:
-        how = f"--set parallel.engine={wrote}"
-        what = f"a DCP checkpoint (FSDP shards and .metadata), which parallel.engine: {now} cannot read"
-        other = ("or convert it with `moe-train export --checkpoint <this folder> --dst <hf folder>` and start a new run from the "
-                 "export with train.init_from (the optimizer state and data position then start afresh)")
+    how, what, other = engine_class(wrote).resume_advice(state, now)
     raise ResumeConfigMismatch(
         f"cannot resume from {str(path)!r}: it was written by parallel.engine: {wrote} and this launch uses "
         f"parallel.engine: {now}. The checkpoint holds {what}. Resume with the engine that wrote it ({how}), {other}")
 
 
-def check_deepspeed_layout(path: Path, cfg: Config, state: Optional[dict], world_size: int, ep_size: int) -> None:
-    """A DeepSpeed checkpoint resumes at another world size or ep from the layout-free view its saves write beside
-    DeepSpeed's state (io/deepspeed_view.py); one without it (written by an older moe_train) is refused here, before
-    the model is built, naming the layout that can resume it."""
-    launch = ((state or {}).get("config") or {}).get("launch")
-    if cfg.parallel.engine != "deepspeed" or not launch:
-        return
-    if (launch["world_size"], launch["ep_size"]) == (world_size, ep_size) or (Path(path) / VIEW / INDEX).is_file():
-        return
-    raise ResumeConfigMismatch(
-        f"cannot resume from {str(path)!r} at {world_size} ranks with parallel.ep={ep_size}: it was written by "
-        f"{launch['world_size']} ranks with parallel.ep={launch['ep_size']} (ZeRO stage {state.get('stage', '?')}) "
-        f"without the layout-free view (view/, written since moe_train's DeepSpeed checkpoints reshard) that a "
-        f"DeepSpeed checkpoint needs to resume at another layout. Resume at {launch['world_size']} ranks with parallel.ep={launch['ep_size']}, or "
-        f"continue its weights in a new run with train.init_from=<run>/final/model.pt")
+def check_resume_layout(path: Path, cfg: Config, state: Optional[dict], world_size: int, ep_size: int) -> None:
+    """The engine's own word on resuming its checkpoint at this launch's world size and ep (Engine.
+    check_resume_layout: DCP reshards; DeepSpeed needs its layout-free view), before the model is built."""
+    try:
+        engine_class(cfg.parallel.engine).check_resume_layout(path, state, world_size, ep_size)
+    except ValueError as e:
+        raise ResumeConfigMismatch(str(e)) from None
 
 
 def check_resume(path: Path, cfg: Config, ctx: ParallelContext,
@@ -161,7 +143,7 @@ def check_resume_launch(path: Path, cfg: Config, world_size: int, ep_size: int, 
     under train.init_from), left to the run's own check."""
     state = _read_trainer_state(path)
     check_engine(path, cfg, state)  # first: another engine's checkpoint is the cause, whatever else differs
-    check_deepspeed_layout(path, cfg, state, world_size, ep_size)
+    check_resume_layout(path, cfg, state, world_size, ep_size)
     stored = state.get("config") if state is not None else None
     if stored is None:
         if (Path(path) / "trainer.pt").is_file():

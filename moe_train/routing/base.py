@@ -182,6 +182,12 @@ class BaseRouter(nn.Module):
         return e.top_k
 
     @classmethod
+    def megatron_reason(cls, e: MoEConfig) -> Optional[str]:
+        """Why the Megatron adapter (parallel/megatron/router.py VariableKRouter) cannot run this router with
+        ``e``; None: it can."""
+        return None
+
+    @classmethod
     def gate_flops_per_token(cls, e: MoEConfig, D: int, extras: bool = True) -> float:
         """The gate's 2*D*E (``extras``: plus null gates, allocators: what only this router computes)."""
         return 2 * D * e.num_experts

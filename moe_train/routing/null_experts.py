@@ -210,6 +210,13 @@ class NullExpertRouter(BaseRouter):
         return f"{e.num_null_experts} null experts of kind {e.null_kind!r}"
 
     @classmethod
+    def megatron_reason(cls, e: MoEConfig) -> Optional[str]:
+        if e.num_null_experts < 1:
+            return (f"null experts need num_null_experts >= 1, got {e.num_null_experts}; use method='topk' for "
+                    f"plain top-k")
+        return None
+
+    @classmethod
     def hf_top_k(cls, e: MoEConfig) -> int:
         return e.resolved_baseline_top_k  # transformers' family router runs the true experts only (io/hf_config.py)
 

@@ -115,6 +115,11 @@ class TopPRouter(BaseRouter):
         return f"top-p routing (p={e.top_p})"
 
     @classmethod
+    def megatron_reason(cls, e: MoEConfig) -> Optional[str]:
+        return ("top-p is not wired into the Megatron adapter (VariableKRouting has no top_p threshold field, "
+                "_attach_losses no entropy loss); train top-p routing with moe_train's trainer")
+
+    @classmethod
     def describe(cls, e: MoEConfig) -> str:
         return f"{e.num_experts} experts, top-p {e.top_p} (at most {cls.max_slots(e)})"
 

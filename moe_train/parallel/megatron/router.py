@@ -115,12 +115,9 @@ class VariableKRouting:
                         null_kind=self.null_kind,
                         k_min=self.k_min, k_max=self.k_max, **_score_conventions(config))
         validate_moe(moe, p="VariableKRouting")  # ConfigError is a ValueError naming the field
-        if self.method == "top_p":  # VariableKRouting carries no threshold and _attach_losses no entropy loss
-            raise ValueError("VariableKRouting(method='top_p') is not wired into the Megatron adapter (no top_p "
-                             "threshold field, no entropy loss); train top-p routing with moe_train's trainer")
-        if self.method == "null_experts" and self.num_null_experts < 1:
-            raise ValueError(f"VariableKRouting(method='null_experts') needs num_null_experts >= 1, got "
-                             f"{self.num_null_experts}; use method='topk' for plain top-k")
+        reason = router_class(self.method).megatron_reason(moe)
+        if reason is not None:
+            raise ValueError(f"VariableKRouting(method={self.method!r}): {reason}")
         return moe
 
 
@@ -223,11 +220,12 @@ class VariableKRouter(MegatronModule):
             pg_collection = compat.default_pg_collection()
         self.tp_cp_group = pg_collection.tp_cp
         self.num_experts = E = config.num_moe_experts
-        self.num_null = self.moe_cfg.num_null_experts if routing.method == "null_experts" else 0
+        kind = router_class(routing.method)  # the router's facts (routing/base.py)
+        self.num_null = self.moe_cfg.num_null_experts if kind.ranks_null_experts else 0
         D = config.hidden_size
         # moe_train's router on the meta device: its forward is the routing math, its parameters are never used.
         with torch.device("meta"):
-            core = router_class(routing.method)(D, self.moe_cfg)
+            core = kind(D, self.moe_cfg)
         object.__setattr__(self, "_core", core)  # not a submodule: no parameters, no state-dict entries
 
         def param(rows: int) -> torch.nn.Parameter:
@@ -240,7 +238,7 @@ class VariableKRouter(MegatronModule):
 
         self.weight = param(E)
         self.null_weight = param(self.num_null) if self.num_null else None
-        self.allocator_weight = param(core.allocator.out_features) if routing.method == "adak" else None
+        self.allocator_weight = param(core.allocator.out_features) if kind.learns_k else None
         # identity / constant null experts (parallel/megatron/zero_compute.py); constant: v [m, D] from 0 as in
         # moe_train's NullExpertRouter
         self.null_kind = self.moe_cfg.null_kind
@@ -281,12 +279,11 @@ class VariableKRouter(MegatronModule):
     @property
     def max_slots(self) -> int:
         """K: the most true experts one token can get (sizes the dispatcher's slot view of routing_map)."""
-        return self.moe_cfg.max_slots if self.routing.method != "null_experts" else min(self.moe_cfg.top_k,
-                                                                                  self.num_experts)
+        return router_class(self.routing.method).worst_true_experts(self.moe_cfg)
 
     def set_mode(self, mode: str, forced_action_T: Optional[torch.Tensor] = None) -> None:
         """Ada-K: greedy (argmax k) | sample (PPO rollouts) | forced (recompute log-probs of stored actions)."""
-        if self.routing.method != "adak":
+        if not router_class(self.routing.method).learns_k:
             raise ValueError(f"set_mode is for Ada-K routers; this router's method is {self.routing.method!r}")
         self._core.set_mode(mode, forced_action_T)
 

@@ -152,6 +152,15 @@ to_hf(m, {str(e.hf)!r})
     return e
 
 
+def _adak_done(e: Env) -> str:
+    """An Ada-K run of one warm-start and one PPO step with a checkpoint after each (the base model's)."""
+    out = e.out()
+    r = _cli(["adak", "--config", str(e.cfg), "--set", f"train.init_from={e.model}", "--set", f"train.out_dir={out}",
+              "--set", "adak.warm_start_steps=1", "--set", "adak.ppo_steps=1", "--set", "train.checkpoint_every=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
 def _copy_done(e: Env) -> str:
     dst = e.out()
     shutil.copytree(e.done, dst)
@@ -456,6 +465,14 @@ def mistakes(e: Env) -> list[Mistake]:
         M("R03", "train.export_hf on a Qwen3-MoE model with a shared expert (refused after the whole run)",
           lambda e: e.train("train.export_hf=true", "model.family=qwen3_moe",
                             "model.shared_expert_intermediate_size=16"), ("train.export_hf", "shared expert")),
+        M("R04", "Ada-K resumed from its checkpoint with another adak.penalty",
+          lambda e: ["adak", "--config", str(e.cfg), "--set", f"train.init_from={e.model}", "--set",
+                     f"train.out_dir={_adak_done(e)}", "--set", "adak.warm_start_steps=1", "--set",
+                     "adak.ppo_steps=2", "--set", "adak.penalty=0.5"], ("adak.penalty", "resume_allow_changes")),
+        M("R05", "--miniature with train.export_hf the family cannot express (refused after the miniature ran)",
+          lambda e: e.train("train.export_hf=true", "model.family=qwen3_moe",
+                            "model.shared_expert_intermediate_size=16") + ["--miniature"],
+          ("train.export_hf", "shared expert")),
         # ---- the DeepSpeed JSON ----------------------------------------------------------------------------
         M("S01", "DeepSpeed JSON: zero_optimisation (typo)",
           lambda e: _ds(e, "s01.json", {"zero_optimisation": {"stage": 3}}), ("zero_optimisation", "zero_optimization")),

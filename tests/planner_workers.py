@@ -86,6 +86,15 @@ def measure_step(cfg: Config, ctx=None) -> dict:
                     for s in stats if s is not None]}
 
 
+def measure_alone(cfg_dict: dict) -> dict:
+    """measure_step in a process of its own (tests/ep_workers.spawn with one rank), as a one-process job runs: the
+    suite's earlier tests in the pytest process leave allocations and settings behind that MemTracker would see."""
+    from moe_train.config import from_dict
+
+    torch.set_num_threads(1)
+    return measure_step(from_dict(Config, copy.deepcopy(cfg_dict)))
+
+
 def measure_ranks(cases: list[dict], runs_dir: str) -> list[dict]:
     """In a spawned gloo rank: every case (ep, world share the same processes) -> this rank's measurement."""
     import torch.distributed as dist

@@ -48,10 +48,11 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> LocalState:
         return LocalState(x_TD, plan)
 
-    def run_experts(self, st: LocalState, experts: GroupedExperts) -> None:
+    def run_experts(self, st: LocalState, experts: GroupedExperts) -> LocalState:
         b = self.permute_backend
-        st.perm = self.permutation(st.plan, experts.num_experts)
-        st.y_ND = experts(permute(st.x_TD, st.perm, backend=b), st.perm.counts_E)
+        perm = self.permutation(st.plan, experts.num_experts)
+        y_ND = experts(permute(st.x_TD, perm, backend=b), perm.counts_E)
+        return LocalState(st.x_TD, st.plan, perm, y_ND)
 
     def combine(self, st: LocalState) -> torch.Tensor:
         return unpermute_combine(st.y_ND, st.perm, st.plan.weight_TK, st.x_TD.shape[0], backend=self.permute_backend)
@@ -60,9 +61,7 @@ class LocalDispatcher:
         return build_permutation(plan.expert_idx_TK, num_experts, backend=self.permute_backend)
 
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: GroupedExperts) -> torch.Tensor:
-        st = self.dispatch(x_TD, plan)
-        self.run_experts(st, experts)
-        return self.combine(st)
+        return self.combine(self.run_experts(self.dispatch(x_TD, plan), experts))
 
 
 class MoELayer(nn.Module):
@@ -87,7 +86,7 @@ class MoELayer(nn.Module):
         d = self.dispatcher
         state = d.dispatch(x_TD, plan)  # the rows are in flight ...
         shared_TD = self._shared_output(x_TD)  # ... while the shared experts compute
-        d.run_experts(state, self.experts)  # the expert outputs travel back ...
+        state = d.run_experts(state, self.experts)  # the expert outputs travel back ...
         null_TD = self._null_output(x_TD, plan)  # ... while the null term computes
         y_TD = d.combine(state)
         if null_TD is not None:

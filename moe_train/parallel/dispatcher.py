@@ -33,6 +33,7 @@ N rows this rank sends (its true assignments), R rows it receives.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,24 +93,23 @@ class AllToAllDispatcher:
             return DispatchState(plan, perm, ex, x_TD.shape[0], pipe=pipe)
         return DispatchState(plan, perm, ex, x_TD.shape[0], pending=ex.start_dispatch(permute(x_TD, perm, backend=b)))
 
-    def run_experts(self, st: DispatchState, experts: Experts) -> None:
-        """Waits for the rows, runs this rank's experts, issues the combine exchange (not waited)."""
+    def run_experts(self, st: DispatchState, experts: Experts) -> DispatchState:
+        """Waits for the rows, runs this rank's experts, issues the combine exchange (not waited); returns the state
+        the combine takes (a new one: a phase hands its results on by value, which torch.compile's graph breaks
+        between the phases keep)."""
         assert experts.num_experts == self.num_local, (experts.num_experts, self.num_local)
         if st.pipe is not None:
             overlapped_experts(st.pipe, experts)
-            return
+            return st
         ex = st.ex
         x_RD = ex.to_expert_major(ex.wait_dispatch(st.pending))
         y_RD = experts(x_RD, ex.recv_counts_dev_PL.sum(0))
-        st.pending = ex.start_combine(ex.from_expert_major(y_RD))
+        return dataclasses.replace(st, pending=ex.start_combine(ex.from_expert_major(y_RD)))
 
     def combine(self, st: DispatchState) -> torch.Tensor:
         """Waits for the expert outputs and sums each token's rows with its gate weights: y_TD."""
         y_ND = st.pipe.finish() if st.pipe is not None else st.ex.wait_combine(st.pending)
-        st.pending = None
         return unpermute_combine(y_ND, st.perm, st.plan.weight_TK, st.num_tokens, backend=self.permute_backend)
 
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: Experts) -> torch.Tensor:
-        st = self.dispatch(x_TD, plan)
-        self.run_experts(st, experts)
-        return self.combine(st)
+        return self.combine(self.run_experts(self.dispatch(x_TD, plan), experts))

@@ -55,12 +55,13 @@ class Dispatcher(Protocol):
     """Runs the plan's TRUE slots through the experts and combines them with the plan's weights into y_TD; a null
     slot is never copied, sent or computed. In phases, split at its exchanges (MoELayer computes the shared expert
     and the null term between them): ``dispatch`` issues the rows' exchange (not waited) and returns the state the
-    next phases take; ``run_experts`` waits, computes and issues the way back; ``combine`` waits and returns y_TD.
+    next phases take; ``run_experts`` waits, computes, issues the way back and returns the state ``combine`` takes (by value: no
+    phase mutates the state another returned); ``combine`` waits and returns y_TD.
     ``__call__`` runs the three."""
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> Any: ...
 
-    def run_experts(self, state: Any, experts: Experts) -> None: ...
+    def run_experts(self, state: Any, experts: Experts) -> Any: ...
 
     def combine(self, state: Any) -> torch.Tensor: ...
 

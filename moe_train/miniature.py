@@ -285,7 +285,7 @@ def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # every address: the rendezvous listens on all of them (a port free on 127.0.0.1 only is not)
         return s.getsockname()[1]
 
 

@@ -13,7 +13,7 @@ def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
-            s.bind(("127.0.0.1", 0))
+            s.bind(("", 0))  # every address: the rendezvous listens on all of them (a port free on 127.0.0.1 only is not)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
